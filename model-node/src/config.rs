@@ -1,0 +1,146 @@
+//! Command-line and environment configuration, grouped by concern. Every flag has an environment
+//! variable (`MODEL_NODE_*`); each default is written once, here.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// `model-node`: serve one HuggingFace model over gRPC.
+#[derive(Debug, Parser)]
+#[command(name = "model-node", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the model over gRPC.
+    Serve(ServeArgs),
+    /// Run the engine once in-process and print the text.
+    Generate(GenerateArgs),
+    /// Measure throughput and next-character costs; prints a table.
+    Bench(BenchArgs),
+}
+
+/// Numeric precision of the weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DTypeArg {
+    /// f32 on CPU, bf16 on CUDA.
+    Auto,
+    /// 32-bit float.
+    F32,
+    /// 16-bit float.
+    F16,
+    /// bfloat16.
+    Bf16,
+}
+
+/// Which model and where it runs.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// HuggingFace model directory (config.json, tokenizer.json, *.safetensors).
+    #[arg(long, env = "MODEL_NODE_MODEL_DIR")]
+    pub model_dir: PathBuf,
+    /// Model id reported by Info (default: the directory name).
+    #[arg(long, env = "MODEL_NODE_MODEL_ID")]
+    pub model_id: Option<String>,
+    /// `cpu` or `cuda:N` (CUDA needs a build with `--features cuda`).
+    #[arg(long, env = "MODEL_NODE_DEVICE", default_value = "cpu")]
+    pub device: String,
+    /// Weight precision.
+    #[arg(long, env = "MODEL_NODE_DTYPE", value_enum, default_value = "auto")]
+    pub dtype: DTypeArg,
+    /// CPU threads for tensor kernels (0 = all cores).
+    #[arg(long, env = "MODEL_NODE_THREADS", default_value_t = 0)]
+    pub threads: usize,
+    /// Longest context + new tokens (default: the model's max_position_embeddings, at most 32768).
+    #[arg(long, env = "MODEL_NODE_MAX_CONTEXT")]
+    pub max_context: Option<usize>,
+}
+
+/// Session and queue limits.
+#[derive(Debug, Clone, Args)]
+pub struct LimitArgs {
+    /// Most sessions kept (least recently used evicted first).
+    #[arg(long, env = "MODEL_NODE_MAX_SESSIONS", default_value_t = 256)]
+    pub max_sessions: usize,
+    /// KV-cache memory over all sessions, MiB.
+    #[arg(long, env = "MODEL_NODE_KV_CACHE_MB", default_value_t = 2048)]
+    pub kv_cache_mb: usize,
+    /// Requests that may wait for the engine; more are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "MODEL_NODE_QUEUE", default_value_t = 64)]
+    pub queue: usize,
+    /// Default hypotheses kept by NextCharDistribution.
+    #[arg(long, env = "MODEL_NODE_CHAR_HYPOTHESES", default_value_t = 4)]
+    pub char_hypotheses: usize,
+    /// Hypotheses below this share of the total mass are dropped.
+    #[arg(long, env = "MODEL_NODE_CHAR_MIN_MASS", default_value_t = 1e-4)]
+    pub char_min_mass: f64,
+}
+
+/// `model-node serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// The model.
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Limits.
+    #[command(flatten)]
+    pub limits: LimitArgs,
+    /// Address to listen on.
+    #[arg(long, env = "MODEL_NODE_LISTEN", default_value = "0.0.0.0:50051")]
+    pub listen: SocketAddr,
+    /// Seconds in-flight calls get to finish after SIGTERM.
+    #[arg(long, env = "MODEL_NODE_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
+    pub shutdown_grace_secs: u64,
+}
+
+/// `model-node generate`.
+#[derive(Debug, Clone, Args)]
+pub struct GenerateArgs {
+    /// The model.
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The prompt (a user message, unless --raw).
+    #[arg(long, default_value = "")]
+    pub prompt: String,
+    /// Use the prompt as raw text, without the chat template (empty: start from BOS).
+    #[arg(long)]
+    pub raw: bool,
+    /// Most new tokens.
+    #[arg(long, default_value_t = 128)]
+    pub max_new_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Nucleus mass.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Keep the k most likely tokens.
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Sampling seed.
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+/// `model-node bench`.
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// The model used for the decode comparison.
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Tokens decoded per measurement.
+    #[arg(long, default_value_t = 64)]
+    pub tokens: usize,
+    /// Repetitions (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    pub repeat: usize,
+    /// Tokenizer directories (tokenizer.json) for the next-character cost table.
+    #[arg(long)]
+    pub tokenizers: Vec<PathBuf>,
+}

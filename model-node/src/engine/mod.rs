@@ -1,0 +1,282 @@
+//! The engine: the model and all session state, owned by one thread that takes jobs from a bounded
+//! queue. gRPC handlers never touch tensors; they send a [`Job`] with a reply channel and await it.
+//!
+//! # Layout
+//! - [`text`]: prompt rendering, canonical tokenization, the token-healing cut.
+//! - [`session`]: sessions, per-session prefix KV caches, LRU eviction, work counters.
+//! - [`ops`]: the three questions (propose, score, next character) on one resolved session.
+
+pub mod ops;
+pub mod session;
+pub mod text;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::chars::CharOptions;
+use crate::error::{Error, Result};
+use crate::model::Transformer;
+pub use ops::{CandidateScore, CharsOut, Finish, Proposal, ProposeParams, Scores};
+use session::Sessions;
+pub use session::Usage;
+pub use text::PromptSpec;
+use text::TextCodec;
+
+/// Which context a call is about.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ContextSpec {
+    /// Session id; empty for a one-off context.
+    pub session: String,
+    /// Full context or delta.
+    pub body: ContextBody,
+}
+
+/// The body of a context.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ContextBody {
+    /// The whole context.
+    Full {
+        /// The prompt.
+        prompt: PromptSpec,
+        /// The answer so far.
+        answer: String,
+    },
+    /// Text appended to a session's answer.
+    Delta {
+        /// Characters of the session's answer the client assumes.
+        base_chars: u64,
+        /// New text.
+        append: String,
+    },
+}
+
+/// A unit of work for the engine thread.
+#[derive(Debug, Clone)]
+pub enum Job {
+    /// Draft a segment.
+    Propose(ContextSpec, ProposeParams),
+    /// Score candidates.
+    Score(ContextSpec, Vec<String>),
+    /// Next-character distribution.
+    NextChar(ContextSpec, usize, CharOptions),
+    /// Drop a session.
+    Close(String),
+}
+
+/// The engine's answer to a [`Job`].
+#[derive(Debug)]
+pub enum Reply {
+    /// For [`Job::Propose`].
+    Proposal(Proposal),
+    /// For [`Job::Score`].
+    Scores(Scores),
+    /// For [`Job::NextChar`].
+    Chars(CharsOut),
+    /// For [`Job::Close`]: whether the session existed.
+    Closed(bool),
+}
+
+/// Limits of the engine.
+#[derive(Debug, Clone)]
+pub struct EngineLimits {
+    /// Longest context + new tokens.
+    pub max_context: usize,
+    /// Most sessions kept.
+    pub max_sessions: usize,
+    /// KV-cache budget over all sessions, bytes.
+    pub kv_budget_bytes: usize,
+    /// Jobs that may wait in the queue.
+    pub queue_capacity: usize,
+}
+
+/// Counters shared between the engine thread and the server (monotonic unless noted).
+#[derive(Debug, Default)]
+pub struct Totals {
+    /// Positions run through the model.
+    pub computed_positions: AtomicU64,
+    /// Forward passes.
+    pub forward_passes: AtomicU64,
+    /// Jobs done.
+    pub jobs: AtomicU64,
+    /// Sessions held now (gauge).
+    pub sessions: AtomicU64,
+    /// KV bytes held now (gauge).
+    pub kv_bytes: AtomicU64,
+    /// Jobs waiting now (gauge).
+    pub queued: AtomicU64,
+}
+
+struct Envelope {
+    job: Job,
+    reply: oneshot::Sender<Result<Reply>>,
+    enqueued: Instant,
+}
+
+/// The async side's handle: cheap to clone.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: mpsc::Sender<Envelope>,
+    capacity: usize,
+    totals: Arc<Totals>,
+}
+
+impl EngineHandle {
+    /// Queues a job and waits for its reply. A full queue is [`Error::Busy`] at once. Dropping the
+    /// returned future (client gone) makes the engine skip or stop the job.
+    pub async fn call(&self, job: Job) -> Result<Reply> {
+        let (reply, rx) = oneshot::channel();
+        let env = Envelope {
+            job,
+            reply,
+            enqueued: Instant::now(),
+        };
+        self.tx.try_send(env).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => Error::Busy {
+                limit: self.capacity,
+            },
+            mpsc::error::TrySendError::Closed(_) => Error::ShuttingDown,
+        })?;
+        self.totals.queued.fetch_add(1, Ordering::Relaxed);
+        rx.await.map_err(|_| Error::ShuttingDown)?
+    }
+
+    /// The shared counters.
+    pub fn totals(&self) -> &Arc<Totals> {
+        &self.totals
+    }
+}
+
+/// The model, its tokenizer and the sessions; lives on the engine thread.
+pub struct Engine {
+    model: Transformer,
+    codec: TextCodec,
+    sessions: Sessions,
+    limits: EngineLimits,
+    totals: Arc<Totals>,
+}
+
+impl Engine {
+    /// An engine over a loaded model.
+    pub fn new(model: Transformer, codec: TextCodec, limits: EngineLimits) -> Self {
+        let sessions = Sessions::new(limits.max_sessions, limits.kv_budget_bytes);
+        Self {
+            model,
+            codec,
+            sessions,
+            limits,
+            totals: Arc::default(),
+        }
+    }
+
+    /// The model.
+    pub fn model(&self) -> &Transformer {
+        &self.model
+    }
+
+    /// The text codec.
+    pub fn codec(&self) -> &TextCodec {
+        &self.codec
+    }
+
+    /// The limits.
+    pub fn limits(&self) -> &EngineLimits {
+        &self.limits
+    }
+
+    /// Starts the engine thread; the thread ends when every handle is dropped.
+    pub fn spawn(self) -> Result<(EngineHandle, std::thread::JoinHandle<()>)> {
+        let capacity = self.limits.queue_capacity.max(1);
+        let (tx, mut rx) = mpsc::channel::<Envelope>(capacity);
+        let totals = self.totals.clone();
+        let handle = EngineHandle {
+            tx,
+            capacity,
+            totals,
+        };
+        let mut engine = self;
+        let thread = std::thread::Builder::new()
+            .name("engine".into())
+            .spawn(move || {
+                while let Some(env) = rx.blocking_recv() {
+                    engine.totals.queued.fetch_sub(1, Ordering::Relaxed);
+                    if env.reply.is_closed() {
+                        continue; // the client went away while queued
+                    }
+                    let queue_ms = env.enqueued.elapsed().as_secs_f64() * 1e3;
+                    let reply = &env.reply;
+                    let result = engine.run(env.job, queue_ms, &|| reply.is_closed());
+                    let _ = env.reply.send(result);
+                }
+            })
+            .map_err(|e| Error::ModelDir(format!("cannot start the engine thread: {e}")))?;
+        Ok((handle, thread))
+    }
+
+    /// Runs one job now, on the calling thread (the `generate` command and benchmarks use this).
+    pub fn run(&mut self, job: Job, queue_ms: f64, cancelled: &dyn Fn() -> bool) -> Result<Reply> {
+        let start = Instant::now();
+        let result = match job {
+            Job::Close(id) => Ok(Reply::Closed(self.sessions.close(&id))),
+            Job::Propose(ctx, p) => self
+                .with_session(ctx, |e, s, u| e.propose(s, &p, u, cancelled))
+                .map(|(mut r, u)| {
+                    r.usage = u;
+                    Reply::Proposal(r)
+                }),
+            Job::Score(ctx, c) => {
+                self.with_session(ctx, |e, s, u| e.score(s, &c, u))
+                    .map(|(mut r, u)| {
+                        r.usage = u;
+                        Reply::Scores(r)
+                    })
+            }
+            Job::NextChar(ctx, k, o) => self
+                .with_session(ctx, |e, s, u| e.next_char(s, k, &o, u))
+                .map(|(mut r, u)| {
+                    r.usage = u;
+                    Reply::Chars(r)
+                }),
+        };
+        let ms = start.elapsed().as_secs_f64() * 1e3;
+        let mut result = result;
+        match &mut result {
+            Ok(Reply::Proposal(r)) => (r.usage.queue_ms, r.usage.compute_ms) = (queue_ms, ms),
+            Ok(Reply::Scores(r)) => (r.usage.queue_ms, r.usage.compute_ms) = (queue_ms, ms),
+            Ok(Reply::Chars(r)) => (r.usage.queue_ms, r.usage.compute_ms) = (queue_ms, ms),
+            _ => {}
+        }
+        self.totals.jobs.fetch_add(1, Ordering::Relaxed);
+        self.totals
+            .sessions
+            .store(self.sessions.len() as u64, Ordering::Relaxed);
+        self.totals
+            .kv_bytes
+            .store(self.sessions.bytes() as u64, Ordering::Relaxed);
+        result
+    }
+
+    /// Resolves the context into a session, runs `f`, puts the session back (even on error).
+    fn with_session<T>(
+        &mut self,
+        ctx: ContextSpec,
+        f: impl FnOnce(&mut Self, &mut session::Session, &mut Usage) -> Result<T>,
+    ) -> Result<(T, Usage)> {
+        let mut session = self.resolve(ctx)?;
+        let mut usage = Usage {
+            context_tokens: session.tokens.len(),
+            ..Usage::default()
+        };
+        let result = f(self, &mut session, &mut usage);
+        self.totals
+            .computed_positions
+            .fetch_add(usage.computed_positions as u64, Ordering::Relaxed);
+        self.totals
+            .forward_passes
+            .fetch_add(usage.forward_passes as u64, Ordering::Relaxed);
+        self.sessions.put(session);
+        result.map(|r| (r, usage))
+    }
+}

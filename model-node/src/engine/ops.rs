@@ -1,0 +1,489 @@
+//! The three questions a node answers, on one resolved session: propose a segment, score candidates
+//! (one batched pass over the shared context cache), and the next-character distribution.
+
+use std::sync::Arc;
+
+use candle_core::{D, Tensor};
+
+use super::session::{CharSlot, PrefixCache, Session, Usage};
+use super::text::text_of;
+use super::{ContextBody, ContextSpec, Engine};
+use crate::chars::{CharDistribution, CharOptions, CharState, NextTokenModel};
+use crate::error::{Error, Result};
+use crate::model::Transformer;
+use crate::sampling::{Sampler, SamplingParams};
+
+/// Settings of a proposal.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProposeParams {
+    /// Most new tokens.
+    pub max_new_tokens: usize,
+    /// Stop strings.
+    pub stop: Vec<String>,
+    /// Sampling.
+    pub sampling: SamplingParams,
+}
+
+/// Why a proposal ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// End-of-sequence token.
+    Eos,
+    /// Token limit.
+    Length,
+    /// Stop string.
+    Stop,
+}
+
+/// A drafted segment.
+#[derive(Debug, Clone)]
+pub struct Proposal {
+    /// New text.
+    pub text: String,
+    /// Log-probability of each generated token.
+    pub token_logprobs: Vec<f32>,
+    /// Why it ended.
+    pub finish: Finish,
+    /// Work done.
+    pub usage: Usage,
+}
+
+/// The score of one candidate.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CandidateScore {
+    /// Sum of token log-probabilities, healing-corrected.
+    pub sum_logprob: f64,
+    /// Tokens.
+    pub token_count: usize,
+    /// Characters.
+    pub char_count: usize,
+}
+
+impl CandidateScore {
+    /// Mean log-probability per token (0 for an empty candidate).
+    pub fn mean(&self) -> f64 {
+        if self.token_count == 0 {
+            0.0
+        } else {
+            self.sum_logprob / self.token_count as f64
+        }
+    }
+}
+
+/// Scores in candidate order.
+#[derive(Debug, Clone)]
+pub struct Scores {
+    /// One per candidate.
+    pub scores: Vec<CandidateScore>,
+    /// Work done.
+    pub usage: Usage,
+}
+
+/// A next-character distribution.
+#[derive(Debug, Clone)]
+pub struct CharsOut {
+    /// The distribution.
+    pub dist: CharDistribution,
+    /// Hypotheses alive.
+    pub hypotheses: usize,
+    /// Work done.
+    pub usage: Usage,
+}
+
+/// [`NextTokenModel`] over a session's prefix cache: each call is one forward pass of the positions
+/// the cache lacks.
+struct CachedModel<'a> {
+    model: &'a Transformer,
+    cache: &'a mut PrefixCache,
+    usage: &'a mut Usage,
+}
+
+impl NextTokenModel for CachedModel<'_> {
+    type Error = Error;
+
+    fn next_probs(&mut self, tokens: &[u32]) -> Result<Arc<[f32]>> {
+        let (logits, _) = self.cache.logits_after(self.model, tokens, self.usage)?;
+        let probs = candle_nn::ops::softmax_last_dim(&logits)?.to_vec1::<f32>()?;
+        Ok(probs.into())
+    }
+}
+
+fn char_opts_eq(a: &CharOptions, b: &CharOptions) -> bool {
+    a.max_hypotheses == b.max_hypotheses && a.min_mass == b.min_mass && a.lookahead == b.lookahead
+}
+
+impl Engine {
+    /// Finds or builds the session for a context and brings its tokens up to date.
+    pub(super) fn resolve(&mut self, ctx: ContextSpec) -> Result<Session> {
+        let mut session = match ctx.body {
+            ContextBody::Full { prompt, answer } => {
+                let rendered = self.codec.render(&prompt)?;
+                let old = if ctx.session.is_empty() {
+                    None
+                } else {
+                    self.sessions.take(&ctx.session)
+                };
+                match old {
+                    // Same prompt and the answer only grew: a delta in disguise, keep everything.
+                    Some(mut s) if s.prompt == rendered && answer.starts_with(&s.answer) => {
+                        let added = &answer[s.answer.len()..];
+                        s.chars_pending.push_str(added);
+                        s.answer_chars += added.chars().count();
+                        s.answer = answer;
+                        s
+                    }
+                    // Anything else: new context, but keep the KV caches (longest common prefix wins).
+                    Some(mut s) => {
+                        s.prompt = rendered;
+                        s.answer_chars = answer.chars().count();
+                        s.answer = answer;
+                        s.chars = None;
+                        s.chars_pending.clear();
+                        s
+                    }
+                    None => {
+                        let mut s = Session::new(ctx.session.clone(), rendered);
+                        s.answer_chars = answer.chars().count();
+                        s.answer = answer;
+                        s
+                    }
+                }
+            }
+            ContextBody::Delta { base_chars, append } => {
+                let mut s = self
+                    .sessions
+                    .take(&ctx.session)
+                    .ok_or_else(|| Error::SessionNotFound(ctx.session.clone()))?;
+                if s.answer_chars as u64 != base_chars {
+                    let err = Error::SessionMismatch {
+                        session: s.id.clone(),
+                        have: s.answer_chars,
+                        got: base_chars,
+                    };
+                    self.sessions.put(s);
+                    return Err(err);
+                }
+                s.answer.push_str(&append);
+                s.answer_chars += append.chars().count();
+                s.chars_pending.push_str(&append);
+                s
+            }
+        };
+        let tokens = match self.codec.encode(&session.prompt, &session.answer) {
+            Ok(t) => t,
+            Err(e) => {
+                self.sessions.put(session);
+                return Err(e);
+            }
+        };
+        if tokens.is_empty() {
+            return Err(Error::InvalidArgument(
+                "empty context: this tokenizer has no BOS token, so give a non-empty prompt".into(),
+            ));
+        }
+        if tokens.len() >= self.limits.max_context {
+            let err = Error::ContextTooLong {
+                tokens: tokens.len(),
+                new_tokens: 0,
+                limit: self.limits.max_context,
+            };
+            // The session is not kept: it can never be used again.
+            return Err(err);
+        }
+        session.tokens = tokens;
+        Ok(session)
+    }
+
+    fn text_empty(s: &Session) -> bool {
+        s.prompt.text.is_empty() && s.answer.is_empty()
+    }
+
+    /// Drafts a segment after the session's context (the session is not extended; the draft's KV
+    /// entries stay cached, so appending the same text later is free).
+    pub(super) fn propose(
+        &mut self,
+        s: &mut Session,
+        p: &ProposeParams,
+        usage: &mut Usage,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<Proposal> {
+        let limit = self.limits.max_context;
+        if s.tokens.len() + p.max_new_tokens > limit {
+            return Err(Error::ContextTooLong {
+                tokens: s.tokens.len(),
+                new_tokens: p.max_new_tokens,
+                limit,
+            });
+        }
+        let heal = self.codec.heal(&s.tokens, Self::text_empty(s));
+        let mut seq: Vec<u32> = s.tokens[..heal.prefix_len].to_vec();
+        let (mut logits, mut kv) = s.cache.logits_after(&self.model, &seq, usage)?;
+        let vocab = &self.codec.vocab;
+        let text_ids: Vec<u32> = (0..vocab.n_rows() as u32)
+            .filter(|&t| vocab.is_eos(t) || vocab.token_bytes(t).is_some_and(|b| !b.is_empty()))
+            .collect();
+        let seed = s.answer_chars as u64 ^ (s.tokens.len() as u64).rotate_left(32);
+        let mut sampler = Sampler::new(p.sampling.clone(), seed);
+        let mut bytes: Vec<u8> = Vec::new();
+        let mut logprobs = Vec::new();
+        let mut finish = Finish::Length;
+        let mut text = String::new();
+        for step in 0..p.max_new_tokens {
+            if cancelled() {
+                return Err(Error::Cancelled);
+            }
+            if step > 0 {
+                let Some(&last) = seq.last() else { break };
+                let input = Tensor::new(&[last], self.model.device())?.unsqueeze(0)?;
+                let (l, k) = self.model.forward(&input, &kv, false)?;
+                (logits, kv) = (l.squeeze(0)?, k);
+                usage.computed_positions += 1;
+                usage.forward_passes += 1;
+            }
+            let row = logits.to_vec1::<f32>()?;
+            let healing = step == 0 && !heal.remainder.is_empty();
+            let healed: Vec<u32>;
+            let candidates: &[u32] = if healing {
+                let r = vocab.prefix_range(&heal.remainder);
+                let mut ids: Vec<u32> = r.map(|pos| vocab.sorted_id(pos)).collect();
+                ids.sort_unstable();
+                healed = ids;
+                &healed
+            } else {
+                &text_ids
+            };
+            let Some(tok) = sampler.pick(&row, candidates) else {
+                break;
+            };
+            let lse = log_sum_exp(&row, None);
+            let mut lp = row[tok as usize] - lse;
+            if healing {
+                lp -= log_sum_exp(&row, Some(candidates)) - lse;
+            }
+            logprobs.push(lp);
+            if vocab.is_eos(tok) {
+                finish = Finish::Eos;
+                break;
+            }
+            seq.push(tok);
+            bytes.extend_from_slice(vocab.token_bytes(tok).unwrap_or_default());
+            text = text_of(bytes.get(heal.remainder.len()..).unwrap_or_default());
+            if let Some(cut) = p.stop.iter().filter_map(|st| text.find(st.as_str())).min() {
+                text.truncate(cut);
+                finish = Finish::Stop;
+                break;
+            }
+        }
+        // The cache covers every token but the last sampled one.
+        let covered = kv.len();
+        s.cache.insert(seq[..covered].to_vec(), kv, None);
+        Ok(Proposal {
+            text,
+            token_logprobs: logprobs,
+            finish,
+            usage: Usage::default(),
+        })
+    }
+
+    /// Scores every candidate as a continuation of the answer. Candidates whose tokenization keeps the
+    /// context's healed prefix share one batched pass; the rare others are scored on their own.
+    pub(super) fn score(
+        &mut self,
+        s: &mut Session,
+        candidates: &[String],
+        usage: &mut Usage,
+    ) -> Result<Scores> {
+        let heal = self.codec.heal(&s.tokens, Self::text_empty(s));
+        let plen = heal.prefix_len;
+        let prefix = s.tokens[..plen].to_vec();
+        let (ctx_logits, kv) = s.cache.logits_after(&self.model, &prefix, usage)?;
+        let ctx_lp = candle_nn::ops::log_softmax(&ctx_logits, D::Minus1)?.to_vec1::<f32>()?;
+        let vocab = &self.codec.vocab;
+        let heal_lp = if heal.remainder.is_empty() {
+            0.0
+        } else {
+            let ids: Vec<u32> = vocab
+                .prefix_range(&heal.remainder)
+                .map(|p| vocab.sorted_id(p))
+                .collect();
+            log_sum_exp(&ctx_lp, Some(&ids)) as f64
+        };
+        let mut out = vec![
+            CandidateScore {
+                sum_logprob: 0.0,
+                token_count: 0,
+                char_count: 0
+            };
+            candidates.len()
+        ];
+        let mut batch: Vec<(usize, Vec<u32>)> = Vec::new();
+        for (i, cand) in candidates.iter().enumerate() {
+            let mut answer = s.answer.clone();
+            answer.push_str(cand);
+            let full = self.codec.encode(&s.prompt, &answer)?;
+            out[i].char_count = cand.chars().count();
+            if full.len() > plen && full[..plen] == prefix[..] {
+                batch.push((i, full[plen..].to_vec()));
+            } else {
+                out[i] = self.score_alone(s, &prefix, &full, heal_lp, usage)?;
+                out[i].char_count = cand.chars().count();
+            }
+        }
+        let longest = batch.iter().map(|(_, t)| t.len()).max().unwrap_or(0);
+        let gathered: Vec<Vec<f32>> = if longest > 1 {
+            let width = longest - 1;
+            let mut input = Vec::with_capacity(batch.len() * width);
+            for (_, t) in &batch {
+                input.extend_from_slice(&t[..t.len() - 1]);
+                input.extend(std::iter::repeat_n(0u32, width - (t.len() - 1)));
+            }
+            let mut targets = Vec::with_capacity(batch.len() * width);
+            for (_, t) in &batch {
+                targets.extend_from_slice(&t[1..]);
+                targets.extend(std::iter::repeat_n(0u32, width - (t.len() - 1)));
+            }
+            let dev = self.model.device();
+            let input = Tensor::from_vec(input, (batch.len(), width), dev)?;
+            let (logits, _) = self.model.forward(&input, &kv, true)?;
+            let lp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+            let idx = Tensor::from_vec(targets, (batch.len(), width, 1), dev)?;
+            usage.forward_passes += 1;
+            usage.computed_positions += batch.iter().map(|(_, t)| t.len() - 1).sum::<usize>();
+            lp.gather(&idx, D::Minus1)?
+                .squeeze(D::Minus1)?
+                .to_vec2::<f32>()?
+        } else {
+            vec![vec![]; batch.len()]
+        };
+        for ((i, toks), row) in batch.iter().zip(gathered) {
+            let first = f64::from(ctx_lp[toks[0] as usize]);
+            let rest: f64 = row.iter().take(toks.len() - 1).map(|&x| f64::from(x)).sum();
+            out[*i].sum_logprob = first + rest - heal_lp;
+            out[*i].token_count = toks.len();
+        }
+        Ok(Scores {
+            scores: out,
+            usage: Usage::default(),
+        })
+    }
+
+    /// A candidate whose tokens change the context's own tokenization: log P(tail + candidate) minus
+    /// log P(tail of the context), both from the longest common prefix.
+    fn score_alone(
+        &self,
+        s: &mut Session,
+        prefix: &[u32],
+        full: &[u32],
+        heal_lp: f64,
+        usage: &mut Usage,
+    ) -> Result<CandidateScore> {
+        let common = prefix
+            .iter()
+            .zip(full)
+            .take_while(|(a, b)| a == b)
+            .count()
+            .max(1);
+        let mut seq_lp = |tokens: &[u32]| -> Result<f64> {
+            if tokens.len() <= common {
+                return Ok(0.0);
+            }
+            let (first, kv) = s
+                .cache
+                .logits_after(&self.model, &tokens[..common], usage)?;
+            let first = candle_nn::ops::log_softmax(&first, D::Minus1)?.to_vec1::<f32>()?;
+            let mut sum = f64::from(first[tokens[common] as usize]);
+            let rest = &tokens[common..];
+            if rest.len() > 1 {
+                let input =
+                    Tensor::new(&rest[..rest.len() - 1], self.model.device())?.unsqueeze(0)?;
+                let (logits, _) = self.model.forward(&input, &kv, true)?;
+                usage.forward_passes += 1;
+                usage.computed_positions += rest.len() - 1;
+                let lp = candle_nn::ops::log_softmax(&logits.squeeze(0)?, D::Minus1)?
+                    .to_vec2::<f32>()?;
+                for (k, row) in lp.iter().enumerate() {
+                    sum += f64::from(row[rest[k + 1] as usize]);
+                }
+            }
+            Ok(sum)
+        };
+        let with = seq_lp(full)?;
+        let without = seq_lp(prefix)?;
+        Ok(CandidateScore {
+            sum_logprob: with - without - heal_lp,
+            token_count: full.len().saturating_sub(common),
+            char_count: 0,
+        })
+    }
+
+    /// The next-character distribution, continuing the session's hypothesis set when the context only
+    /// grew since the last call (no forward pass unless a hypothesis crosses a token boundary).
+    pub(super) fn next_char(
+        &mut self,
+        s: &mut Session,
+        top_k: usize,
+        opts: &CharOptions,
+        usage: &mut Usage,
+    ) -> Result<CharsOut> {
+        let pending = std::mem::take(&mut s.chars_pending);
+        let reuse = opts.lookahead
+            && s.chars
+                .as_ref()
+                .is_some_and(|c| char_opts_eq(&c.opts, opts));
+        let mut slot = if reuse { s.chars.take() } else { None };
+        let mut m = CachedModel {
+            model: &self.model,
+            cache: &mut s.cache,
+            usage,
+        };
+        let vocab = &self.codec.vocab;
+        if let Some(c) = slot.as_mut() {
+            if !pending.is_empty() {
+                c.state.commit(&pending, vocab, &mut m)?;
+            }
+            if c.state.hypotheses() == 0 {
+                slot = None; // committed text the hypotheses could not follow: rebuild canonically
+            }
+        }
+        let mut slot = match slot {
+            Some(c) => c,
+            None => {
+                let text_empty = s.prompt.text.is_empty() && s.answer.is_empty();
+                let heal = self.codec.heal(&s.tokens, text_empty);
+                let state = CharState::new(
+                    s.tokens[..heal.prefix_len].to_vec(),
+                    heal.remainder,
+                    opts.clone(),
+                    vocab,
+                    &mut m,
+                )?;
+                CharSlot {
+                    state,
+                    opts: opts.clone(),
+                }
+            }
+        };
+        let dist = slot.state.distribution(top_k, vocab, &mut m)?;
+        let hypotheses = slot.state.hypotheses();
+        s.chars = Some(slot);
+        Ok(CharsOut {
+            dist,
+            hypotheses,
+            usage: Usage::default(),
+        })
+    }
+}
+
+/// log Σ exp over `ids` (all entries when `None`).
+fn log_sum_exp(row: &[f32], ids: Option<&[u32]>) -> f32 {
+    let vals: Box<dyn Iterator<Item = f32>> = match ids {
+        Some(ids) => Box::new(ids.iter().filter_map(|&i| row.get(i as usize).copied())),
+        None => Box::new(row.iter().copied()),
+    };
+    let vals: Vec<f32> = vals.collect();
+    let max = vals.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if !max.is_finite() {
+        return max;
+    }
+    max + vals.iter().map(|v| (v - max).exp()).sum::<f32>().ln()
+}

@@ -1,0 +1,119 @@
+//! `model-node`: parse configuration, start logging, and hand over to the library.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser;
+use model_node::chars::CharOptions;
+use model_node::config::{Cli, Command, GenerateArgs, LimitArgs, ServeArgs};
+use model_node::engine::{ContextBody, ContextSpec, Job, PromptSpec, ProposeParams, Reply};
+use model_node::sampling::SamplingParams;
+use model_node::template::Message;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::Generate(args) => generate(args),
+        Command::Bench(args) => model_node::bench::run(&args).map_err(Into::into),
+    }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let node = model_node::node::load(&args.model, &args.limits).context("loading the model")?;
+    tracing::info!(model = %node.info.model_id, arch = %node.info.architecture, listen = %args.listen, "model loaded");
+    let char_defaults = CharOptions {
+        max_hypotheses: args.limits.char_hypotheses.max(1),
+        min_mass: args.limits.char_min_mass,
+        ..CharOptions::default()
+    };
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("binding {}", args.listen))?;
+        tracing::info!(addr = %listener.local_addr()?, "serving");
+        let grace = Duration::from_secs(args.shutdown_grace_secs);
+        model_node::server::run(listener, node, char_defaults, shutdown_signal(), grace).await?;
+        tracing::info!("stopped");
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+fn generate(args: GenerateArgs) -> anyhow::Result<()> {
+    let limits = LimitArgs {
+        max_sessions: 1,
+        kv_cache_mb: 1 << 16,
+        queue: 1,
+        char_hypotheses: 4,
+        char_min_mass: 1e-4,
+    };
+    let mut engine = model_node::node::load(&args.model, &limits)
+        .context("loading the model")?
+        .engine;
+    let prompt = if args.raw {
+        PromptSpec::Raw(args.prompt.clone())
+    } else {
+        PromptSpec::Chat(vec![Message {
+            role: "user".into(),
+            content: args.prompt.clone(),
+        }])
+    };
+    let max_new_tokens = args
+        .max_new_tokens
+        .min(engine.limits().max_context.saturating_sub(2))
+        .max(1);
+    let job = Job::Propose(
+        ContextSpec {
+            session: String::new(),
+            body: ContextBody::Full {
+                prompt,
+                answer: String::new(),
+            },
+        },
+        ProposeParams {
+            max_new_tokens,
+            stop: vec![],
+            sampling: SamplingParams {
+                temperature: args.temperature,
+                top_p: args.top_p,
+                top_k: args.top_k,
+                seed: args.seed,
+            },
+        },
+    );
+    let Reply::Proposal(p) = engine.run(job, 0.0, &|| false)? else {
+        anyhow::bail!("unexpected engine reply")
+    };
+    println!("{}", p.text);
+    tracing::info!(tokens = p.token_logprobs.len(), finish = ?p.finish, ms = p.usage.compute_ms, "generated");
+    Ok(())
+}

@@ -1,0 +1,137 @@
+//! Building a node from configuration: open the model directory, pick device and dtype, load the
+//! weights, and describe the result ([`ensemble_proto::v1::InfoResponse`]).
+
+use candle_core::{DType, Device};
+use ensemble_proto::v1 as pb;
+
+use crate::config::{DTypeArg, LimitArgs, ModelArgs};
+use crate::engine::text::TextCodec;
+use crate::engine::{Engine, EngineLimits};
+use crate::error::{Error, Result};
+use crate::modeldir::ModelFiles;
+use crate::vocab::{TokenizerKind, Vocab};
+
+/// Largest default context when the config allows more (bounds the rotary tables' memory).
+pub const DEFAULT_CONTEXT_CAP: usize = 32_768;
+
+/// Parses `cpu` / `cuda:N`.
+pub fn device(spec: &str) -> Result<Device> {
+    match spec {
+        "cpu" => Ok(Device::Cpu),
+        s if s.starts_with("cuda") => {
+            let ordinal = match s.strip_prefix("cuda:") {
+                Some(n) => n
+                    .parse::<usize>()
+                    .map_err(|_| Error::ModelDir(format!("device {s:?}: expected cuda:N")))?,
+                None => 0,
+            };
+            Device::new_cuda(ordinal).map_err(|e| {
+                Error::ModelDir(format!(
+                    "device {s}: {e} (CUDA needs a build with `--features cuda` and a GPU)"
+                ))
+            })
+        }
+        s => Err(Error::ModelDir(format!(
+            "device {s:?}: expected `cpu` or `cuda:N`"
+        ))),
+    }
+}
+
+fn dtype(arg: DTypeArg, device: &Device) -> DType {
+    match arg {
+        DTypeArg::Auto if device.is_cpu() => DType::F32,
+        DTypeArg::Auto => DType::BF16,
+        DTypeArg::F32 => DType::F32,
+        DTypeArg::F16 => DType::F16,
+        DTypeArg::Bf16 => DType::BF16,
+    }
+}
+
+fn dtype_name(d: DType) -> &'static str {
+    match d {
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        _ => "f32",
+    }
+}
+
+/// A loaded model ready to serve, and its description.
+pub struct Loaded {
+    /// The engine (not yet on its thread).
+    pub engine: Engine,
+    /// What Info answers.
+    pub info: pb::InfoResponse,
+}
+
+/// Loads the model described by `args` with `limits`.
+pub fn load(args: &ModelArgs, limits: &LimitArgs) -> Result<Loaded> {
+    if args.threads > 0 {
+        // Ignore the error of a second initialisation (tests load several models in one process).
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(args.threads)
+            .build_global();
+    }
+    let files = ModelFiles::open(&args.model_dir)?;
+    let device = device(&args.device)?;
+    let dtype = dtype(args.dtype, &device);
+    let max_context = args
+        .max_context
+        .unwrap_or(
+            files
+                .config
+                .max_position_embeddings
+                .min(DEFAULT_CONTEXT_CAP),
+        )
+        .min(files.config.max_position_embeddings)
+        .max(2);
+    let model = files.load_model(&device, dtype, max_context)?;
+    let vocab = Vocab::from_tokenizer(&files.tokenizer, files.config.vocab_size, &files.eos_ids)?;
+    let kind = match vocab.kind() {
+        TokenizerKind::ByteLevel => pb::TokenizerKind::ByteLevel,
+        TokenizerKind::SentencePiece => pb::TokenizerKind::SentencePiece,
+        TokenizerKind::Plain => pb::TokenizerKind::Plain,
+    };
+    let model_id = args.model_id.clone().unwrap_or_else(|| {
+        args.model_dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into())
+    });
+    let engine_limits = EngineLimits {
+        max_context,
+        max_sessions: limits.max_sessions,
+        kv_budget_bytes: limits.kv_cache_mb.saturating_mul(1 << 20),
+        queue_capacity: limits.queue,
+    };
+    let info = pb::InfoResponse {
+        model_id,
+        architecture: files.config.arch.name().into(),
+        vocab_size: files.config.vocab_size as u32,
+        tokenizer_kind: kind as i32,
+        max_context_tokens: max_context as u32,
+        eos_token_ids: files.eos_ids.clone(),
+        eos_tokens: files
+            .eos_ids
+            .iter()
+            .filter_map(|&id| files.tokenizer.id_to_token(id))
+            .collect(),
+        has_chat_template: files.template.has_template(),
+        device: args.device.clone(),
+        dtype: dtype_name(dtype).into(),
+        parameters: files.config.parameter_count(),
+        max_sessions: limits.max_sessions as u32,
+        kv_cache_budget_bytes: engine_limits.kv_budget_bytes as u64,
+    };
+    let ModelFiles {
+        tokenizer,
+        template,
+        bos,
+        add_bos,
+        ..
+    } = files;
+    let codec = TextCodec::new(tokenizer, vocab, template, bos.map(|b| b.1), add_bos)?;
+    Ok(Loaded {
+        engine: Engine::new(model, codec, engine_limits),
+        info,
+    })
+}

@@ -1,0 +1,85 @@
+//! The gRPC server: the `ModelNode` service, `grpc.health.v1` and server reflection (v1 and v1alpha)
+//! on one listener, with a drain on shutdown: health goes NOT_SERVING, in-flight calls finish, then
+//! the engine thread stops.
+
+use std::future::Future;
+use std::time::Duration;
+
+use ensemble_proto::v1::model_node_server::ModelNodeServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::ServingStatus;
+
+use crate::chars::CharOptions;
+use crate::error::{Error, Result};
+use crate::node::Loaded;
+use crate::service::NodeService;
+
+/// The health service name clients probe.
+pub const SERVICE_NAME: &str = "ensemble.v1.ModelNode";
+
+/// Largest request message accepted (bytes).
+pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
+
+/// Serves `node` on `listener` until `shutdown` resolves, then drains for at most `grace`.
+pub async fn run(
+    listener: TcpListener,
+    node: Loaded,
+    char_defaults: CharOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> Result<()> {
+    let (engine, engine_thread) = node.engine.spawn()?;
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<ModelNodeServer<NodeService>>().await;
+    health.set_service_status("", ServingStatus::Serving).await;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(ensemble_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_err =
+        |e: tonic_reflection::server::Error| Error::ModelDir(format!("reflection: {e}"));
+    let refl_v1 = reflection().build_v1().map_err(reflection_err)?;
+    let refl_v1a = reflection().build_v1alpha().map_err(reflection_err)?;
+
+    let service = NodeService::new(engine, node.info, char_defaults);
+    let svc = ModelNodeServer::new(service)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+
+    let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
+    let (force_tx, force_rx) = tokio::sync::oneshot::channel::<()>();
+    let reporter = health.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        tracing::info!("shutdown requested: health NOT_SERVING, draining in-flight calls");
+        reporter
+            .set_not_serving::<ModelNodeServer<NodeService>>()
+            .await;
+        reporter
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+        let _ = drain_tx.send(());
+        tokio::time::sleep(grace).await;
+        let _ = force_tx.send(());
+    });
+    let server = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(refl_v1)
+        .add_service(refl_v1a)
+        .add_service(svc)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+            let _ = drain_rx.await;
+        });
+    let outcome = tokio::select! {
+        r = server => r.map_err(|e| Error::ModelDir(format!("server: {e}"))),
+        Ok(()) = force_rx => {
+            tracing::warn!(grace_secs = grace.as_secs(), "grace period over: dropping unfinished calls");
+            Ok(())
+        }
+    };
+    // Dropping the last engine handle ends the engine thread once its current job is done.
+    drop(engine_thread);
+    outcome
+}

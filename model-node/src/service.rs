@@ -1,0 +1,199 @@
+//! The `ModelNode` gRPC service: validate, hand the job to the engine, map the reply. One tracing span
+//! per RPC with numeric fields.
+
+use std::sync::Arc;
+
+use ensemble_proto::v1 as pb;
+use ensemble_proto::v1::model_node_server::ModelNode;
+use tonic::{Request, Response, Status};
+use tracing::{Instrument, Span, field::Empty, info_span};
+
+use crate::chars::CharOptions;
+use crate::engine::{EngineHandle, Finish, Job, Reply, Usage};
+use crate::error::Error;
+use crate::validate;
+
+/// The service: a handle to the engine plus the static description.
+#[derive(Clone)]
+pub struct NodeService {
+    engine: EngineHandle,
+    info: Arc<pb::InfoResponse>,
+    char_defaults: CharOptions,
+}
+
+impl NodeService {
+    /// A service over a running engine.
+    pub fn new(engine: EngineHandle, info: pb::InfoResponse, char_defaults: CharOptions) -> Self {
+        Self {
+            engine,
+            info: Arc::new(info),
+            char_defaults,
+        }
+    }
+}
+
+fn usage(u: &Usage) -> pb::Usage {
+    pb::Usage {
+        context_tokens: u.context_tokens as u32,
+        reused_positions: u.reused_positions as u32,
+        computed_positions: u.computed_positions as u32,
+        forward_passes: u.forward_passes as u32,
+        queue_ms: u.queue_ms,
+        compute_ms: u.compute_ms,
+    }
+}
+
+fn record(span: &Span, u: &Usage) {
+    span.record("context_tokens", u.context_tokens as u64);
+    span.record("computed_positions", u.computed_positions as u64);
+    span.record("forward_passes", u.forward_passes as u64);
+    span.record("queue_ms", u.queue_ms);
+    span.record("compute_ms", u.compute_ms);
+}
+
+fn unexpected() -> Status {
+    Status::internal("engine answered a different job (bug)")
+}
+
+macro_rules! rpc_span {
+    ($name:literal) => {
+        info_span!(
+            "rpc",
+            rpc = $name,
+            context_tokens = Empty,
+            computed_positions = Empty,
+            forward_passes = Empty,
+            queue_ms = Empty,
+            compute_ms = Empty,
+            items = Empty,
+            code = Empty
+        )
+    };
+}
+
+async fn run(engine: &EngineHandle, job: Job, span: &Span) -> Result<Reply, Status> {
+    engine.call(job).await.map_err(|e: Error| {
+        let status = Status::from(e);
+        span.record("code", status.code() as i32 as i64);
+        tracing::debug!(parent: span, error = %status.message(), "rpc failed");
+        status
+    })
+}
+
+#[tonic::async_trait]
+impl ModelNode for NodeService {
+    async fn info(
+        &self,
+        _req: Request<pb::InfoRequest>,
+    ) -> Result<Response<pb::InfoResponse>, Status> {
+        Ok(Response::new((*self.info).clone()))
+    }
+
+    async fn propose_segment(
+        &self,
+        req: Request<pb::ProposeRequest>,
+    ) -> Result<Response<pb::ProposeResponse>, Status> {
+        let span = rpc_span!("ProposeSegment");
+        async {
+            let (ctx, params) = validate::propose(req.into_inner())?;
+            let Reply::Proposal(p) = run(&self.engine, Job::Propose(ctx, params), &span).await?
+            else {
+                return Err(unexpected());
+            };
+            record(&span, &p.usage);
+            span.record("items", p.token_logprobs.len() as u64);
+            let finish = match p.finish {
+                Finish::Eos => pb::FinishReason::Eos,
+                Finish::Length => pb::FinishReason::Length,
+                Finish::Stop => pb::FinishReason::Stop,
+            };
+            Ok(Response::new(pb::ProposeResponse {
+                text: p.text,
+                token_logprobs: p.token_logprobs,
+                finish_reason: finish as i32,
+                usage: Some(usage(&p.usage)),
+            }))
+        }
+        .instrument(span.clone())
+        .await
+    }
+
+    async fn score_candidates(
+        &self,
+        req: Request<pb::ScoreRequest>,
+    ) -> Result<Response<pb::ScoreResponse>, Status> {
+        let span = rpc_span!("ScoreCandidates");
+        async {
+            let (ctx, cands) = validate::score(req.into_inner())?;
+            span.record("items", cands.len() as u64);
+            let Reply::Scores(s) = run(&self.engine, Job::Score(ctx, cands), &span).await? else {
+                return Err(unexpected());
+            };
+            record(&span, &s.usage);
+            let scores = s
+                .scores
+                .iter()
+                .map(|c| pb::CandidateScore {
+                    sum_logprob: c.sum_logprob,
+                    token_count: c.token_count as u32,
+                    char_count: c.char_count as u32,
+                    mean_logprob: c.mean(),
+                })
+                .collect();
+            Ok(Response::new(pb::ScoreResponse {
+                scores,
+                usage: Some(usage(&s.usage)),
+            }))
+        }
+        .instrument(span.clone())
+        .await
+    }
+
+    async fn next_char_distribution(
+        &self,
+        req: Request<pb::NextCharRequest>,
+    ) -> Result<Response<pb::NextCharResponse>, Status> {
+        let span = rpc_span!("NextCharDistribution");
+        async {
+            let (ctx, k, opts) = validate::next_char(req.into_inner(), &self.char_defaults)?;
+            let Reply::Chars(c) = run(&self.engine, Job::NextChar(ctx, k, opts), &span).await?
+            else {
+                return Err(unexpected());
+            };
+            record(&span, &c.usage);
+            span.record("items", c.hypotheses as u64);
+            Ok(Response::new(pb::NextCharResponse {
+                chars: c
+                    .dist
+                    .chars
+                    .iter()
+                    .map(|(ch, p)| pb::CharProb {
+                        char: ch.to_string(),
+                        prob: *p,
+                    })
+                    .collect(),
+                eos_prob: c.dist.eos,
+                residual: c.dist.residual,
+                hypotheses: c.hypotheses as u32,
+                usage: Some(usage(&c.usage)),
+            }))
+        }
+        .instrument(span.clone())
+        .await
+    }
+
+    async fn close_session(
+        &self,
+        req: Request<pb::CloseSessionRequest>,
+    ) -> Result<Response<pb::CloseSessionResponse>, Status> {
+        let id = req.into_inner().session_id;
+        if id.is_empty() {
+            return Err(Status::invalid_argument("session_id is required"));
+        }
+        let span = rpc_span!("CloseSession");
+        let Reply::Closed(existed) = run(&self.engine, Job::Close(id), &span).await? else {
+            return Err(unexpected());
+        };
+        Ok(Response::new(pb::CloseSessionResponse { existed }))
+    }
+}

@@ -1,0 +1,148 @@
+//! The node's transformer against candle-transformers' implementation of each architecture, on tiny
+//! random-weight checkpoints: same logits for a prompt and for cached incremental steps.
+
+mod common;
+
+use candle_core::{D, DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models as ct;
+use model_node::model::{ArchConfig, KvCache, Transformer};
+
+/// candle-transformers' model behind one interface: logits of the last position.
+enum Reference {
+    Llama(ct::llama::Llama, ct::llama::Cache),
+    Qwen2(ct::qwen2::ModelForCausalLM),
+    Mistral(ct::mistral::Model),
+    Phi3(ct::phi3::Model),
+    Gemma2(ct::gemma2::Model),
+}
+
+impl Reference {
+    fn load(arch: &str, text: &str, vb: VarBuilder) -> anyhow::Result<Self> {
+        Ok(match arch {
+            "llama" => {
+                let cfg: ct::llama::LlamaConfig = serde_json::from_str(text)?;
+                let cfg = cfg.into_config(false);
+                let cache = ct::llama::Cache::new(true, DType::F32, &cfg, &Device::Cpu)?;
+                Reference::Llama(ct::llama::Llama::load(vb, &cfg)?, cache)
+            }
+            "qwen2" => Reference::Qwen2(ct::qwen2::ModelForCausalLM::new(
+                &serde_json::from_str(text)?,
+                vb,
+            )?),
+            "mistral" => {
+                Reference::Mistral(ct::mistral::Model::new(&serde_json::from_str(text)?, vb)?)
+            }
+            "phi3" => Reference::Phi3(ct::phi3::Model::new(&serde_json::from_str(text)?, vb)?),
+            "gemma2" => Reference::Gemma2(ct::gemma2::Model::new(
+                false,
+                &serde_json::from_str(text)?,
+                vb,
+            )?),
+            other => anyhow::bail!("no reference for {other}"),
+        })
+    }
+
+    fn last_logits(&mut self, ids: &[u32], offset: usize) -> anyhow::Result<Vec<f32>> {
+        let input = Tensor::new(ids, &Device::Cpu)?.unsqueeze(0)?;
+        let out = match self {
+            Reference::Llama(m, c) => m.forward(&input, offset, c)?,
+            Reference::Qwen2(m) => m.forward(&input, offset)?,
+            Reference::Mistral(m) => m.forward(&input, offset)?,
+            Reference::Phi3(m) => m.forward(&input, offset)?,
+            Reference::Gemma2(m) => m.forward(&input, offset)?,
+        };
+        let v = out.flatten_all()?.to_vec1::<f32>()?;
+        let n = out.dim(D::Minus1)?;
+        Ok(v[v.len() - n..].to_vec())
+    }
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn logits_match_candle_transformers_for_every_architecture() -> anyhow::Result<()> {
+    let root = common::temp_dir("parity");
+    for (i, arch) in common::ARCHS.iter().enumerate() {
+        let dir = root.join(arch);
+        let config = common::tiny_config(arch, 97);
+        common::write_model(&dir, &config, 11 + i as u64)?;
+        let text = std::fs::read_to_string(dir.join("config.json"))?;
+        let weights = [dir.join("model.safetensors")];
+        let cfg = ArchConfig::from_json(&text, "config.json")?;
+        let vb = candle_nn::VarBuilder::from_tensors(
+            candle_core::safetensors::load(&weights[0], &Device::Cpu)?,
+            DType::F32,
+            &Device::Cpu,
+        );
+        let ours = Transformer::load(&cfg, vb.clone(), 128)?;
+        let mut reference = Reference::load(arch, &text, vb)?;
+
+        let prompt: Vec<u32> = vec![1, 5, 17, 33, 8, 90, 42];
+        let input = Tensor::new(prompt.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+        let (logits, mut kv) = ours.forward(&input, &KvCache::default(), false)?;
+        let ours_v = logits.squeeze(0)?.to_vec1::<f32>()?;
+        let ref_v = reference.last_logits(&prompt, 0)?;
+        let d = max_diff(&ours_v, &ref_v);
+        assert!(d < 1e-4, "{arch}: prompt logits differ by {d}");
+        let spread = ours_v.iter().copied().fold(f32::MIN, f32::max)
+            - ours_v.iter().copied().fold(f32::MAX, f32::min);
+        assert!(
+            spread > 0.1,
+            "{arch}: degenerate model (logit spread {spread})"
+        );
+
+        let mut offset = prompt.len();
+        for &t in &[7u32, 64, 3] {
+            let input = Tensor::new(&[t], &Device::Cpu)?.unsqueeze(0)?;
+            let (l, k) = ours.forward(&input, &kv, false)?;
+            kv = k;
+            let d = max_diff(
+                &l.squeeze(0)?.to_vec1::<f32>()?,
+                &reference.last_logits(&[t], offset)?,
+            );
+            assert!(d < 1e-4, "{arch}: cached step logits differ by {d}");
+            offset += 1;
+        }
+        assert_eq!(kv.len(), prompt.len() + 3);
+    }
+    Ok(())
+}
+
+#[test]
+fn batched_candidates_over_a_shared_cache_match_single_runs() -> anyhow::Result<()> {
+    let root = common::temp_dir("batch");
+    let dir = root.join("qwen2");
+    common::write_model(&dir, &common::tiny_config("qwen2", 97), 5)?;
+    let text = std::fs::read_to_string(dir.join("config.json"))?;
+    let cfg = ArchConfig::from_json(&text, "config.json")?;
+    let vb = VarBuilder::from_tensors(
+        candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)?,
+        DType::F32,
+        &Device::Cpu,
+    );
+    let m = Transformer::load(&cfg, vb, 64)?;
+    let ctx = Tensor::new(&[1u32, 4, 9, 16], &Device::Cpu)?.unsqueeze(0)?;
+    let (_, kv) = m.forward(&ctx, &KvCache::default(), false)?;
+    // Two candidates, the second right-padded.
+    let batch = Tensor::new(&[[20u32, 21, 22], [30, 31, 0]], &Device::Cpu)?;
+    let (all, _) = m.forward(&batch, &kv, true)?;
+    for (row, cand) in [vec![20u32, 21, 22], vec![30, 31]].iter().enumerate() {
+        let single = Tensor::new(cand.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+        let (one, _) = m.forward(&single, &kv, true)?;
+        let got = all
+            .get(row)?
+            .narrow(0, 0, cand.len())?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let want = one.flatten_all()?.to_vec1::<f32>()?;
+        assert!(max_diff(&got, &want) < 1e-4, "row {row}");
+    }
+    Ok(())
+}
