@@ -65,8 +65,7 @@ fn decode(args: &BenchArgs) -> Result<()> {
     for _ in 0..args.repeat.max(1) {
         let t0 = Instant::now();
         let input = Tensor::new(start_tokens.as_slice(), model.device())?.unsqueeze(0)?;
-        let (mut logits, mut kv): (Tensor, KvCache) =
-            model.forward(&input, &KvCache::default(), false)?;
+        let (mut logits, mut kv): (Tensor, KvCache) = model.forward(&input, &KvCache::default(), false)?;
         for _ in 0..n {
             let next = logits.squeeze(0)?.argmax(0)?.to_scalar::<u32>()?;
             let input = Tensor::new(&[next], model.device())?.unsqueeze(0)?;

@@ -37,12 +37,7 @@ impl CharState {
     ) -> Result<Self, M::Error> {
         Ok(CharState)
     }
-    pub fn commit<M: NextTokenModel>(
-        &mut self,
-        _t: &str,
-        _v: &Vocab,
-        _m: &mut M,
-    ) -> Result<(), M::Error> {
+    pub fn commit<M: NextTokenModel>(&mut self, _t: &str, _v: &Vocab, _m: &mut M) -> Result<(), M::Error> {
         Ok(())
     }
     pub fn distribution<M: NextTokenModel>(

@@ -36,9 +36,7 @@ pub enum Error {
         limit: usize,
     },
     /// A delta named a session this node does not hold.
-    #[error(
-        "session {0:?} is unknown to this node (evicted or node restarted): resend the full context"
-    )]
+    #[error("session {0:?} is unknown to this node (evicted or node restarted): resend the full context")]
     SessionNotFound(String),
     /// A delta does not line up with the session's answer.
     #[error(

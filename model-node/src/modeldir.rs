@@ -34,10 +34,9 @@ pub struct ModelFiles {
 }
 
 fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| Error::ModelDir(format!("{}: {e}", path.display())))?;
-    serde_json::from_str(&text)
-        .map_err(|e| Error::ModelDir(format!("{}: invalid JSON: {e}", path.display())))
+    let text =
+        std::fs::read_to_string(path).map_err(|e| Error::ModelDir(format!("{}: {e}", path.display())))?;
+    serde_json::from_str(&text).map_err(|e| Error::ModelDir(format!("{}: invalid JSON: {e}", path.display())))
 }
 
 /// A special token in tokenizer_config.json: a string or `{"content": ...}`.
@@ -52,10 +51,7 @@ fn token_text(v: Option<&Value>) -> Option<String> {
 fn id_list(v: Option<&Value>) -> Vec<u32> {
     match v {
         Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(Value::Array(a)) => a
-            .iter()
-            .filter_map(|x| x.as_u64().map(|x| x as u32))
-            .collect(),
+        Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)).collect(),
         _ => vec![],
     }
 }
@@ -64,10 +60,7 @@ impl ModelFiles {
     /// Reads and checks everything but the weights.
     pub fn open(dir: &Path) -> Result<Self> {
         if !dir.is_dir() {
-            return Err(Error::ModelDir(format!(
-                "{} is not a directory",
-                dir.display()
-            )));
+            return Err(Error::ModelDir(format!("{} is not a directory", dir.display())));
         }
         let cfg_path = dir.join("config.json");
         if !cfg_path.is_file() {
@@ -82,17 +75,10 @@ impl ModelFiles {
 
         let tok_path = dir.join("tokenizer.json");
         if !tok_path.is_file() {
-            return Err(Error::ModelDir(format!(
-                "{} is missing",
-                tok_path.display()
-            )));
+            return Err(Error::ModelDir(format!("{} is missing", tok_path.display())));
         }
-        let tokenizer = Tokenizer::from_file(&tok_path).map_err(|e| {
-            Error::ModelDir(format!(
-                "{}: not a valid tokenizer: {e}",
-                tok_path.display()
-            ))
-        })?;
+        let tokenizer = Tokenizer::from_file(&tok_path)
+            .map_err(|e| Error::ModelDir(format!("{}: not a valid tokenizer: {e}", tok_path.display())))?;
 
         let tc_path = dir.join("tokenizer_config.json");
         let tc = if tc_path.is_file() {
@@ -155,12 +141,7 @@ impl ModelFiles {
     }
 
     /// Loads the weights onto `device` as `dtype`, with rotary tables for `max_positions`.
-    pub fn load_model(
-        &self,
-        device: &Device,
-        dtype: DType,
-        max_positions: usize,
-    ) -> Result<Transformer> {
+    pub fn load_model(&self, device: &Device, dtype: DType, max_positions: usize) -> Result<Transformer> {
         let vb = mmap_weights(&self.weight_files, dtype, device)?;
         Transformer::load(&self.config, vb, max_positions).map_err(|e| {
             Error::ModelDir(format!(

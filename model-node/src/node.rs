@@ -76,12 +76,7 @@ pub fn load(args: &ModelArgs, limits: &LimitArgs) -> Result<Loaded> {
     let dtype = dtype(args.dtype, &device);
     let max_context = args
         .max_context
-        .unwrap_or(
-            files
-                .config
-                .max_position_embeddings
-                .min(DEFAULT_CONTEXT_CAP),
-        )
+        .unwrap_or(files.config.max_position_embeddings.min(DEFAULT_CONTEXT_CAP))
         .min(files.config.max_position_embeddings)
         .max(2);
     let model = files.load_model(&device, dtype, max_context)?;

@@ -41,12 +41,7 @@ impl Sampler {
 
     /// Picks a token among `candidates` (ids) given the full `logits`. `None` when `candidates` is empty.
     pub fn pick(&mut self, logits: &[f32], candidates: &[u32]) -> Option<u32> {
-        let logit = |id: u32| {
-            logits
-                .get(id as usize)
-                .copied()
-                .unwrap_or(f32::NEG_INFINITY)
-        };
+        let logit = |id: u32| logits.get(id as usize).copied().unwrap_or(f32::NEG_INFINITY);
         if self.params.temperature <= 0.0 {
             // Greedy; ties go to the lowest id (candidates are ascending or checked explicitly).
             let mut best: Option<(u32, f32)> = None;
@@ -59,8 +54,7 @@ impl Sampler {
             return best.map(|b| b.0);
         }
         let t = self.params.temperature;
-        let mut scored: Vec<(u32, f32)> =
-            candidates.iter().map(|&id| (id, logit(id) / t)).collect();
+        let mut scored: Vec<(u32, f32)> = candidates.iter().map(|&id| (id, logit(id) / t)).collect();
         if scored.is_empty() {
             return None;
         }

@@ -38,8 +38,7 @@ pub async fn run(
             .register_encoded_file_descriptor_set(ensemble_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
-    let reflection_err =
-        |e: tonic_reflection::server::Error| Error::ModelDir(format!("reflection: {e}"));
+    let reflection_err = |e: tonic_reflection::server::Error| Error::ModelDir(format!("reflection: {e}"));
     let refl_v1 = reflection().build_v1().map_err(reflection_err)?;
     let refl_v1a = reflection().build_v1alpha().map_err(reflection_err)?;
 
@@ -54,12 +53,8 @@ pub async fn run(
     tokio::spawn(async move {
         shutdown.await;
         tracing::info!("shutdown requested: health NOT_SERVING, draining in-flight calls");
-        reporter
-            .set_not_serving::<ModelNodeServer<NodeService>>()
-            .await;
-        reporter
-            .set_service_status("", ServingStatus::NotServing)
-            .await;
+        reporter.set_not_serving::<ModelNodeServer<NodeService>>().await;
+        reporter.set_service_status("", ServingStatus::NotServing).await;
         let _ = drain_tx.send(());
         tokio::time::sleep(grace).await;
         let _ = force_tx.send(());

@@ -82,10 +82,7 @@ async fn run(engine: &EngineHandle, job: Job, span: &Span) -> Result<Reply, Stat
 
 #[tonic::async_trait]
 impl ModelNode for NodeService {
-    async fn info(
-        &self,
-        _req: Request<pb::InfoRequest>,
-    ) -> Result<Response<pb::InfoResponse>, Status> {
+    async fn info(&self, _req: Request<pb::InfoRequest>) -> Result<Response<pb::InfoResponse>, Status> {
         Ok(Response::new((*self.info).clone()))
     }
 
@@ -96,8 +93,7 @@ impl ModelNode for NodeService {
         let span = rpc_span!("ProposeSegment");
         async {
             let (ctx, params) = validate::propose(req.into_inner())?;
-            let Reply::Proposal(p) = run(&self.engine, Job::Propose(ctx, params), &span).await?
-            else {
+            let Reply::Proposal(p) = run(&self.engine, Job::Propose(ctx, params), &span).await? else {
                 return Err(unexpected());
             };
             record(&span, &p.usage);
@@ -156,8 +152,7 @@ impl ModelNode for NodeService {
         let span = rpc_span!("NextCharDistribution");
         async {
             let (ctx, k, opts) = validate::next_char(req.into_inner(), &self.char_defaults)?;
-            let Reply::Chars(c) = run(&self.engine, Job::NextChar(ctx, k, opts), &span).await?
-            else {
+            let Reply::Chars(c) = run(&self.engine, Job::NextChar(ctx, k, opts), &span).await? else {
                 return Err(unexpected());
             };
             record(&span, &c.usage);

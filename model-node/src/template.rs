@@ -23,10 +23,7 @@ pub struct ChatTemplate {
 }
 
 fn raise_exception(msg: String) -> std::result::Result<String, minijinja::Error> {
-    Err(minijinja::Error::new(
-        minijinja::ErrorKind::InvalidOperation,
-        msg,
-    ))
+    Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
 }
 
 impl ChatTemplate {
@@ -37,9 +34,7 @@ impl ChatTemplate {
             Some(src) => {
                 let mut env = Environment::new();
                 minijinja_contrib::add_to_environment(&mut env);
-                env.set_unknown_method_callback(
-                    minijinja_contrib::pycompat::unknown_method_callback,
-                );
+                env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
                 env.add_function("raise_exception", raise_exception);
                 // transformers renders chat templates with trim_blocks and lstrip_blocks.
                 let syntax = minijinja::syntax::SyntaxConfig::builder()
@@ -122,10 +117,7 @@ mod tests {
     #[test]
     fn fallback_is_plain() -> Result<()> {
         let t = ChatTemplate::new(None, "<s>".into(), "</s>".into())?;
-        assert_eq!(
-            t.render(&msgs())?,
-            "<s>system: Be brief.\nuser: Hi\nassistant: "
-        );
+        assert_eq!(t.render(&msgs())?, "<s>system: Be brief.\nuser: Hi\nassistant: ");
         Ok(())
     }
 
@@ -133,11 +125,7 @@ mod tests {
     fn template_errors_are_reported() -> Result<()> {
         let src = "{{ raise_exception('only user and assistant roles') }}";
         let t = ChatTemplate::new(Some(src.into()), String::new(), String::new())?;
-        let err = t
-            .render(&msgs())
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
+        let err = t.render(&msgs()).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err.contains("only user and assistant roles"), "{err}");
         assert!(ChatTemplate::new(Some("{% for %}".into()), String::new(), String::new()).is_err());
         Ok(())

@@ -47,7 +47,9 @@ pub fn context(ctx: Option<pb::Context>) -> Result<ContextSpec> {
         }
         Some(pb::context::Body::Full(full)) => {
             let prompt = full.prompt.and_then(|p| p.kind).ok_or_else(|| {
-                invalid("context.full.prompt needs `conversation` or `raw` (raw may be empty: start from BOS)")
+                invalid(
+                    "context.full.prompt needs `conversation` or `raw` (raw may be empty: start from BOS)",
+                )
             })?;
             let prompt = match prompt {
                 pb::prompt::Kind::Raw(r) => PromptSpec::Raw(r),
@@ -105,9 +107,7 @@ pub fn sampling(s: Option<pb::Sampling>) -> Result<SamplingParams> {
     }
     let top_p = s.top_p.unwrap_or(1.0);
     if !(top_p > 0.0 && top_p <= 1.0) {
-        return Err(invalid(format!(
-            "sampling.top_p must be in (0, 1], got {top_p}"
-        )));
+        return Err(invalid(format!("sampling.top_p must be in (0, 1], got {top_p}")));
     }
     if s.top_k == Some(0) {
         return Err(invalid(
@@ -280,12 +280,13 @@ mod tests {
         ];
         let body = prop_oneof![
             Just(None),
-            (prompt, ".{0,8}").prop_map(|(prompt, answer)| Some(pb::context::Body::Full(
-                pb::FullContext { prompt, answer }
+            (prompt, ".{0,8}").prop_map(|(prompt, answer)| Some(pb::context::Body::Full(pb::FullContext {
+                prompt,
+                answer
+            }))),
+            (any::<u64>(), ".{0,8}").prop_map(|(base_chars, append)| Some(pb::context::Body::Delta(
+                pb::ContextDelta { base_chars, append }
             ))),
-            (any::<u64>(), ".{0,8}").prop_map(|(base_chars, append)| Some(
-                pb::context::Body::Delta(pb::ContextDelta { base_chars, append })
-            )),
         ];
         proptest::option::of(
             (".{0,200}", body).prop_map(|(session_id, body)| pb::Context { session_id, body }),

@@ -13,11 +13,7 @@ pub enum VocabError {
 }
 pub struct Vocab;
 impl Vocab {
-    pub fn from_tokenizer(
-        _t: &tokenizers::Tokenizer,
-        _n: usize,
-        _e: &[u32],
-    ) -> Result<Vocab, VocabError> {
+    pub fn from_tokenizer(_t: &tokenizers::Tokenizer, _n: usize, _e: &[u32]) -> Result<Vocab, VocabError> {
         Ok(Vocab)
     }
     pub fn kind(&self) -> TokenizerKind {

@@ -2,8 +2,8 @@
 
 mod common;
 
-use std::sync::OnceLock;
 use std::path::PathBuf;
+use std::sync::OnceLock;
 
 use common::{TestNode, chat, delta, greedy, raw};
 use ensemble_proto::v1 as pb;
@@ -15,7 +15,11 @@ fn dirs() -> &'static [PathBuf; 3] {
     DIRS.get_or_init(|| {
         let root = common::temp_dir("grpc");
         let mk = |arch, kind, seed| common::model_dir(&root, arch, kind, seed).expect("model dir");
-        [mk("qwen2", "byte_level", 1), mk("llama", "sentencepiece", 2), mk("gemma2", "char", 3)]
+        [
+            mk("qwen2", "byte_level", 1),
+            mk("llama", "sentencepiece", 2),
+            mk("gemma2", "char", 3),
+        ]
     })
 }
 
@@ -25,9 +29,13 @@ async fn node(i: usize) -> anyhow::Result<TestNode> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn info_describes_the_model() -> anyhow::Result<()> {
-    for (i, (arch, kind)) in [("qwen2", pb::TokenizerKind::ByteLevel), ("llama", pb::TokenizerKind::SentencePiece), ("gemma2", pb::TokenizerKind::Plain)]
-        .into_iter()
-        .enumerate()
+    for (i, (arch, kind)) in [
+        ("qwen2", pb::TokenizerKind::ByteLevel),
+        ("llama", pb::TokenizerKind::SentencePiece),
+        ("gemma2", pb::TokenizerKind::Plain),
+    ]
+    .into_iter()
+    .enumerate()
     {
         let mut n = node(i).await?;
         let info = n.client().await?.info(pb::InfoRequest {}).await?.into_inner();
@@ -49,24 +57,50 @@ async fn propose_is_deterministic_and_sessions_compute_only_new_positions() -> a
     for i in 0..3 {
         let mut n = node(i).await?;
         let mut c = n.client().await?;
-        let a = c.propose_segment(greedy(chat("what is the cat?", "the", ""), 12)).await?.into_inner();
-        let b = c.propose_segment(greedy(chat("what is the cat?", "the", ""), 12)).await?.into_inner();
+        let a = c
+            .propose_segment(greedy(chat("what is the cat?", "the", ""), 12))
+            .await?
+            .into_inner();
+        let b = c
+            .propose_segment(greedy(chat("what is the cat?", "the", ""), 12))
+            .await?
+            .into_inner();
         assert_eq!(a.text, b.text);
         assert_eq!(a.token_logprobs, b.token_logprobs);
         assert!(a.token_logprobs.iter().all(|lp| *lp <= 0.0 && lp.is_finite()));
-        assert_eq!(a.finish_reason(), if a.token_logprobs.len() == 12 { pb::FinishReason::Length } else { pb::FinishReason::Eos });
+        assert_eq!(
+            a.finish_reason(),
+            if a.token_logprobs.len() == 12 {
+                pb::FinishReason::Length
+            } else {
+                pb::FinishReason::Eos
+            }
+        );
 
         // A session: the full context once, then deltas whose cost is the new tokens only.
-        let first = c.propose_segment(greedy(chat("what is the cat?", "the", "s1"), 4)).await?.into_inner();
+        let first = c
+            .propose_segment(greedy(chat("what is the cat?", "the", "s1"), 4))
+            .await?
+            .into_inner();
         let u0 = first.usage.unwrap_or_default();
         assert_eq!(u0.reused_positions, 0);
         let ctx_tokens = u0.context_tokens;
         // Append text that adds whole words (a space-led word never merges with the previous token).
-        let r = c.score_candidates(pb::ScoreRequest { context: delta("s1", 3, " mat and the"), candidates: vec![" dog".into()] }).await?.into_inner();
+        let r = c
+            .score_candidates(pb::ScoreRequest {
+                context: delta("s1", 3, " mat and the"),
+                candidates: vec![" dog".into()],
+            })
+            .await?
+            .into_inner();
         let u = r.usage.unwrap_or_default();
         let k = u.context_tokens - ctx_tokens;
         assert!(k > 0);
-        assert_eq!(u.computed_positions, k + r.scores[0].token_count - 1, "kind {i}: usage {u:?}");
+        assert_eq!(
+            u.computed_positions,
+            k + r.scores[0].token_count - 1,
+            "kind {i}: usage {u:?}"
+        );
         assert_eq!(u.reused_positions, u.context_tokens - 1 - k);
         n.stop().await?;
     }
@@ -78,18 +112,44 @@ async fn scoring_is_one_batched_pass_and_matches_single_scores() -> anyhow::Resu
     for i in 0..3 {
         let mut n = node(i).await?;
         let mut c = n.client().await?;
-        let cands: Vec<String> = vec![" the cat sat".into(), " a dog".into(), " hello world, hello".into(), " x".into()];
+        let cands: Vec<String> = vec![
+            " the cat sat".into(),
+            " a dog".into(),
+            " hello world, hello".into(),
+            " x".into(),
+        ];
         // Warm the session's context.
-        c.score_candidates(pb::ScoreRequest { context: raw("once upon a time", "", "warm"), candidates: vec!["!".into()] }).await?;
-        let r = c.score_candidates(pb::ScoreRequest { context: delta("warm", 0, ""), candidates: cands.clone() }).await?.into_inner();
+        c.score_candidates(pb::ScoreRequest {
+            context: raw("once upon a time", "", "warm"),
+            candidates: vec!["!".into()],
+        })
+        .await?;
+        let r = c
+            .score_candidates(pb::ScoreRequest {
+                context: delta("warm", 0, ""),
+                candidates: cands.clone(),
+            })
+            .await?
+            .into_inner();
         let u = r.usage.unwrap_or_default();
         assert_eq!(u.forward_passes, 1, "kind {i}: {u:?}");
         let expected: u32 = r.scores.iter().map(|s| s.token_count - 1).sum();
         assert_eq!(u.computed_positions, expected);
         for (cand, s) in cands.iter().zip(&r.scores) {
-            let one = c.score_candidates(pb::ScoreRequest { context: raw("once upon a time", "", ""), candidates: vec![cand.clone()] }).await?.into_inner();
+            let one = c
+                .score_candidates(pb::ScoreRequest {
+                    context: raw("once upon a time", "", ""),
+                    candidates: vec![cand.clone()],
+                })
+                .await?
+                .into_inner();
             let o = one.scores[0];
-            assert!((o.sum_logprob - s.sum_logprob).abs() < 1e-3, "kind {i} {cand:?}: {} vs {}", o.sum_logprob, s.sum_logprob);
+            assert!(
+                (o.sum_logprob - s.sum_logprob).abs() < 1e-3,
+                "kind {i} {cand:?}: {} vs {}",
+                o.sum_logprob,
+                s.sum_logprob
+            );
             assert_eq!(o.token_count, s.token_count);
             assert_eq!(s.char_count as usize, cand.chars().count());
             assert!((s.mean_logprob - s.sum_logprob / f64::from(s.token_count)).abs() < 1e-9);
@@ -109,11 +169,21 @@ async fn greedy_proposal_scores_as_its_own_logprobs() -> anyhow::Result<()> {
     let p = c.propose_segment(greedy(raw("", "", ""), 6)).await?.into_inner();
     let tokens = p.token_logprobs.len();
     assert!(!p.text.is_empty());
-    let s = c.score_candidates(pb::ScoreRequest { context: raw("", "", ""), candidates: vec![p.text.clone()] }).await?.into_inner();
+    let s = c
+        .score_candidates(pb::ScoreRequest {
+            context: raw("", "", ""),
+            candidates: vec![p.text.clone()],
+        })
+        .await?
+        .into_inner();
     let sum: f32 = p.token_logprobs.iter().sum();
     if p.finish_reason() == pb::FinishReason::Length {
         assert_eq!(s.scores[0].token_count as usize, tokens);
-        assert!((s.scores[0].sum_logprob - f64::from(sum)).abs() < 1e-3, "{} vs {sum}", s.scores[0].sum_logprob);
+        assert!(
+            (s.scores[0].sum_logprob - f64::from(sum)).abs() < 1e-3,
+            "{} vs {sum}",
+            s.scores[0].sum_logprob
+        );
     }
     n.stop().await?;
     Ok(())
@@ -124,15 +194,26 @@ async fn next_char_sums_to_one_and_commits_inside_a_token_are_free() -> anyhow::
     for i in 0..3 {
         let mut n = node(i).await?;
         let mut c = n.client().await?;
-        let req = |ctx| pb::NextCharRequest { context: ctx, top_k: 256, max_hypotheses: None, lookahead: None };
-        let d = c.next_char_distribution(req(chat("hello", "the ca", "nc"))).await?.into_inner();
+        let req = |ctx| pb::NextCharRequest {
+            context: ctx,
+            top_k: 256,
+            max_hypotheses: None,
+            lookahead: None,
+        };
+        let d = c
+            .next_char_distribution(req(chat("hello", "the ca", "nc")))
+            .await?
+            .into_inner();
         let total: f64 = d.chars.iter().map(|c| c.prob).sum::<f64>() + d.eos_prob + d.residual;
         assert!((total - 1.0).abs() < 1e-5, "kind {i}: total {total}");
         assert!(d.chars.windows(2).all(|w| w[0].prob >= w[1].prob));
         assert!(d.chars.iter().all(|c| c.char.chars().count() == 1));
         // Commit the most likely character; count the work.
         let best = d.chars[0].char.clone();
-        let d2 = c.next_char_distribution(req(delta("nc", 6, &best))).await?.into_inner();
+        let d2 = c
+            .next_char_distribution(req(delta("nc", 6, &best)))
+            .await?
+            .into_inner();
         let u = d2.usage.unwrap_or_default();
         assert!(u.forward_passes <= d2.hypotheses.max(1) * 2, "kind {i}: {u:?}");
         let total: f64 = d2.chars.iter().map(|c| c.prob).sum::<f64>() + d2.eos_prob + d2.residual;
@@ -149,14 +230,22 @@ async fn char_level_distribution_is_the_token_distribution() -> anyhow::Result<(
     let mut n = node(2).await?;
     let mut c = n.client().await?;
     let d = c
-        .next_char_distribution(pb::NextCharRequest { context: raw("the c", "", ""), top_k: 256, max_hypotheses: Some(1), lookahead: Some(false) })
+        .next_char_distribution(pb::NextCharRequest {
+            context: raw("the c", "", ""),
+            top_k: 256,
+            max_hypotheses: Some(1),
+            lookahead: Some(false),
+        })
         .await?
         .into_inner();
     let k1: f64 = d.chars.iter().map(|c| c.prob).sum::<f64>() + d.eos_prob;
     assert!((k1 + d.residual - 1.0).abs() < 1e-6);
     // Scores of single characters agree with the distribution's ratios.
     let s = c
-        .score_candidates(pb::ScoreRequest { context: raw("the c", "", ""), candidates: d.chars.iter().take(3).map(|c| c.char.clone()).collect() })
+        .score_candidates(pb::ScoreRequest {
+            context: raw("the c", "", ""),
+            candidates: d.chars.iter().take(3).map(|c| c.char.clone()).collect(),
+        })
         .await?
         .into_inner();
     let p0 = d.chars[0].prob;
@@ -173,15 +262,35 @@ async fn char_level_distribution_is_the_token_distribution() -> anyhow::Result<(
 async fn sessions_report_unknown_and_mismatch_and_close() -> anyhow::Result<()> {
     let mut n = node(0).await?;
     let mut c = n.client().await?;
-    let e = c.propose_segment(greedy(delta("nope", 0, "x"), 2)).await.expect_err("unknown session");
+    let e = c
+        .propose_segment(greedy(delta("nope", 0, "x"), 2))
+        .await
+        .expect_err("unknown session");
     assert_eq!(e.code(), Code::NotFound);
     assert!(e.message().contains("resend the full context"), "{}", e.message());
     c.propose_segment(greedy(raw("hello", "the", "s"), 2)).await?;
-    let e = c.propose_segment(greedy(delta("s", 7, "x"), 2)).await.expect_err("mismatch");
+    let e = c
+        .propose_segment(greedy(delta("s", 7, "x"), 2))
+        .await
+        .expect_err("mismatch");
     assert_eq!(e.code(), Code::FailedPrecondition);
     assert!(e.message().contains("3 characters"), "{}", e.message());
-    assert!(c.close_session(pb::CloseSessionRequest { session_id: "s".into() }).await?.into_inner().existed);
-    assert!(!c.close_session(pb::CloseSessionRequest { session_id: "s".into() }).await?.into_inner().existed);
+    assert!(
+        c.close_session(pb::CloseSessionRequest {
+            session_id: "s".into()
+        })
+        .await?
+        .into_inner()
+        .existed
+    );
+    assert!(
+        !c.close_session(pb::CloseSessionRequest {
+            session_id: "s".into()
+        })
+        .await?
+        .into_inner()
+        .existed
+    );
     n.stop().await?;
     Ok(())
 }
@@ -192,11 +301,20 @@ async fn evicted_session_is_rebuilt_from_the_full_context() -> anyhow::Result<()
     limits.max_sessions = 1;
     let mut n = TestNode::start(common::model_args(&dirs()[0]), limits).await?;
     let mut c = n.client().await?;
-    let before = c.propose_segment(greedy(raw("hello", "the cat", "a"), 5)).await?.into_inner();
+    let before = c
+        .propose_segment(greedy(raw("hello", "the cat", "a"), 5))
+        .await?
+        .into_inner();
     c.propose_segment(greedy(raw("hello", "", "b"), 2)).await?; // evicts "a"
-    let e = c.propose_segment(greedy(delta("a", 7, ""), 5)).await.expect_err("evicted");
+    let e = c
+        .propose_segment(greedy(delta("a", 7, ""), 5))
+        .await
+        .expect_err("evicted");
     assert_eq!(e.code(), Code::NotFound);
-    let after = c.propose_segment(greedy(raw("hello", "the cat", "a"), 5)).await?.into_inner();
+    let after = c
+        .propose_segment(greedy(raw("hello", "the cat", "a"), 5))
+        .await?
+        .into_inner();
     assert_eq!(before.text, after.text);
     n.stop().await?;
     Ok(())
@@ -209,27 +327,69 @@ async fn bad_requests_get_clear_statuses() -> anyhow::Result<()> {
     let check = |r: Result<tonic::Response<pb::ProposeResponse>, tonic::Status>, code: Code, needle: &str| {
         let e = r.expect_err(needle);
         assert_eq!(e.code(), code, "{needle}: {}", e.message());
-        assert!(e.message().contains(needle), "{needle:?} not in {:?}", e.message());
+        assert!(
+            e.message().contains(needle),
+            "{needle:?} not in {:?}",
+            e.message()
+        );
     };
-    check(c.propose_segment(greedy(None, 3)).await, Code::InvalidArgument, "context is required");
+    check(
+        c.propose_segment(greedy(None, 3)).await,
+        Code::InvalidArgument,
+        "context is required",
+    );
     // The byte-level fixture has no BOS: an empty raw prompt has no token to condition on.
-    check(c.propose_segment(greedy(raw("", "", ""), 3)).await, Code::InvalidArgument, "empty context");
+    check(
+        c.propose_segment(greedy(raw("", "", ""), 3)).await,
+        Code::InvalidArgument,
+        "empty context",
+    );
     let long = "the cat sat on the mat ".repeat(200);
-    check(c.propose_segment(greedy(raw(&long, "", ""), 3)).await, Code::InvalidArgument, "limit of 512");
-    check(c.propose_segment(greedy(raw("hi", "", ""), 0)).await, Code::InvalidArgument, "max_new_tokens");
+    check(
+        c.propose_segment(greedy(raw(&long, "", ""), 3)).await,
+        Code::InvalidArgument,
+        "limit of 512",
+    );
+    check(
+        c.propose_segment(greedy(raw("hi", "", ""), 0)).await,
+        Code::InvalidArgument,
+        "max_new_tokens",
+    );
     let mut r = greedy(raw("hi", "", ""), 3);
-    r.sampling = Some(pb::Sampling { temperature: -0.5, ..Default::default() });
+    r.sampling = Some(pb::Sampling {
+        temperature: -0.5,
+        ..Default::default()
+    });
     check(c.propose_segment(r).await, Code::InvalidArgument, "temperature");
     let mut r = greedy(raw("hi", "", ""), 3);
-    r.sampling = Some(pb::Sampling { temperature: 1.0, top_k: Some(0), ..Default::default() });
+    r.sampling = Some(pb::Sampling {
+        temperature: 1.0,
+        top_k: Some(0),
+        ..Default::default()
+    });
     check(c.propose_segment(r).await, Code::InvalidArgument, "top_k");
     let mut r = greedy(raw("hi", "", ""), 3);
-    r.sampling = Some(pb::Sampling { temperature: 1.0, top_p: Some(1.5), ..Default::default() });
+    r.sampling = Some(pb::Sampling {
+        temperature: 1.0,
+        top_p: Some(1.5),
+        ..Default::default()
+    });
     check(c.propose_segment(r).await, Code::InvalidArgument, "top_p");
-    let e = c.score_candidates(pb::ScoreRequest { context: raw("hi", "", ""), candidates: vec![] }).await.expect_err("no candidates");
+    let e = c
+        .score_candidates(pb::ScoreRequest {
+            context: raw("hi", "", ""),
+            candidates: vec![],
+        })
+        .await
+        .expect_err("no candidates");
     assert_eq!(e.code(), Code::InvalidArgument);
     let e = c
-        .next_char_distribution(pb::NextCharRequest { context: raw("hi", "", ""), top_k: 0, max_hypotheses: None, lookahead: None })
+        .next_char_distribution(pb::NextCharRequest {
+            context: raw("hi", "", ""),
+            top_k: 0,
+            max_hypotheses: None,
+            lookahead: None,
+        })
         .await
         .expect_err("top_k 0");
     assert_eq!(e.code(), Code::InvalidArgument);
@@ -248,7 +408,10 @@ async fn over_capacity_is_resource_exhausted() -> anyhow::Result<()> {
     let mut calls = Vec::new();
     for i in 0..12 {
         let mut c = pb::model_node_client::ModelNodeClient::new(ch.clone());
-        calls.push(tokio::spawn(async move { c.propose_segment(greedy(raw(&format!("hello {i}"), "", ""), 200)).await }));
+        calls.push(tokio::spawn(async move {
+            c.propose_segment(greedy(raw(&format!("hello {i}"), "", ""), 200))
+                .await
+        }));
     }
     let mut exhausted = 0;
     let mut ok = 0;
@@ -269,29 +432,66 @@ async fn over_capacity_is_resource_exhausted() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_and_reflection_are_served_and_drain_flips_health() -> anyhow::Result<()> {
-    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
     let mut n = node(0).await?;
     let ch = n.channel().await?;
     let mut h = HealthClient::new(ch.clone());
-    let st = h.check(HealthCheckRequest { service: "ensemble.v1.ModelNode".into() }).await?.into_inner();
+    let st = h
+        .check(HealthCheckRequest {
+            service: "ensemble.v1.ModelNode".into(),
+        })
+        .await?
+        .into_inner();
     assert_eq!(st.status(), ServingStatus::Serving);
-    let mut watch = h.watch(HealthCheckRequest { service: "ensemble.v1.ModelNode".into() }).await?.into_inner();
-    assert_eq!(watch.message().await?.map(|m| m.status()), Some(ServingStatus::Serving));
+    let mut watch = h
+        .watch(HealthCheckRequest {
+            service: "ensemble.v1.ModelNode".into(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(
+        watch.message().await?.map(|m| m.status()),
+        Some(ServingStatus::Serving)
+    );
 
-    use tonic_reflection::pb::v1::{ServerReflectionRequest, server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest, server_reflection_response::MessageResponse};
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
     let mut r = ServerReflectionClient::new(ch.clone());
-    let req = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
-    let mut resp = r.server_reflection_info(tokio_stream::iter(vec![req])).await?.into_inner();
-    let Some(msg) = resp.message().await? else { anyhow::bail!("no reflection reply") };
-    let Some(MessageResponse::ListServicesResponse(list)) = msg.message_response else { anyhow::bail!("wrong reply") };
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut resp = r
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await?
+        .into_inner();
+    let Some(msg) = resp.message().await? else {
+        anyhow::bail!("no reflection reply")
+    };
+    let Some(MessageResponse::ListServicesResponse(list)) = msg.message_response else {
+        anyhow::bail!("wrong reply")
+    };
     let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
     assert!(names.contains(&"ensemble.v1.ModelNode"), "{names:?}");
     assert!(names.contains(&"grpc.health.v1.Health"), "{names:?}");
     {
-        use tonic_reflection::pb::v1alpha::{ServerReflectionRequest, server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest};
+        use tonic_reflection::pb::v1alpha::{
+            ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+            server_reflection_request::MessageRequest,
+        };
         let mut r = ServerReflectionClient::new(ch.clone());
-        let req = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
-        let mut resp = r.server_reflection_info(tokio_stream::iter(vec![req])).await?.into_inner();
+        let req = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut resp = r
+            .server_reflection_info(tokio_stream::iter(vec![req]))
+            .await?
+            .into_inner();
         assert!(resp.message().await?.is_some());
     }
 
@@ -317,11 +517,21 @@ async fn health_and_reflection_are_served_and_drain_flips_health() -> anyhow::Re
 fn broken_model_dirs_fail_with_the_file_named() -> anyhow::Result<()> {
     let root = common::temp_dir("broken");
     let good = common::model_dir(&root, "llama", "char", 9)?;
-    let load = |dir: &std::path::Path| model_node::node::load(&common::model_args(dir), &common::limits()).err().map(|e| e.to_string()).unwrap_or_default();
+    let load = |dir: &std::path::Path| {
+        model_node::node::load(&common::model_args(dir), &common::limits())
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    };
     let copy = |name: &str| -> anyhow::Result<PathBuf> {
         let d = root.join(name);
         std::fs::create_dir_all(&d)?;
-        for f in ["config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors"] {
+        for f in [
+            "config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "model.safetensors",
+        ] {
             std::fs::copy(good.join(f), d.join(f))?;
         }
         Ok(d)
@@ -329,7 +539,10 @@ fn broken_model_dirs_fail_with_the_file_named() -> anyhow::Result<()> {
     let d = copy("no-config")?;
     std::fs::remove_file(d.join("config.json"))?;
     let e = load(&d);
-    assert!(e.contains("config.json is missing") && e.contains("llama, qwen2, mistral, phi3, gemma2"), "{e}");
+    assert!(
+        e.contains("config.json is missing") && e.contains("llama, qwen2, mistral, phi3, gemma2"),
+        "{e}"
+    );
     let d = copy("no-weights")?;
     std::fs::remove_file(d.join("model.safetensors"))?;
     assert!(load(&d).contains("model.safetensors"), "{}", load(&d));
@@ -337,16 +550,27 @@ fn broken_model_dirs_fail_with_the_file_named() -> anyhow::Result<()> {
     std::fs::remove_file(d.join("tokenizer.json"))?;
     assert!(load(&d).contains("tokenizer.json is missing"));
     let d = copy("bad-arch")?;
-    std::fs::write(d.join("config.json"), r#"{"model_type":"gpt_neox","hidden_size":8,"intermediate_size":8,"vocab_size":8,"num_hidden_layers":1,"num_attention_heads":2}"#)?;
+    std::fs::write(
+        d.join("config.json"),
+        r#"{"model_type":"gpt_neox","hidden_size":8,"intermediate_size":8,"vocab_size":8,"num_hidden_layers":1,"num_attention_heads":2}"#,
+    )?;
     let e = load(&d);
-    assert!(e.contains("unsupported architecture") && e.contains("gpt_neox") && e.contains("supported: llama"), "{e}");
+    assert!(
+        e.contains("unsupported architecture") && e.contains("gpt_neox") && e.contains("supported: llama"),
+        "{e}"
+    );
     let d = copy("bad-json")?;
     std::fs::write(d.join("config.json"), "{not json")?;
     assert!(load(&d).contains("config.json"));
     let d = copy("wrong-shapes")?;
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(good.join("config.json"))?)?;
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(good.join("config.json"))?)?;
     cfg["hidden_size"] = serde_json::json!(64);
     std::fs::write(d.join("config.json"), cfg.to_string())?;
-    assert!(load(&d).contains("weights do not match config.json"), "{}", load(&d));
+    assert!(
+        load(&d).contains("weights do not match config.json"),
+        "{}",
+        load(&d)
+    );
     Ok(())
 }

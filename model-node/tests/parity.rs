@@ -30,15 +30,9 @@ impl Reference {
                 &serde_json::from_str(text)?,
                 vb,
             )?),
-            "mistral" => {
-                Reference::Mistral(ct::mistral::Model::new(&serde_json::from_str(text)?, vb)?)
-            }
+            "mistral" => Reference::Mistral(ct::mistral::Model::new(&serde_json::from_str(text)?, vb)?),
             "phi3" => Reference::Phi3(ct::phi3::Model::new(&serde_json::from_str(text)?, vb)?),
-            "gemma2" => Reference::Gemma2(ct::gemma2::Model::new(
-                false,
-                &serde_json::from_str(text)?,
-                vb,
-            )?),
+            "gemma2" => Reference::Gemma2(ct::gemma2::Model::new(false, &serde_json::from_str(text)?, vb)?),
             other => anyhow::bail!("no reference for {other}"),
         })
     }
@@ -60,10 +54,7 @@ impl Reference {
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
 #[test]
@@ -91,12 +82,9 @@ fn logits_match_candle_transformers_for_every_architecture() -> anyhow::Result<(
         let ref_v = reference.last_logits(&prompt, 0)?;
         let d = max_diff(&ours_v, &ref_v);
         assert!(d < 1e-4, "{arch}: prompt logits differ by {d}");
-        let spread = ours_v.iter().copied().fold(f32::MIN, f32::max)
-            - ours_v.iter().copied().fold(f32::MAX, f32::min);
-        assert!(
-            spread > 0.1,
-            "{arch}: degenerate model (logit spread {spread})"
-        );
+        let spread =
+            ours_v.iter().copied().fold(f32::MIN, f32::max) - ours_v.iter().copied().fold(f32::MAX, f32::min);
+        assert!(spread > 0.1, "{arch}: degenerate model (logit spread {spread})");
 
         let mut offset = prompt.len();
         for &t in &[7u32, 64, 3] {

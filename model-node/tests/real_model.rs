@@ -10,7 +10,10 @@ use model_node::engine::{ContextBody, ContextSpec, Job, PromptSpec, ProposeParam
 use model_node::sampling::SamplingParams;
 
 fn stories() -> Option<PathBuf> {
-    let p = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/real/models/stories260K"));
+    let p = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../shared/real/models/stories260K"
+    ));
     if p.is_dir() {
         Some(p)
     } else {
@@ -29,10 +32,22 @@ fn stories260k_greedy_matches_llama2c_in_process() -> anyhow::Result<()> {
     let Some(dir) = stories() else { return Ok(()) };
     let mut engine = model_node::node::load(&common::model_args(&dir), &common::limits())?.engine;
     let job = Job::Propose(
-        ContextSpec { session: String::new(), body: ContextBody::Full { prompt: PromptSpec::Raw(String::new()), answer: String::new() } },
-        ProposeParams { max_new_tokens: 256, stop: vec![], sampling: SamplingParams::default() },
+        ContextSpec {
+            session: String::new(),
+            body: ContextBody::Full {
+                prompt: PromptSpec::Raw(String::new()),
+                answer: String::new(),
+            },
+        },
+        ProposeParams {
+            max_new_tokens: 256,
+            stop: vec![],
+            sampling: SamplingParams::default(),
+        },
     );
-    let Reply::Proposal(p) = engine.run(job, 0.0, &|| false)? else { anyhow::bail!("wrong reply") };
+    let Reply::Proposal(p) = engine.run(job, 0.0, &|| false)? else {
+        anyhow::bail!("wrong reply")
+    };
     assert_eq!(p.text, reference(&dir)?);
     assert_eq!(p.token_logprobs.len(), 256);
     Ok(())
@@ -43,22 +58,36 @@ async fn stories260k_greedy_matches_llama2c_over_grpc() -> anyhow::Result<()> {
     let Some(dir) = stories() else { return Ok(()) };
     let mut node = common::TestNode::start(common::model_args(&dir), common::limits()).await?;
     let mut c = node.client().await?;
-    let p = c.propose_segment(common::greedy(common::raw("", "", ""), 256)).await?.into_inner();
+    let p = c
+        .propose_segment(common::greedy(common::raw("", "", ""), 256))
+        .await?
+        .into_inner();
     assert_eq!(p.text, reference(&dir)?);
     assert_eq!(p.finish_reason(), pb::FinishReason::Length);
     // In 4 rounds of 64 tokens through a session, the same text.
     let mut answer = String::new();
     for round in 0..4 {
-        let ctx = if round == 0 { common::raw("", "", "story") } else { common::delta("story", answer.chars().count() as u64 - 0, "") };
+        let ctx = if round == 0 {
+            common::raw("", "", "story")
+        } else {
+            common::delta("story", answer.chars().count() as u64 - 0, "")
+        };
         let r = c.propose_segment(common::greedy(ctx, 64)).await?.into_inner();
         answer.push_str(&r.text);
         // Accept the draft: the next call appends it.
         if round < 3 {
             let base = (answer.chars().count() - r.text.chars().count()) as u64;
-            c.score_candidates(pb::ScoreRequest { context: common::delta("story", base, &r.text), candidates: vec![" ".into()] }).await?;
+            c.score_candidates(pb::ScoreRequest {
+                context: common::delta("story", base, &r.text),
+                candidates: vec![" ".into()],
+            })
+            .await?;
         }
     }
-    assert!(reference(&dir)?.starts_with(&answer[..answer.len().min(200)]), "{answer}");
+    assert!(
+        reference(&dir)?.starts_with(&answer[..answer.len().min(200)]),
+        "{answer}"
+    );
     node.stop().await?;
     Ok(())
 }

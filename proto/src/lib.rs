@@ -12,5 +12,4 @@ pub mod v1 {
 }
 
 /// Encoded `FileDescriptorSet` of every file in the package, for server reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/ensemble_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ensemble_descriptor.bin"));

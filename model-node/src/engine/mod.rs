@@ -134,9 +134,7 @@ impl EngineHandle {
             enqueued: Instant::now(),
         };
         self.tx.try_send(env).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => Error::Busy {
-                limit: self.capacity,
-            },
+            mpsc::error::TrySendError::Full(_) => Error::Busy { limit: self.capacity },
             mpsc::error::TrySendError::Closed(_) => Error::ShuttingDown,
         })?;
         self.totals.queued.fetch_add(1, Ordering::Relaxed);
@@ -191,11 +189,7 @@ impl Engine {
         let capacity = self.limits.queue_capacity.max(1);
         let (tx, mut rx) = mpsc::channel::<Envelope>(capacity);
         let totals = self.totals.clone();
-        let handle = EngineHandle {
-            tx,
-            capacity,
-            totals,
-        };
+        let handle = EngineHandle { tx, capacity, totals };
         let mut engine = self;
         let thread = std::thread::Builder::new()
             .name("engine".into())
@@ -226,19 +220,19 @@ impl Engine {
                     r.usage = u;
                     Reply::Proposal(r)
                 }),
-            Job::Score(ctx, c) => {
-                self.with_session(ctx, |e, s, u| e.score(s, &c, u))
-                    .map(|(mut r, u)| {
-                        r.usage = u;
-                        Reply::Scores(r)
-                    })
-            }
-            Job::NextChar(ctx, k, o) => self
-                .with_session(ctx, |e, s, u| e.next_char(s, k, &o, u))
+            Job::Score(ctx, c) => self
+                .with_session(ctx, |e, s, u| e.score(s, &c, u))
                 .map(|(mut r, u)| {
                     r.usage = u;
-                    Reply::Chars(r)
+                    Reply::Scores(r)
                 }),
+            Job::NextChar(ctx, k, o) => {
+                self.with_session(ctx, |e, s, u| e.next_char(s, k, &o, u))
+                    .map(|(mut r, u)| {
+                        r.usage = u;
+                        Reply::Chars(r)
+                    })
+            }
         };
         let ms = start.elapsed().as_secs_f64() * 1e3;
         let mut result = result;

@@ -349,9 +349,7 @@ impl Engine {
             let idx = Tensor::from_vec(targets, (batch.len(), width, 1), dev)?;
             usage.forward_passes += 1;
             usage.computed_positions += batch.iter().map(|(_, t)| t.len() - 1).sum::<usize>();
-            lp.gather(&idx, D::Minus1)?
-                .squeeze(D::Minus1)?
-                .to_vec2::<f32>()?
+            lp.gather(&idx, D::Minus1)?.squeeze(D::Minus1)?.to_vec2::<f32>()?
         } else {
             vec![vec![]; batch.len()]
         };
@@ -377,30 +375,21 @@ impl Engine {
         heal_lp: f64,
         usage: &mut Usage,
     ) -> Result<CandidateScore> {
-        let common = prefix
-            .iter()
-            .zip(full)
-            .take_while(|(a, b)| a == b)
-            .count()
-            .max(1);
+        let common = prefix.iter().zip(full).take_while(|(a, b)| a == b).count().max(1);
         let mut seq_lp = |tokens: &[u32]| -> Result<f64> {
             if tokens.len() <= common {
                 return Ok(0.0);
             }
-            let (first, kv) = s
-                .cache
-                .logits_after(&self.model, &tokens[..common], usage)?;
+            let (first, kv) = s.cache.logits_after(&self.model, &tokens[..common], usage)?;
             let first = candle_nn::ops::log_softmax(&first, D::Minus1)?.to_vec1::<f32>()?;
             let mut sum = f64::from(first[tokens[common] as usize]);
             let rest = &tokens[common..];
             if rest.len() > 1 {
-                let input =
-                    Tensor::new(&rest[..rest.len() - 1], self.model.device())?.unsqueeze(0)?;
+                let input = Tensor::new(&rest[..rest.len() - 1], self.model.device())?.unsqueeze(0)?;
                 let (logits, _) = self.model.forward(&input, &kv, true)?;
                 usage.forward_passes += 1;
                 usage.computed_positions += rest.len() - 1;
-                let lp = candle_nn::ops::log_softmax(&logits.squeeze(0)?, D::Minus1)?
-                    .to_vec2::<f32>()?;
+                let lp = candle_nn::ops::log_softmax(&logits.squeeze(0)?, D::Minus1)?.to_vec2::<f32>()?;
                 for (k, row) in lp.iter().enumerate() {
                     sum += f64::from(row[rest[k + 1] as usize]);
                 }
@@ -426,10 +415,7 @@ impl Engine {
         usage: &mut Usage,
     ) -> Result<CharsOut> {
         let pending = std::mem::take(&mut s.chars_pending);
-        let reuse = opts.lookahead
-            && s.chars
-                .as_ref()
-                .is_some_and(|c| char_opts_eq(&c.opts, opts));
+        let reuse = opts.lookahead && s.chars.as_ref().is_some_and(|c| char_opts_eq(&c.opts, opts));
         let mut slot = if reuse { s.chars.take() } else { None };
         let mut m = CachedModel {
             model: &self.model,

@@ -127,16 +127,15 @@ impl PrefixCache {
             };
             return;
         }
-        if self.entries.len() >= MAX_ENTRIES {
-            if let Some(i) = self
+        if self.entries.len() >= MAX_ENTRIES
+            && let Some(i) = self
                 .entries
                 .iter()
                 .enumerate()
                 .min_by_key(|(_, e)| e.last_used)
                 .map(|(i, _)| i)
-            {
-                self.entries.swap_remove(i);
-            }
+        {
+            self.entries.swap_remove(i);
         }
         self.entries.push(Entry {
             tokens,
@@ -225,7 +224,7 @@ impl Sessions {
     }
 
     /// Returns a session after a call and evicts least-recently-used sessions over the limits.
-    /// The returned session is evicted last; alone over budget it is dropped too (its caches only).
+    /// The returned session is evicted last; a single session over the byte budget is kept.
     pub fn put(&mut self, mut s: Session) {
         if s.id.is_empty() {
             return;
@@ -233,9 +232,7 @@ impl Sessions {
         self.clock += 1;
         s.last_used = self.clock;
         self.map.insert(s.id.clone(), s);
-        while self.map.len() > self.max_sessions
-            || (self.bytes() > self.budget_bytes && self.map.len() > 1)
-        {
+        while self.map.len() > self.max_sessions || (self.bytes() > self.budget_bytes && self.map.len() > 1) {
             let Some(victim) = self
                 .map
                 .values()

@@ -132,11 +132,7 @@ impl TextCodec {
     pub fn heal(&self, tokens: &[u32], text_empty: bool) -> Heal {
         if text_empty {
             // Nothing to heal; but a SentencePiece stream will start with the normalizer's space.
-            let remainder = if self.leading_space {
-                b" ".to_vec()
-            } else {
-                vec![]
-            };
+            let remainder = if self.leading_space { b" ".to_vec() } else { vec![] };
             return Heal {
                 prefix_len: tokens.len(),
                 remainder,
@@ -166,9 +162,7 @@ impl TextCodec {
 pub fn text_of(bytes: &[u8]) -> String {
     match std::str::from_utf8(bytes) {
         Ok(s) => s.to_owned(),
-        Err(e) if e.error_len().is_none() => {
-            String::from_utf8_lossy(&bytes[..e.valid_up_to()]).into_owned()
-        }
+        Err(e) if e.error_len().is_none() => String::from_utf8_lossy(&bytes[..e.valid_up_to()]).into_owned(),
         Err(_) => {
             let mut end = bytes.len();
             // Drop an incomplete trailing sequence, then replace what is still invalid.

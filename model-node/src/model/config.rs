@@ -218,22 +218,20 @@ impl ArchConfig {
             || raw.num_hidden_layers == 0
             || raw.vocab_size == 0
         {
-            return Err(bad("hidden_size, num_attention_heads, num_hidden_layers and vocab_size must be positive".into()));
+            return Err(bad(
+                "hidden_size, num_attention_heads, num_hidden_layers and vocab_size must be positive".into(),
+            ));
         }
         let num_kv_heads = raw.num_key_value_heads.unwrap_or(raw.num_attention_heads);
-        if num_kv_heads == 0 || raw.num_attention_heads % num_kv_heads != 0 {
+        if num_kv_heads == 0 || !raw.num_attention_heads.is_multiple_of(num_kv_heads) {
             return Err(bad(format!(
                 "num_attention_heads ({}) must be a multiple of num_key_value_heads ({num_kv_heads})",
                 raw.num_attention_heads
             )));
         }
-        let head_dim = raw
-            .head_dim
-            .unwrap_or(raw.hidden_size / raw.num_attention_heads);
-        if head_dim == 0 || head_dim % 2 != 0 {
-            return Err(bad(format!(
-                "head_dim {head_dim} must be even and positive"
-            )));
+        let head_dim = raw.head_dim.unwrap_or(raw.hidden_size / raw.num_attention_heads);
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
+            return Err(bad(format!("head_dim {head_dim} must be even and positive")));
         }
         let rope_scaling = match raw.rope_scaling {
             None => RopeScaling::None,
@@ -250,9 +248,7 @@ impl ArchConfig {
                         .ok_or_else(|| bad("rope_scaling.factor missing".into()))?,
                     low_freq_factor: s.low_freq_factor.unwrap_or(1.0),
                     high_freq_factor: s.high_freq_factor.unwrap_or(4.0),
-                    original_max_position_embeddings: s
-                        .original_max_position_embeddings
-                        .unwrap_or(8192),
+                    original_max_position_embeddings: s.original_max_position_embeddings.unwrap_or(8192),
                 },
                 other => {
                     return Err(bad(format!(
@@ -277,9 +273,7 @@ impl ArchConfig {
         };
         let sliding_window = match arch {
             Arch::Mistral => raw.sliding_window.map(|w| (w, true)),
-            Arch::Qwen2 if raw.use_sliding_window.unwrap_or(false) => {
-                raw.sliding_window.map(|w| (w, true))
-            }
+            Arch::Qwen2 if raw.use_sliding_window.unwrap_or(false) => raw.sliding_window.map(|w| (w, true)),
             Arch::Gemma2 => raw.sliding_window.map(|w| (w, false)),
             _ => None,
         };
@@ -301,21 +295,9 @@ impl ArchConfig {
             qkv_bias: arch == Arch::Qwen2 || raw.attention_bias.unwrap_or(false),
             activation,
             sliding_window,
-            attn_logit_softcapping: if gemma {
-                raw.attn_logit_softcapping
-            } else {
-                None
-            },
-            final_logit_softcapping: if gemma {
-                raw.final_logit_softcapping
-            } else {
-                None
-            },
-            query_pre_attn_scalar: if gemma {
-                raw.query_pre_attn_scalar
-            } else {
-                None
-            },
+            attn_logit_softcapping: if gemma { raw.attn_logit_softcapping } else { None },
+            final_logit_softcapping: if gemma { raw.final_logit_softcapping } else { None },
+            query_pre_attn_scalar: if gemma { raw.query_pre_attn_scalar } else { None },
             bos_token_id: ids(raw.bos_token_id).first().copied(),
             eos_token_ids: ids(raw.eos_token_id),
         })
@@ -331,11 +313,7 @@ impl ArchConfig {
         let q = (self.num_heads * self.head_dim) as u64;
         let kv = (self.num_kv_heads * self.head_dim) as u64;
         let bias = if self.qkv_bias { q + 2 * kv } else { 0 };
-        let norms = if self.arch == Arch::Gemma2 {
-            4 * h
-        } else {
-            2 * h
-        };
+        let norms = if self.arch == Arch::Gemma2 { 4 * h } else { 2 * h };
         let layer = h * (q + 2 * kv) + bias + q * h + 3 * h * i + norms;
         let head = if self.tie_word_embeddings { 0 } else { v * h };
         v * h + self.num_layers as u64 * layer + h + head

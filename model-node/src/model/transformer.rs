@@ -148,8 +148,8 @@ fn inv_freq(cfg: &ArchConfig) -> Vec<f32> {
                     } else if wavelen > low_wavelen {
                         freq / factor
                     } else {
-                        let smooth = (orig / wavelen - low_freq_factor)
-                            / (high_freq_factor - low_freq_factor);
+                        let smooth =
+                            (orig / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
                         (1.0 - smooth) * freq / factor + smooth * freq
                     }
                 })
@@ -274,12 +274,7 @@ impl Transformer {
     /// Runs `tokens` (shape `(batch, seq)`) after the positions in `cache` (batch 1 or `batch`).
     /// Returns f32 logits `(batch, seq, vocab)` when `all_logits`, else `(batch, vocab)` of the last
     /// position, and the extended cache.
-    pub fn forward(
-        &self,
-        tokens: &Tensor,
-        cache: &KvCache,
-        all_logits: bool,
-    ) -> CResult<(Tensor, KvCache)> {
+    pub fn forward(&self, tokens: &Tensor, cache: &KvCache, all_logits: bool) -> CResult<(Tensor, KvCache)> {
         let (_batch, s) = tokens.dims2()?;
         let offset = cache.len;
         if offset + s > self.max_positions() {
@@ -319,21 +314,13 @@ impl Transformer {
             }
             x = (residual + m)?;
         }
-        let x = if all_logits {
-            x
-        } else {
-            x.narrow(1, s - 1, 1)?
-        };
+        let x = if all_logits { x } else { x.narrow(1, s - 1, 1)? };
         let x = self.norm.forward(&x)?;
         let mut logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
         if let Some(cap) = self.cfg.final_logit_softcapping {
             logits = ((logits / cap)?.tanh()? * cap)?;
         }
-        let logits = if all_logits {
-            logits
-        } else {
-            logits.squeeze(1)?
-        };
+        let logits = if all_logits { logits } else { logits.squeeze(1)? };
         Ok((
             logits,
             KvCache {

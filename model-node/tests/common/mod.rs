@@ -109,8 +109,7 @@ pub fn write_model(dir: &Path, config: &Value, seed: u64) -> anyhow::Result<()> 
 
 /// A fresh temporary directory under the target dir (kept for inspection on failure).
 pub fn temp_dir(name: &str) -> PathBuf {
-    let base =
-        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
+    let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&base);
     std::fs::create_dir_all(&base).expect("create temp dir");
     base
@@ -141,8 +140,18 @@ pub fn model_dir(root: &Path, arch: &str, kind: &str, seed: u64) -> anyhow::Resu
     use model_node::fixtures;
     let dir = root.join(format!("{arch}-{kind}"));
     let (tok, bos, eos, template) = match kind {
-        "byte_level" => (fixtures::byte_level_bpe(CORPUS, 300)?, None, "<|endoftext|>", Some(CHATML)),
-        "sentencepiece" => (fixtures::sentencepiece_bpe(CORPUS, 400)?, Some("<s>"), "</s>", None),
+        "byte_level" => (
+            fixtures::byte_level_bpe(CORPUS, 300)?,
+            None,
+            "<|endoftext|>",
+            Some(CHATML),
+        ),
+        "sentencepiece" => (
+            fixtures::sentencepiece_bpe(CORPUS, 400)?,
+            Some("<s>"),
+            "</s>",
+            None,
+        ),
         "char" => (fixtures::char_level(CORPUS)?, Some("<bos>"), "<eos>", None),
         other => anyhow::bail!("unknown tokenizer kind {other}"),
     };
@@ -150,18 +159,34 @@ pub fn model_dir(root: &Path, arch: &str, kind: &str, seed: u64) -> anyhow::Resu
     let vocab = tok.get_vocab_size(true);
     let mut config = tiny_config(arch, vocab);
     let o = config.as_object_mut().expect("object");
-    o.insert("bos_token_id".into(), serde_json::json!(bos.and_then(|b| tok.token_to_id(b))));
+    o.insert(
+        "bos_token_id".into(),
+        serde_json::json!(bos.and_then(|b| tok.token_to_id(b))),
+    );
     o.insert("eos_token_id".into(), serde_json::json!(tok.token_to_id(eos)));
     write_model(&dir, &config, seed)?;
     Ok(dir)
 }
 
 pub fn model_args(dir: &Path) -> ModelArgs {
-    ModelArgs { model_dir: dir.to_owned(), model_id: None, device: "cpu".into(), dtype: DTypeArg::F32, threads: 0, max_context: None }
+    ModelArgs {
+        model_dir: dir.to_owned(),
+        model_id: None,
+        device: "cpu".into(),
+        dtype: DTypeArg::F32,
+        threads: 0,
+        max_context: None,
+    }
 }
 
 pub fn limits() -> LimitArgs {
-    LimitArgs { max_sessions: 64, kv_cache_mb: 256, queue: 16, char_hypotheses: 4, char_min_mass: 1e-4 }
+    LimitArgs {
+        max_sessions: 64,
+        kv_cache_mb: 256,
+        queue: 16,
+        char_hypotheses: 4,
+        char_min_mass: 1e-4,
+    }
 }
 
 /// A node serving on 127.0.0.1:0; dropping it (or `stop`) shuts the server down.
@@ -180,16 +205,32 @@ impl TestNode {
         let shutdown = async {
             let _ = rx.await;
         };
-        let task = tokio::spawn(model_node::server::run(listener, loaded, CharOptions::default(), shutdown, Duration::from_secs(10)));
-        Ok(Self { addr, stop: Some(tx), task: Some(task) })
+        let task = tokio::spawn(model_node::server::run(
+            listener,
+            loaded,
+            CharOptions::default(),
+            shutdown,
+            Duration::from_secs(10),
+        ));
+        Ok(Self {
+            addr,
+            stop: Some(tx),
+            task: Some(task),
+        })
     }
 
-    pub async fn client(&self) -> anyhow::Result<pb::model_node_client::ModelNodeClient<tonic::transport::Channel>> {
+    pub async fn client(
+        &self,
+    ) -> anyhow::Result<pb::model_node_client::ModelNodeClient<tonic::transport::Channel>> {
         Ok(pb::model_node_client::ModelNodeClient::connect(format!("http://{}", self.addr)).await?)
     }
 
     pub async fn channel(&self) -> anyhow::Result<tonic::transport::Channel> {
-        Ok(tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr))?.connect().await?)
+        Ok(
+            tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr))?
+                .connect()
+                .await?,
+        )
     }
 
     /// Starts the drain and waits for the server to stop.
@@ -208,7 +249,9 @@ pub fn raw(prompt: &str, answer: &str, session: &str) -> Option<pb::Context> {
     Some(pb::Context {
         session_id: session.into(),
         body: Some(pb::context::Body::Full(pb::FullContext {
-            prompt: Some(pb::Prompt { kind: Some(pb::prompt::Kind::Raw(prompt.into())) }),
+            prompt: Some(pb::Prompt {
+                kind: Some(pb::prompt::Kind::Raw(prompt.into())),
+            }),
             answer: answer.into(),
         })),
     })
@@ -220,7 +263,10 @@ pub fn chat(user: &str, answer: &str, session: &str) -> Option<pb::Context> {
         body: Some(pb::context::Body::Full(pb::FullContext {
             prompt: Some(pb::Prompt {
                 kind: Some(pb::prompt::Kind::Conversation(pb::Conversation {
-                    messages: vec![pb::ChatMessage { role: "user".into(), content: user.into() }],
+                    messages: vec![pb::ChatMessage {
+                        role: "user".into(),
+                        content: user.into(),
+                    }],
                 })),
             }),
             answer: answer.into(),
@@ -231,10 +277,18 @@ pub fn chat(user: &str, answer: &str, session: &str) -> Option<pb::Context> {
 pub fn delta(session: &str, base_chars: u64, append: &str) -> Option<pb::Context> {
     Some(pb::Context {
         session_id: session.into(),
-        body: Some(pb::context::Body::Delta(pb::ContextDelta { base_chars, append: append.into() })),
+        body: Some(pb::context::Body::Delta(pb::ContextDelta {
+            base_chars,
+            append: append.into(),
+        })),
     })
 }
 
 pub fn greedy(ctx: Option<pb::Context>, n: u32) -> pb::ProposeRequest {
-    pb::ProposeRequest { context: ctx, max_new_tokens: n, stop: vec![], sampling: Some(pb::Sampling::default()) }
+    pb::ProposeRequest {
+        context: ctx,
+        max_new_tokens: n,
+        stop: vec![],
+        sampling: Some(pb::Sampling::default()),
+    }
 }
