@@ -1,1 +1,191 @@
-//! STUB
+//! Tiny real tokenizers of the three families, built with the `tokenizers` crate, for tests (and for
+//! training small models): GPT-2 style byte-level BPE, Llama-2 style SentencePiece BPE with `▁` and
+//! `<0xNN>` byte fallback, and a character-level vocabulary. Deterministic: same corpus, same files.
+
+use std::path::Path;
+
+use serde_json::{Value, json};
+use tokenizers::models::TrainerWrapper;
+use tokenizers::models::bpe::{BPE, BpeTrainer};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::{AddedToken, Tokenizer};
+
+/// Errors building fixtures.
+#[derive(Debug, thiserror::Error)]
+pub enum FixtureError {
+    /// The tokenizers crate failed.
+    #[error("tokenizers: {0}")]
+    Tokenizers(String),
+    /// Writing files failed.
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    /// JSON (de)serialisation failed.
+    #[error("json: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+type Result<T> = std::result::Result<T, FixtureError>;
+
+fn tk<E: std::fmt::Display>(e: E) -> FixtureError {
+    FixtureError::Tokenizers(e.to_string())
+}
+
+fn train_bpe(mut tok: Tokenizer, corpus: &[&str], vocab_size: usize, specials: &[&str], byte_level: bool) -> Result<Tokenizer> {
+    let mut builder = BpeTrainer::builder()
+        .vocab_size(vocab_size)
+        .min_frequency(1)
+        .show_progress(false)
+        .special_tokens(specials.iter().map(|s| AddedToken::from(s.to_string(), true)).collect());
+    if byte_level {
+        builder = builder.initial_alphabet(ByteLevel::alphabet().into_iter().collect());
+    }
+    let mut trainer = TrainerWrapper::BpeTrainer(builder.build());
+    tok.train(&mut trainer, corpus.iter().map(|s| s.to_string())).map_err(tk)?;
+    Ok(tok)
+}
+
+/// GPT-2 style byte-level BPE with `<|endoftext|>` (EOS), `<|im_start|>` and `<|im_end|>`.
+pub fn byte_level_bpe(corpus: &[&str], vocab_size: usize) -> Result<Tokenizer> {
+    let mut tok = Tokenizer::new(BPE::default());
+    tok.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+    tok.with_decoder(Some(ByteLevel::new(false, true, true)));
+    train_bpe(tok, corpus, vocab_size, &["<|endoftext|>", "<|im_start|>", "<|im_end|>"], true)
+}
+
+/// Llama-2 style SentencePiece BPE: `<unk>`=0, `<s>`=1, `</s>`=2, then the 256 `<0xNN>` byte tokens,
+/// then the merges learnt on `corpus`; `▁` for spaces, byte fallback for anything unseen.
+pub fn sentencepiece_bpe(corpus: &[&str], vocab_size: usize) -> Result<Tokenizer> {
+    let mut tok = Tokenizer::new(BPE::default());
+    let norm: tokenizers::NormalizerWrapper = serde_json::from_value(json!({
+        "type": "Sequence",
+        "normalizers": [{"type": "Prepend", "prepend": "▁"}, {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]
+    }))?;
+    tok.with_normalizer(Some(norm)).map_err(tk)?;
+    let trained = train_bpe(tok, corpus, vocab_size.saturating_sub(256), &["<unk>", "<s>", "</s>"], false)?;
+    // Re-number: specials, byte tokens, then the learnt pieces; switch byte fallback on.
+    let mut j: Value = serde_json::from_str(&trained.to_string(false).map_err(tk)?)?;
+    let old: Vec<(String, u64)> = j["model"]["vocab"]
+        .as_object()
+        .map(|m| m.iter().map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0))).collect())
+        .unwrap_or_default();
+    let mut pieces: Vec<(String, u64)> = old.into_iter().filter(|(k, _)| !["<unk>", "<s>", "</s>"].contains(&k.as_str())).collect();
+    pieces.sort_by_key(|(_, id)| *id);
+    let mut vocab = serde_json::Map::new();
+    for (i, s) in ["<unk>", "<s>", "</s>"].iter().enumerate() {
+        vocab.insert((*s).into(), json!(i));
+    }
+    for b in 0..256 {
+        vocab.insert(format!("<0x{b:02X}>"), json!(3 + b));
+    }
+    for (k, _) in pieces {
+        let next = vocab.len();
+        vocab.entry(k).or_insert(json!(next));
+    }
+    j["model"]["vocab"] = Value::Object(vocab);
+    j["model"]["byte_fallback"] = json!(true);
+    j["model"]["unk_token"] = json!("<unk>");
+    j["model"]["fuse_unk"] = json!(true);
+    j["added_tokens"] = json!([
+        {"id": 0, "content": "<unk>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},
+        {"id": 1, "content": "<s>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},
+        {"id": 2, "content": "</s>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},
+    ]);
+    j["decoder"] = json!({"type": "Sequence", "decoders": [
+        {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+        {"type": "ByteFallback"}, {"type": "Fuse"},
+        {"type": "Strip", "content": " ", "start": 1, "stop": 0}
+    ]});
+    Tokenizer::from_bytes(j.to_string().as_bytes()).map_err(tk)
+}
+
+/// One token per character seen in `corpus` (sorted), after `<unk>`, `<bos>`, `<eos>`.
+pub fn char_level(corpus: &[&str]) -> Result<Tokenizer> {
+    let mut chars: Vec<char> = corpus.iter().flat_map(|s| s.chars()).collect();
+    chars.sort_unstable();
+    chars.dedup();
+    let mut vocab = serde_json::Map::new();
+    for (i, s) in ["<unk>", "<bos>", "<eos>"].iter().enumerate() {
+        vocab.insert((*s).into(), json!(i));
+    }
+    for c in chars {
+        let next = vocab.len();
+        vocab.insert(c.to_string(), json!(next));
+    }
+    let added: Vec<Value> = ["<unk>", "<bos>", "<eos>"]
+        .iter()
+        .enumerate()
+        .map(|(i, s)| json!({"id": i, "content": s, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}))
+        .collect();
+    let j = json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": added,
+        "normalizer": null, "pre_tokenizer": null, "post_processor": null,
+        "decoder": {"type": "Fuse"},
+        "model": {"type": "BPE", "dropout": null, "unk_token": "<unk>", "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                  "vocab": vocab, "merges": []}
+    });
+    Tokenizer::from_bytes(j.to_string().as_bytes()).map_err(tk)
+}
+
+/// Writes `tokenizer.json` and `tokenizer_config.json` (bos/eos tokens, chat template) into `dir`.
+pub fn write_tokenizer_dir(dir: &Path, tok: &Tokenizer, bos: Option<&str>, eos: &str, chat_template: Option<&str>) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    tok.save(dir.join("tokenizer.json"), false).map_err(tk)?;
+    let mut cfg = json!({
+        "bos_token": bos,
+        "eos_token": eos,
+        "add_bos_token": bos.is_some(),
+        "add_eos_token": false,
+        "clean_up_tokenization_spaces": false,
+        "model_max_length": 512,
+    });
+    if let Some(t) = chat_template {
+        cfg["chat_template"] = json!(t);
+    }
+    std::fs::write(dir.join("tokenizer_config.json"), serde_json::to_string_pretty(&cfg)?)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vocab::{TokenizerKind, Vocab};
+
+    const CORPUS: &[&str] = &["the cat sat on the mat", "café 中文 😀 the end", "hello world"];
+
+    fn roundtrip(tok: &Tokenizer, kind: TokenizerKind) -> Result<()> {
+        let n = tok.get_vocab_size(true);
+        let v = Vocab::from_tokenizer(tok, n, &[]).map_err(tk)?;
+        assert_eq!(v.kind(), kind);
+        for text in ["the cat", "café 中文 😀", "zebra ÿ"] {
+            let ids = tok.encode(text, false).map_err(tk)?.get_ids().to_vec();
+            let bytes: Vec<u8> = ids.iter().filter_map(|&i| v.token_bytes(i)).flatten().copied().collect();
+            let want = if kind == TokenizerKind::SentencePiece { format!(" {text}") } else { text.to_owned() };
+            if kind == TokenizerKind::Plain && text.starts_with("zebra") {
+                continue; // unseen characters are <unk> in a closed character vocabulary
+            }
+            assert_eq!(String::from_utf8_lossy(&bytes), want, "{kind:?}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn fixtures_round_trip_text_through_token_bytes() -> Result<()> {
+        roundtrip(&byte_level_bpe(CORPUS, 300)?, TokenizerKind::ByteLevel)?;
+        roundtrip(&sentencepiece_bpe(CORPUS, 300)?, TokenizerKind::SentencePiece)?;
+        roundtrip(&char_level(CORPUS)?, TokenizerKind::Plain)?;
+        let sp = sentencepiece_bpe(CORPUS, 300)?;
+        assert_eq!(sp.token_to_id("<0x41>"), Some(3 + 0x41));
+        assert_eq!(sp.token_to_id("</s>"), Some(2));
+        Ok(())
+    }
+
+    #[test]
+    fn fixtures_are_deterministic() -> Result<()> {
+        let a = byte_level_bpe(CORPUS, 300)?.to_string(false).map_err(tk)?;
+        let b = byte_level_bpe(CORPUS, 300)?.to_string(false).map_err(tk)?;
+        assert_eq!(a, b);
+        Ok(())
+    }
+}
