@@ -1,0 +1,354 @@
+//! CharED unit tests: hand-computed mixes, skips, ties, sampling.
+
+use super::*;
+
+const EPS: f64 = 1e-12;
+
+fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() < EPS
+}
+
+fn dist(chars: &[(char, f64)], eos: f64, residual: f64) -> NodeCharDist {
+    NodeCharDist {
+        chars: chars.to_vec(),
+        eos,
+        residual,
+    }
+}
+
+fn ed(params: CharedParams, nodes: usize) -> CharEd {
+    match CharEd::new(params, nodes) {
+        Ok(e) => e,
+        Err(e) => panic!("valid params refused: {e}"),
+    }
+}
+
+fn step(e: &mut CharEd, dists: &[(usize, NodeCharDist)]) -> CharStep {
+    match e.combine(dists) {
+        Ok(s) => s,
+        Err(err) => panic!("combine failed: {err}"),
+    }
+}
+
+fn c(ch: char) -> CharOutcome {
+    CharOutcome::Char(ch)
+}
+
+#[test]
+fn defaults_and_node_query() {
+    let p = CharedParams::default();
+    assert_eq!(
+        (p.temperature, p.top_p, p.seed, p.published, p.top_k),
+        (0.0, 1.0, 0, false, 32)
+    );
+    assert_eq!(p.validate(), Ok(()));
+    let e = ed(p.clone(), 2);
+    assert_eq!(
+        e.node_query(),
+        NodeQuery {
+            top_k: 32,
+            max_hypotheses: None,
+            lookahead: None
+        }
+    );
+    let e = ed(CharedParams { published: true, ..p }, 2);
+    assert_eq!(
+        e.node_query(),
+        NodeQuery {
+            top_k: 32,
+            max_hypotheses: Some(1),
+            lookahead: Some(false)
+        }
+    );
+}
+
+#[test]
+fn validation_messages_name_parameter_value_and_range() {
+    let msg = |p: CharedParams| p.validate().map_err(|e| e.to_string()).err().unwrap_or_default();
+    let d = CharedParams::default;
+    assert_eq!(
+        msg(CharedParams {
+            temperature: -1.0,
+            ..d()
+        }),
+        "invalid parameter `temperature` = -1: must be a finite number >= 0 (0 = greedy)"
+    );
+    assert!(
+        msg(CharedParams {
+            temperature: f64::NAN,
+            ..d()
+        })
+        .contains("`temperature` = NaN")
+    );
+    assert_eq!(
+        msg(CharedParams { top_p: 0.0, ..d() }),
+        "invalid parameter `top_p` = 0: must be a number in (0, 1]"
+    );
+    assert!(msg(CharedParams { top_p: 1.5, ..d() }).contains("`top_p` = 1.5"));
+    assert!(msg(CharedParams { top_k: 0, ..d() }).contains("`top_k` = 0: must be an integer in 1..=256"));
+    assert!(msg(CharedParams { top_k: 300, ..d() }).contains("`top_k` = 300"));
+    assert!(
+        msg(CharedParams {
+            alternatives: 1000,
+            ..d()
+        })
+        .contains("`alternatives` = 1000")
+    );
+    assert!(
+        msg(CharedParams {
+            weights: Some(vec![0.0]),
+            ..d()
+        })
+        .contains("`weights[0]` = 0")
+    );
+    assert_eq!(
+        CharEd::new(
+            CharedParams {
+                weights: Some(vec![1.0]),
+                ..d()
+            },
+            2
+        )
+        .err(),
+        Some(Error::WeightCount { expected: 2, got: 1 })
+    );
+    assert_eq!(CharEd::new(d(), 0).err(), Some(Error::NoNodes));
+}
+
+#[test]
+fn weighted_mix_hand_computed() {
+    // w = [1, 3] -> [0.25, 0.75].
+    let mut e = ed(
+        CharedParams {
+            weights: Some(vec![1.0, 3.0]),
+            ..CharedParams::default()
+        },
+        2,
+    );
+    let s = step(
+        &mut e,
+        &[
+            (1, dist(&[('b', 0.6), ('c', 0.2)], 0.0, 0.2)),
+            (0, dist(&[('a', 0.5), ('b', 0.3)], 0.1, 0.1)),
+        ],
+    );
+    // m(a) = 0.125, m(b) = 0.075 + 0.45 = 0.525, m(c) = 0.15 ('c' is unlisted by node 0: 0 there),
+    // m(EOS) = 0.025; the weighted residual 0.175 is not assigned.
+    assert_eq!(s.chosen, c('b'));
+    assert!(close(s.prob, 0.525));
+    assert!(!s.sampled);
+    assert!(close(s.listed_mass, 0.825));
+    let alts: Vec<CharOutcome> = s.alternatives.iter().map(|a| a.outcome).collect();
+    assert_eq!(alts, vec![c('b'), c('c'), c('a'), CharOutcome::Eos]);
+    let probs: Vec<f64> = s.alternatives.iter().map(|a| a.prob).collect();
+    for (g, w) in probs.iter().zip([0.525, 0.15, 0.125, 0.025]) {
+        assert!(close(*g, w), "{probs:?}");
+    }
+    // Shares: node 0 gives 0.25·0.3 = 0.075 of 0.525 (1/7), node 1 gives 0.45 (6/7).
+    assert_eq!(s.shares.iter().map(|x| x.node).collect::<Vec<_>>(), vec![0, 1]);
+    assert!(close(s.shares[0].share, 1.0 / 7.0) && close(s.shares[1].share, 6.0 / 7.0));
+    assert!(close(s.shares[0].prob, 0.3) && close(s.shares[1].weight, 0.75));
+    assert!(s.skipped.is_empty());
+    assert_eq!((e.steps(), e.contributing_node_steps()), (1, 2));
+}
+
+#[test]
+fn unnormalised_answers_are_divided_by_their_total() {
+    let mut a = ed(CharedParams::default(), 2);
+    let mut b = ed(CharedParams::default(), 2);
+    let s1 = step(
+        &mut a,
+        &[
+            (0, dist(&[('x', 0.6)], 0.2, 0.2)),
+            (1, dist(&[('y', 0.7)], 0.0, 0.3)),
+        ],
+    );
+    let s2 = step(
+        &mut b,
+        &[
+            (0, dist(&[('x', 1.2)], 0.4, 0.4)),
+            (1, dist(&[('y', 0.7)], 0.0, 0.3)),
+        ],
+    );
+    assert_eq!(s1.chosen, c('y'));
+    assert_eq!(s1.chosen, s2.chosen);
+    assert!(close(s1.prob, s2.prob) && close(s1.prob, 0.35));
+}
+
+#[test]
+fn bad_nodes_are_skipped_and_weights_renormalised() {
+    let mut e = ed(
+        CharedParams {
+            weights: Some(vec![1.0, 1.0, 2.0, 1.0, 4.0]),
+            ..CharedParams::default()
+        },
+        5,
+    );
+    let s = step(
+        &mut e,
+        &[
+            (0, dist(&[('a', f64::NAN)], 0.5, 0.5)),
+            (1, dist(&[('a', 0.9)], -0.1, 0.2)),
+            (2, dist(&[('z', 0.4)], 0.1, 0.5)),
+            (3, dist(&[], 0.0, 1.0)),
+            (4, dist(&[('a', 0.0)], 0.0, 1.0)),
+            (2, dist(&[('q', 1.0)], 0.0, 0.0)),
+        ],
+    );
+    let skipped: Vec<(usize, SkipReason)> = s.skipped.iter().map(|x| (x.node, x.reason)).collect();
+    assert_eq!(
+        skipped,
+        vec![
+            (0, SkipReason::Invalid),
+            (1, SkipReason::Invalid),
+            (2, SkipReason::Duplicate),
+            (3, SkipReason::NoMass),
+            (4, SkipReason::NoMass),
+        ]
+    );
+    // Node 2 alone: weight 1, m(z) = 0.4.
+    assert_eq!(s.chosen, c('z'));
+    assert!(close(s.prob, 0.4) && close(s.shares[0].weight, 1.0) && close(s.shares[0].share, 1.0));
+    let r = e.combine(&[
+        (0, dist(&[], 0.0, 1.0)),
+        (1, dist(&[('a', f64::INFINITY)], 0.0, 0.0)),
+    ]);
+    assert_eq!(r, Err(Error::NoDistribution { skipped: 2 }));
+    assert_eq!(e.combine(&[]), Err(Error::NoDistribution { skipped: 0 }));
+    assert_eq!(
+        e.combine(&[(5, dist(&[('a', 1.0)], 0.0, 0.0))]),
+        Err(Error::UnknownNode { node: 5, nodes: 5 })
+    );
+    assert_eq!(e.steps(), 1, "failed steps are not counted");
+}
+
+#[test]
+fn ties_prefer_characters_over_eos_then_the_first_listed_by_the_lowest_node() {
+    let mut e = ed(CharedParams::default(), 2);
+    // m(EOS) = m('a') = 0.5: the character wins.
+    let s = step(&mut e, &[(0, dist(&[('a', 0.5)], 0.5, 0.0))]);
+    assert_eq!(s.chosen, c('a'));
+    // EOS wins when strictly ahead.
+    let s = step(&mut e, &[(0, dist(&[('a', 0.4)], 0.6, 0.0))]);
+    assert_eq!(s.chosen, CharOutcome::Eos);
+    assert!(close(s.prob, 0.6));
+    // m(b) = m(a) = 0.5: node 0 lists 'b' first.
+    let s = step(
+        &mut e,
+        &[
+            (1, dist(&[('a', 1.0)], 0.0, 0.0)),
+            (0, dist(&[('b', 1.0)], 0.0, 0.0)),
+        ],
+    );
+    assert_eq!(s.chosen, c('b'));
+    // Within one list, the first listed wins a tie.
+    let s = step(&mut e, &[(0, dist(&[('y', 0.5), ('x', 0.5)], 0.0, 0.0))]);
+    assert_eq!(s.chosen, c('y'));
+    // A character listed twice adds up.
+    let s = step(
+        &mut e,
+        &[(0, dist(&[('y', 0.3), ('x', 0.4), ('y', 0.3)], 0.0, 0.0))],
+    );
+    assert_eq!(s.chosen, c('y'));
+    assert!(close(s.prob, 0.6));
+}
+
+/// A small deterministic generator of node answers (no RNG crate needed in the inputs).
+fn varied_dists(k: usize) -> Vec<(usize, NodeCharDist)> {
+    let letters = ['a', 'b', 'c', 'd', 'é', '中'];
+    (0..3)
+        .map(|node| {
+            let x = |i: usize| ((k * 7 + node * 13 + i * 5) % 11) as f64 + 0.5;
+            let chars: Vec<(char, f64)> = (0..3)
+                .map(|i| (letters[(k + node + i) % letters.len()], x(i)))
+                .collect();
+            let eos = if (k + node).is_multiple_of(3) { x(4) } else { 0.0 };
+            let total: f64 = chars.iter().map(|(_, p)| p).sum::<f64>() + eos + x(5);
+            let chars = chars.into_iter().map(|(ch, p)| (ch, p / total)).collect();
+            (
+                node,
+                NodeCharDist {
+                    chars,
+                    eos: eos / total,
+                    residual: x(5) / total,
+                },
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn shares_sum_to_one() {
+    for temperature in [0.0, 0.7, 1.5] {
+        let params = CharedParams {
+            weights: Some(vec![1.0, 2.0, 5.0]),
+            temperature,
+            ..CharedParams::default()
+        };
+        let mut e = ed(params, 3);
+        for k in 0..50 {
+            let s = step(&mut e, &varied_dists(k));
+            let total: f64 = s.shares.iter().map(|x| x.share).sum();
+            assert!((total - 1.0).abs() < 1e-9, "step {k}: shares sum to {total}");
+            let m: f64 = s.shares.iter().map(|x| x.weight * x.prob).sum();
+            assert!((m - s.prob).abs() < 1e-12);
+            assert!(s.prob > 0.0);
+        }
+    }
+}
+
+#[test]
+fn sampling_is_reproducible_with_a_seed() {
+    let run = |seed: u64| -> Vec<CharOutcome> {
+        let mut e = ed(
+            CharedParams {
+                temperature: 1.0,
+                seed,
+                ..CharedParams::default()
+            },
+            3,
+        );
+        (0..100).map(|k| step(&mut e, &varied_dists(k)).chosen).collect()
+    };
+    assert_eq!(run(42), run(42));
+    assert_ne!(run(42), run(43));
+    // Sampled steps are marked as such.
+    let mut e = ed(
+        CharedParams {
+            temperature: 1.0,
+            ..CharedParams::default()
+        },
+        3,
+    );
+    assert!(step(&mut e, &varied_dists(0)).sampled);
+}
+
+#[test]
+fn sampling_follows_temperature_and_top_p() {
+    let d = [(0, dist(&[('a', 0.6), ('b', 0.2)], 0.0, 0.2))];
+    let count_a = |temperature: f64, top_p: f64| -> usize {
+        let mut e = ed(
+            CharedParams {
+                temperature,
+                top_p,
+                seed: 7,
+                ..CharedParams::default()
+            },
+            1,
+        );
+        (0..4000).filter(|_| step(&mut e, &d).chosen == c('a')).count()
+    };
+    // T = 1 over the listed outcomes: P(a) = 0.6 / 0.8 = 0.75.
+    let n = count_a(1.0, 1.0);
+    assert!((2850..=3150).contains(&n), "a drawn {n} times of 4000");
+    // T = 0.5 sharpens: P(a) = 0.36 / (0.36 + 0.04) = 0.9.
+    let n = count_a(0.5, 1.0);
+    assert!((3480..=3720).contains(&n), "a drawn {n} times of 4000");
+    // top_p = 0.7 keeps only 'a' (0.75 of the mass).
+    assert_eq!(count_a(1.0, 0.7), 4000);
+    // A tiny temperature is as good as greedy, and neither overflows nor yields NaN.
+    assert_eq!(count_a(1e-300, 1.0), 4000);
+    // A huge one is nearly uniform over the listed outcomes (EOS has m = 0 and is never drawn).
+    let n = count_a(1e300, 1.0);
+    assert!((1850..=2150).contains(&n), "a drawn {n} times of 4000");
+}
