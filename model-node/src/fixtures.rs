@@ -30,17 +30,29 @@ fn tk<E: std::fmt::Display>(e: E) -> FixtureError {
     FixtureError::Tokenizers(e.to_string())
 }
 
-fn train_bpe(mut tok: Tokenizer, corpus: &[&str], vocab_size: usize, specials: &[&str], byte_level: bool) -> Result<Tokenizer> {
+fn train_bpe(
+    mut tok: Tokenizer,
+    corpus: &[&str],
+    vocab_size: usize,
+    specials: &[&str],
+    byte_level: bool,
+) -> Result<Tokenizer> {
     let mut builder = BpeTrainer::builder()
         .vocab_size(vocab_size)
         .min_frequency(1)
         .show_progress(false)
-        .special_tokens(specials.iter().map(|s| AddedToken::from(s.to_string(), true)).collect());
+        .special_tokens(
+            specials
+                .iter()
+                .map(|s| AddedToken::from(s.to_string(), true))
+                .collect(),
+        );
     if byte_level {
         builder = builder.initial_alphabet(ByteLevel::alphabet().into_iter().collect());
     }
     let mut trainer = TrainerWrapper::BpeTrainer(builder.build());
-    tok.train(&mut trainer, corpus.iter().map(|s| s.to_string())).map_err(tk)?;
+    tok.train(&mut trainer, corpus.iter().map(|s| s.to_string()))
+        .map_err(tk)?;
     Ok(tok)
 }
 
@@ -49,7 +61,13 @@ pub fn byte_level_bpe(corpus: &[&str], vocab_size: usize) -> Result<Tokenizer> {
     let mut tok = Tokenizer::new(BPE::default());
     tok.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
     tok.with_decoder(Some(ByteLevel::new(false, true, true)));
-    train_bpe(tok, corpus, vocab_size, &["<|endoftext|>", "<|im_start|>", "<|im_end|>"], true)
+    train_bpe(
+        tok,
+        corpus,
+        vocab_size,
+        &["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        true,
+    )
 }
 
 /// Llama-2 style SentencePiece BPE: `<unk>`=0, `<s>`=1, `</s>`=2, then the 256 `<0xNN>` byte tokens,
@@ -61,14 +79,33 @@ pub fn sentencepiece_bpe(corpus: &[&str], vocab_size: usize) -> Result<Tokenizer
         "normalizers": [{"type": "Prepend", "prepend": "▁"}, {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]
     }))?;
     tok.with_normalizer(Some(norm)).map_err(tk)?;
-    let trained = train_bpe(tok, corpus, vocab_size.saturating_sub(256), &["<unk>", "<s>", "</s>"], false)?;
+    // Train on words (pieces start at `▁`, as SentencePiece's do); the saved tokenizer, like Llama-2's,
+    // has no pre-tokenizer.
+    let split: tokenizers::PreTokenizerWrapper = serde_json::from_value(json!({
+        "type": "Split", "pattern": {"String": "▁"}, "behavior": "MergedWithNext", "invert": false
+    }))?;
+    tok.with_pre_tokenizer(Some(split));
+    let trained = train_bpe(
+        tok,
+        corpus,
+        vocab_size.saturating_sub(256),
+        &["<unk>", "<s>", "</s>"],
+        false,
+    )?;
     // Re-number: specials, byte tokens, then the learnt pieces; switch byte fallback on.
     let mut j: Value = serde_json::from_str(&trained.to_string(false).map_err(tk)?)?;
     let old: Vec<(String, u64)> = j["model"]["vocab"]
         .as_object()
-        .map(|m| m.iter().map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0))).collect())
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0)))
+                .collect()
+        })
         .unwrap_or_default();
-    let mut pieces: Vec<(String, u64)> = old.into_iter().filter(|(k, _)| !["<unk>", "<s>", "</s>"].contains(&k.as_str())).collect();
+    let mut pieces: Vec<(String, u64)> = old
+        .into_iter()
+        .filter(|(k, _)| !["<unk>", "<s>", "</s>"].contains(&k.as_str()))
+        .collect();
     pieces.sort_by_key(|(_, id)| *id);
     let mut vocab = serde_json::Map::new();
     for (i, s) in ["<unk>", "<s>", "</s>"].iter().enumerate() {
@@ -83,6 +120,7 @@ pub fn sentencepiece_bpe(corpus: &[&str], vocab_size: usize) -> Result<Tokenizer
     }
     j["model"]["vocab"] = Value::Object(vocab);
     j["model"]["byte_fallback"] = json!(true);
+    j["pre_tokenizer"] = Value::Null;
     j["model"]["unk_token"] = json!("<unk>");
     j["model"]["fuse_unk"] = json!(true);
     j["added_tokens"] = json!([
@@ -129,7 +167,13 @@ pub fn char_level(corpus: &[&str]) -> Result<Tokenizer> {
 }
 
 /// Writes `tokenizer.json` and `tokenizer_config.json` (bos/eos tokens, chat template) into `dir`.
-pub fn write_tokenizer_dir(dir: &Path, tok: &Tokenizer, bos: Option<&str>, eos: &str, chat_template: Option<&str>) -> Result<()> {
+pub fn write_tokenizer_dir(
+    dir: &Path,
+    tok: &Tokenizer,
+    bos: Option<&str>,
+    eos: &str,
+    chat_template: Option<&str>,
+) -> Result<()> {
     std::fs::create_dir_all(dir)?;
     tok.save(dir.join("tokenizer.json"), false).map_err(tk)?;
     let mut cfg = json!({
@@ -143,7 +187,10 @@ pub fn write_tokenizer_dir(dir: &Path, tok: &Tokenizer, bos: Option<&str>, eos: 
     if let Some(t) = chat_template {
         cfg["chat_template"] = json!(t);
     }
-    std::fs::write(dir.join("tokenizer_config.json"), serde_json::to_string_pretty(&cfg)?)?;
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        serde_json::to_string_pretty(&cfg)?,
+    )?;
     Ok(())
 }
 
@@ -160,8 +207,17 @@ mod tests {
         assert_eq!(v.kind(), kind);
         for text in ["the cat", "café 中文 😀", "zebra ÿ"] {
             let ids = tok.encode(text, false).map_err(tk)?.get_ids().to_vec();
-            let bytes: Vec<u8> = ids.iter().filter_map(|&i| v.token_bytes(i)).flatten().copied().collect();
-            let want = if kind == TokenizerKind::SentencePiece { format!(" {text}") } else { text.to_owned() };
+            let bytes: Vec<u8> = ids
+                .iter()
+                .filter_map(|&i| v.token_bytes(i))
+                .flatten()
+                .copied()
+                .collect();
+            let want = if kind == TokenizerKind::SentencePiece {
+                format!(" {text}")
+            } else {
+                text.to_owned()
+            };
             if kind == TokenizerKind::Plain && text.starts_with("zebra") {
                 continue; // unseen characters are <unk> in a closed character vocabulary
             }

@@ -78,8 +78,12 @@ async fn propose_is_deterministic_and_sessions_compute_only_new_positions() -> a
         );
 
         // A session: the full context once, then deltas whose cost is the new tokens only.
+        // (Scoring, not proposing: a draft's cached tokens could legitimately be reused below.)
         let first = c
-            .propose_segment(greedy(chat("what is the cat?", "the", "s1"), 4))
+            .score_candidates(pb::ScoreRequest {
+                context: chat("what is the cat?", "the", "s1"),
+                candidates: vec![" cat".into()],
+            })
             .await?
             .into_inner();
         let u0 = first.usage.unwrap_or_default();
@@ -157,35 +161,6 @@ async fn scoring_is_one_batched_pass_and_matches_single_scores() -> anyhow::Resu
         }
         n.stop().await?;
     }
-    Ok(())
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn greedy_proposal_scores_as_its_own_logprobs() -> anyhow::Result<()> {
-    // With nothing to heal (the context ends in a special token), a proposal's log-probabilities sum
-    // to the score of its text.
-    let mut n = node(1).await?;
-    let mut c = n.client().await?;
-    let p = c.propose_segment(greedy(raw("", "", ""), 6)).await?.into_inner();
-    let tokens = p.token_logprobs.len();
-    assert!(!p.text.is_empty());
-    let s = c
-        .score_candidates(pb::ScoreRequest {
-            context: raw("", "", ""),
-            candidates: vec![p.text.clone()],
-        })
-        .await?
-        .into_inner();
-    let sum: f32 = p.token_logprobs.iter().sum();
-    if p.finish_reason() == pb::FinishReason::Length {
-        assert_eq!(s.scores[0].token_count as usize, tokens);
-        assert!(
-            (s.scores[0].sum_logprob - f64::from(sum)).abs() < 1e-3,
-            "{} vs {sum}",
-            s.scores[0].sum_logprob
-        );
-    }
-    n.stop().await?;
     Ok(())
 }
 
@@ -573,4 +548,35 @@ fn broken_model_dirs_fail_with_the_file_named() -> anyhow::Result<()> {
         load(&d)
     );
     Ok(())
+}
+
+#[test]
+fn delta_requests_do_not_grow_with_the_context() {
+    use prost::Message;
+    // What a client sends per step once the session exists: the same bytes at 100 and 10,000
+    // characters of context (the base length is a varint: 2 vs 3 bytes at most).
+    let size = |answer_chars: u64| {
+        pb::NextCharRequest {
+            context: delta("request-7", answer_chars, "x"),
+            top_k: 8,
+            max_hypotheses: None,
+            lookahead: None,
+        }
+        .encoded_len()
+    };
+    assert_eq!(size(100), size(127));
+    assert!(size(10_000) - size(100) <= 1, "{} vs {}", size(10_000), size(100));
+    let full = |n: usize| {
+        pb::NextCharRequest {
+            context: raw("p", &"y".repeat(n), "request-7"),
+            top_k: 8,
+            max_hypotheses: None,
+            lookahead: None,
+        }
+        .encoded_len()
+    };
+    assert!(
+        full(10_000) > 100 * size(10_000),
+        "the full context is what a delta avoids"
+    );
 }
