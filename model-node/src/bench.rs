@@ -48,12 +48,32 @@ fn limits() -> LimitArgs {
     }
 }
 
-/// Tokens/s of a bare greedy loop over the model, and through gRPC.
+fn propose_job(n: usize) -> crate::engine::Job {
+    use crate::engine::{ContextBody, ContextSpec, Job, PromptSpec, ProposeParams};
+    Job::Propose(
+        ContextSpec {
+            session: String::new(),
+            body: ContextBody::Full {
+                prompt: PromptSpec::Raw(String::new()),
+                answer: String::new(),
+            },
+        },
+        ProposeParams {
+            max_new_tokens: n,
+            stop: vec![],
+            sampling: Default::default(),
+        },
+    )
+}
+
+/// Tokens/s of a bare greedy loop over the model, of the engine in-process, and through gRPC; the
+/// three are interleaved in every repetition so that machine noise hits them alike.
 fn decode(args: &BenchArgs) -> Result<()> {
     let n = args.tokens.max(1);
-    let loaded = crate::node::load(&args.model, &limits())?;
-    let model = loaded.engine.model();
-    let bos = loaded.engine.codec().encode(
+    let mut local = crate::node::load(&args.model, &limits())?;
+    let served = crate::node::load(&args.model, &limits())?;
+    let info = served.info.clone();
+    let bos = local.engine.codec().encode(
         &crate::engine::text::RenderedPrompt {
             text: String::new(),
             bos: true,
@@ -61,8 +81,31 @@ fn decode(args: &BenchArgs) -> Result<()> {
         "",
     )?;
     let start_tokens = if bos.is_empty() { vec![0u32] } else { bos };
-    let mut in_process = Vec::new();
+    let rt = tokio::runtime::Runtime::new().map_err(|e| Error::ModelDir(e.to_string()))?;
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .map_err(|e| Error::ModelDir(e.to_string()))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Error::ModelDir(e.to_string()))?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = rt.spawn(crate::server::run(
+        listener,
+        served,
+        CharOptions::default(),
+        async {
+            let _ = stop_rx.await;
+        },
+        Duration::from_secs(5),
+    ));
+    let mut client = rt
+        .block_on(pb::model_node_client::ModelNodeClient::connect(format!(
+            "http://{addr}"
+        )))
+        .map_err(|e| Error::ModelDir(format!("connect: {e}")))?;
+    let (mut bare, mut engine, mut grpc) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..args.repeat.max(1) {
+        let model = local.engine.model();
         let t0 = Instant::now();
         let input = Tensor::new(start_tokens.as_slice(), model.device())?.unsqueeze(0)?;
         let (mut logits, mut kv): (Tensor, KvCache) = model.forward(&input, &KvCache::default(), false)?;
@@ -71,60 +114,39 @@ fn decode(args: &BenchArgs) -> Result<()> {
             let input = Tensor::new(&[next], model.device())?.unsqueeze(0)?;
             (logits, kv) = model.forward(&input, &kv, false)?;
         }
-        in_process.push(n as f64 / t0.elapsed().as_secs_f64());
+        bare.push(n as f64 / t0.elapsed().as_secs_f64());
+
+        let t0 = Instant::now();
+        let tokens = match local.engine.run(propose_job(n), 0.0, &|| false)? {
+            crate::engine::Reply::Proposal(p) => p.token_logprobs.len(),
+            _ => 0,
+        };
+        engine.push(tokens.max(1) as f64 / t0.elapsed().as_secs_f64());
+
+        let req = pb::ProposeRequest {
+            context: Some(pb::Context {
+                session_id: String::new(),
+                body: Some(pb::context::Body::Full(pb::FullContext {
+                    prompt: Some(pb::Prompt {
+                        kind: Some(pb::prompt::Kind::Raw(String::new())),
+                    }),
+                    answer: String::new(),
+                })),
+            }),
+            max_new_tokens: n as u32,
+            stop: vec![],
+            sampling: Some(pb::Sampling::default()),
+        };
+        let t0 = Instant::now();
+        let resp = rt
+            .block_on(client.propose_segment(req))
+            .map_err(|s| Error::ModelDir(format!("propose: {s}")))?
+            .into_inner();
+        grpc.push(resp.token_logprobs.len().max(1) as f64 / t0.elapsed().as_secs_f64());
     }
-    let info = loaded.info.clone();
-    let rt = tokio::runtime::Runtime::new().map_err(|e| Error::ModelDir(e.to_string()))?;
-    let grpc = rt.block_on(async {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .map_err(|e| Error::ModelDir(e.to_string()))?;
-        let addr = listener
-            .local_addr()
-            .map_err(|e| Error::ModelDir(e.to_string()))?;
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(crate::server::run(
-            listener,
-            loaded,
-            CharOptions::default(),
-            async {
-                let _ = stop_rx.await;
-            },
-            Duration::from_secs(5),
-        ));
-        let mut client = pb::model_node_client::ModelNodeClient::connect(format!("http://{addr}"))
-            .await
-            .map_err(|e| Error::ModelDir(format!("connect: {e}")))?;
-        let mut rates = Vec::new();
-        for _ in 0..args.repeat.max(1) {
-            let req = pb::ProposeRequest {
-                context: Some(pb::Context {
-                    session_id: String::new(),
-                    body: Some(pb::context::Body::Full(pb::FullContext {
-                        prompt: Some(pb::Prompt {
-                            kind: Some(pb::prompt::Kind::Raw(String::new())),
-                        }),
-                        answer: String::new(),
-                    })),
-                }),
-                max_new_tokens: n as u32,
-                stop: vec![],
-                sampling: Some(pb::Sampling::default()),
-            };
-            let t0 = Instant::now();
-            let resp = client
-                .propose_segment(req)
-                .await
-                .map_err(|s| Error::ModelDir(format!("propose: {s}")))?
-                .into_inner();
-            let tokens = resp.token_logprobs.len().max(1);
-            rates.push(tokens as f64 / t0.elapsed().as_secs_f64());
-        }
-        let _ = stop_tx.send(());
-        let _ = server.await;
-        Ok::<_, Error>(rates)
-    })?;
-    let (a, b) = (median(in_process), median(grpc));
+    let _ = stop_tx.send(());
+    let _ = rt.block_on(server);
+    let (a, e, b) = (median(bare), median(engine), median(grpc));
     println!(
         "decode, {} ({} params, {}), {n} tokens, median of {}",
         info.model_id, info.parameters, info.device, args.repeat
@@ -132,9 +154,10 @@ fn decode(args: &BenchArgs) -> Result<()> {
     println!();
     println!("| path | tokens/s |");
     println!("|---|---:|");
-    println!("| in-process greedy loop | {a:.1} |");
-    println!("| gRPC ProposeSegment | {b:.1} |");
-    println!("| ratio gRPC / in-process | {:.3} |", b / a);
+    println!("| bare greedy loop over the model, in-process | {a:.1} |");
+    println!("| engine (sessions, healing, sampling), in-process | {e:.1} |");
+    println!("| gRPC ProposeSegment on 127.0.0.1 | {b:.1} |");
+    println!("| ratio gRPC / bare loop | {:.3} |", b / a);
     Ok(())
 }
 
