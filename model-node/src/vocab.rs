@@ -44,6 +44,9 @@ pub struct Vocab {
     bytes: Vec<Option<Box<[u8]>>>,
     /// Text token ids sorted by bytes (then id).
     order: Vec<u32>,
+    /// Trie positions of the tokens whose bytes are not valid UTF-8 on their own (byte pieces of
+    /// characters): the only tokens that can break a character.
+    irregular: Vec<usize>,
     eos: Vec<u32>,
 }
 
@@ -134,10 +137,23 @@ impl Vocab {
                 *slot = Some(b.into());
             }
         }
-        let mut order: Vec<u32> = (0..n_rows as u32)
-            .filter(|&i| bytes[i as usize].is_some())
-            .collect();
+        Ok(Self::from_bytes(kind, bytes, eos_ids))
+    }
+
+    /// A vocabulary from raw token bytes (`None`: not text), e.g. for tests.
+    pub fn from_bytes(kind: TokenizerKind, bytes: Vec<Option<Box<[u8]>>>, eos_ids: &[u32]) -> Self {
+        let n_rows = bytes.len();
+        let text = |i: u32| bytes[i as usize].as_ref().is_some_and(|b| !b.is_empty());
+        let mut order: Vec<u32> = (0..n_rows as u32).filter(|&i| text(i)).collect();
         order.sort_by(|&a, &b| bytes[a as usize].cmp(&bytes[b as usize]).then(a.cmp(&b)));
+        let irregular = order
+            .iter()
+            .enumerate()
+            .filter(|(_, id)| {
+                std::str::from_utf8(bytes[**id as usize].as_deref().unwrap_or_default()).is_err()
+            })
+            .map(|(pos, _)| pos)
+            .collect();
         let mut eos: Vec<u32> = eos_ids
             .iter()
             .copied()
@@ -145,12 +161,33 @@ impl Vocab {
             .collect();
         eos.sort_unstable();
         eos.dedup();
-        Ok(Self {
+        Self {
             kind,
             bytes,
             order,
+            irregular,
             eos,
-        })
+        }
+    }
+
+    /// Trie positions of the tokens whose first byte is in `lo..=hi`.
+    pub fn first_byte_block(&self, lo: u8, hi: u8) -> Range<usize> {
+        let first = |id: &u32| {
+            self.bytes[*id as usize]
+                .as_deref()
+                .and_then(|b| b.first().copied())
+                .unwrap_or(0)
+        };
+        let start = self.order.partition_point(|id| first(id) < lo);
+        let end = self.order.partition_point(|id| first(id) <= hi);
+        start..end.max(start)
+    }
+
+    /// Trie positions, ascending, of the tokens that are not valid UTF-8 on their own, within `range`.
+    pub fn irregular_in(&self, range: Range<usize>) -> &[usize] {
+        let lo = self.irregular.partition_point(|&p| p < range.start);
+        let hi = self.irregular.partition_point(|&p| p < range.end);
+        &self.irregular[lo..hi]
     }
 
     /// The tokenizer family.
