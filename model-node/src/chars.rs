@@ -78,8 +78,13 @@ impl Dist {
     }
 
     /// Mass of the tokens whose bytes start with `prefix` (all text tokens for an empty prefix).
+    /// Small ranges are summed directly: a difference of prefix sums loses ~1e-16 absolutely, which is
+    /// everything when the range's mass is itself tiny (text the model finds very unlikely).
     fn mass(&self, v: &Vocab, prefix: &[u8]) -> f64 {
         let r = v.prefix_range(prefix);
+        if r.len() <= DIRECT_SUM {
+            return r.map(|pos| self.p(v.sorted_id(pos))).sum();
+        }
         self.cum.get(r.end).copied().unwrap_or(0.0) - self.cum.get(r.start).copied().unwrap_or(0.0)
     }
 
@@ -201,6 +206,9 @@ pub struct CharState {
     calls: u64,
     analysis: Option<Analysis>,
 }
+
+/// Ranges up to this many tokens are summed directly instead of from prefix sums.
+const DIRECT_SUM: usize = 256;
 
 /// Most look-ahead paths followed per step when pruning (each costs a forward pass).
 const MAX_LOOKS: usize = 64;
@@ -880,5 +888,60 @@ mod tests {
         let pb = d.chars.iter().find(|c| c.0 == 'b').map(|c| c.1).unwrap_or(0.0);
         assert!((pb - (id(b"ab") + id(b"abc")) / z).abs() < 1e-9);
         assert_eq!(d.eos, 0.0);
+    }
+}
+
+#[cfg(test)]
+mod pruned_tests {
+    use super::*;
+
+    struct Flat(usize, u64);
+    impl NextTokenModel for Flat {
+        type Error = std::convert::Infallible;
+        fn next_probs(&mut self, tokens: &[u32]) -> Result<Arc<[f32]>, Self::Error> {
+            use rand::{Rng, SeedableRng};
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            (self.1, tokens).hash(&mut h);
+            let mut rng = rand::rngs::StdRng::seed_from_u64(h.finish());
+            let e: Vec<f64> = (0..self.0).map(|_| (rng.random::<f64>() * 3.0).exp()).collect();
+            let s: f64 = e.iter().sum();
+            Ok(e.iter().map(|x| (x / s) as f32).collect::<Vec<f32>>().into())
+        }
+    }
+
+    #[test]
+    fn pruned_distributions_sum_to_one() -> Result<(), Box<dyn std::error::Error>> {
+        let corpus = &["the cat sat on the mat", "café 中文 😀 the end", "hello world"];
+        let tok = crate::fixtures::byte_level_bpe(corpus, 300)?;
+        let n = tok.get_vocab_size(true);
+        let v = Vocab::from_tokenizer(&tok, n, &[0])?;
+        for seed in 0..20 {
+            let mut m = Flat(n, seed);
+            let ids = tok
+                .encode("the ca", false)
+                .map_err(|e| e.to_string())?
+                .get_ids()
+                .to_vec();
+            let (last, rest) = ids.split_last().ok_or("empty")?;
+            let Ok(mut st) = CharState::new(
+                rest.to_vec(),
+                v.token_bytes(*last).unwrap_or_default().to_vec(),
+                CharOptions::default(),
+                &v,
+                &mut m,
+            );
+            for c in ["t", " ", "é"] {
+                let Ok(d) = st.distribution(100_000, &v, &mut m);
+                let total: f64 = d.chars.iter().map(|c| c.1).sum::<f64>() + d.eos;
+                assert!(
+                    (total - 1.0).abs() < 1e-6 && d.residual < 1e-6,
+                    "seed {seed} before {c:?}: {total} {}",
+                    d.residual
+                );
+                let Ok(()) = st.commit(c, &v, &mut m);
+            }
+        }
+        Ok(())
     }
 }

@@ -435,7 +435,14 @@ impl Engine {
             Some(c) => c,
             None => {
                 let text_empty = s.prompt.text.is_empty() && s.answer.is_empty();
-                let heal = self.codec.heal(&s.tokens, text_empty);
+                let mut heal = self.codec.heal(&s.tokens, text_empty);
+                if !opts.lookahead && !text_empty {
+                    // Published CharED: the canonical tokenization as is, no back-off.
+                    heal = super::text::Heal {
+                        prefix_len: s.tokens.len(),
+                        remainder: vec![],
+                    };
+                }
                 let state = CharState::new(
                     s.tokens[..heal.prefix_len].to_vec(),
                     heal.remainder,

@@ -1,0 +1,150 @@
+//! The next-character method on the real tokenizers in `../shared/real/tokenizers` (skipped with a
+//! note when absent), with random next-token distributions: the full distribution sums to 1, and the
+//! listed characters match a brute-force enumeration of token paths (linear scans, no trie).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use model_node::chars::{CharOptions, CharState, NextTokenModel};
+use model_node::vocab::Vocab;
+use rand::{Rng, SeedableRng, rngs::StdRng};
+
+struct Random(usize, u64);
+
+impl NextTokenModel for Random {
+    type Error = std::convert::Infallible;
+    fn next_probs(&mut self, tokens: &[u32]) -> Result<Arc<[f32]>, Self::Error> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (self.1, tokens).hash(&mut h);
+        let mut rng = StdRng::seed_from_u64(h.finish());
+        let e: Vec<f64> = (0..self.0).map(|_| (rng.random::<f64>() * 12.0).exp()).collect();
+        let s: f64 = e.iter().sum();
+        Ok(e.iter().map(|x| (x / s) as f32).collect::<Vec<f32>>().into())
+    }
+}
+
+fn probs(m: &mut Random, t: &[u32]) -> Arc<[f32]> {
+    match m.next_probs(t) {
+        Ok(p) => p,
+        Err(e) => match e {},
+    }
+}
+
+/// P(stream after `tokens` starts with `need`), enumerating token paths with linear scans.
+fn brute(m: &mut Random, v: &Vocab, tokens: &[u32], need: &[u8]) -> f64 {
+    let p = probs(m, tokens);
+    let mut sum = 0.0;
+    for id in 0..v.n_rows() as u32 {
+        let Some(b) = v.token_bytes(id) else { continue };
+        if b.starts_with(need) {
+            sum += f64::from(p[id as usize]);
+        } else if need.starts_with(b) {
+            let mut t = tokens.to_vec();
+            t.push(id);
+            sum += f64::from(p[id as usize]) * brute(m, v, &t, &need[b.len()..]);
+        }
+    }
+    sum
+}
+
+fn root() -> Option<PathBuf> {
+    let p = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../shared/real/tokenizers"
+    ));
+    if p.is_dir() {
+        Some(p)
+    } else {
+        eprintln!("skipping: {} not found", p.display());
+        None
+    }
+}
+
+#[test]
+fn real_tokenizers_map_known_tokens_to_bytes() -> anyhow::Result<()> {
+    let Some(root) = root() else { return Ok(()) };
+    let load = |name: &str| -> anyhow::Result<Vocab> {
+        let tok = tokenizers::Tokenizer::from_file(root.join(name).join("tokenizer.json"))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(Vocab::from_tokenizer(&tok, tok.get_vocab_size(true), &[])?)
+    };
+    let gpt2 = load("gpt2")?;
+    assert_eq!(gpt2.token_bytes(262), Some(&b" the"[..]));
+    let llama2 = load("llama2")?;
+    assert_eq!(llama2.token_bytes(278), Some(&b" the"[..]));
+    assert_eq!(llama2.token_bytes(13), Some(&b"\n"[..]));
+    assert_eq!(llama2.token_bytes(1), None, "<s> is not text");
+    let qwen2 = load("qwen2")?;
+    assert_eq!(qwen2.kind(), model_node::vocab::TokenizerKind::ByteLevel);
+    assert_eq!(llama2.kind(), model_node::vocab::TokenizerKind::SentencePiece);
+    Ok(())
+}
+
+#[test]
+fn real_tokenizers_char_marginals_sum_to_one_and_match_brute_force() -> anyhow::Result<()> {
+    let Some(root) = root() else { return Ok(()) };
+    let mut names: Vec<_> = std::fs::read_dir(&root)?
+        .filter_map(|e| e.ok().map(|e| e.file_name()))
+        .collect();
+    names.sort();
+    assert!(names.len() >= 6);
+    for name in names {
+        let tok = tokenizers::Tokenizer::from_file(root.join(&name).join("tokenizer.json"))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let n = tok.get_vocab_size(true);
+        let v = Vocab::from_tokenizer(&tok, n, &[])?;
+        for (seed, (text, commits)) in [
+            ("The ca", vec!["t", " "]),
+            ("Un caf", vec!["é", " "]),
+            ("你好，中", vec!["文"]),
+            ("smile 😀", vec![" "]),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let ids = tok
+                .encode(text, false)
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+                .get_ids()
+                .to_vec();
+            let (last, rest) = ids.split_last().ok_or_else(|| anyhow::anyhow!("no tokens"))?;
+            // A fixed first token stands for the prompt.
+            let mut prefix = vec![0u32];
+            prefix.extend_from_slice(rest);
+            let rem = v.token_bytes(*last).unwrap_or_default().to_vec();
+            let mut m = Random(n, seed as u64);
+            let Ok(mut st) = CharState::new(prefix.clone(), rem.clone(), CharOptions::default(), &v, &mut m);
+            let mut committed = rem;
+            for step in 0..=commits.len() {
+                let Ok(d) = st.distribution(1_000_000, &v, &mut m);
+                let total: f64 = d.chars.iter().map(|c| c.1).sum::<f64>() + d.eos;
+                let what = format!("{name:?} {text:?} step {step}");
+                assert!(
+                    (total - 1.0).abs() < 1e-5 && d.residual < 1e-5,
+                    "{what}: total {total}, residual {}",
+                    d.residual
+                );
+                // Brute force on the two most likely characters: their ratio.
+                if d.chars.len() >= 2 {
+                    let mass = |m: &mut Random, c: char| {
+                        let mut need = committed.clone();
+                        need.extend_from_slice(c.to_string().as_bytes());
+                        brute(m, &v, &prefix, &need)
+                    };
+                    let (a, b) = (mass(&mut m, d.chars[0].0), mass(&mut m, d.chars[1].0));
+                    let (got, want) = (d.chars[1].1 / d.chars[0].1, b / a);
+                    assert!(
+                        (got - want).abs() <= 1e-5 * want.max(1e-12) + 1e-9,
+                        "{what}: {got} vs {want}"
+                    );
+                }
+                if let Some(c) = commits.get(step) {
+                    let Ok(()) = st.commit(c, &v, &mut m);
+                    committed.extend_from_slice(c.as_bytes());
+                }
+            }
+        }
+    }
+    Ok(())
+}
