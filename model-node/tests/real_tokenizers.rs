@@ -114,7 +114,14 @@ fn real_tokenizers_char_marginals_sum_to_one_and_match_brute_force() -> anyhow::
             prefix.extend_from_slice(rest);
             let rem = v.token_bytes(*last).unwrap_or_default().to_vec();
             let mut m = Random(n, seed as u64);
+            // Default pruning for the sum; (almost) no pruning for the comparison with brute force.
             let Ok(mut st) = CharState::new(prefix.clone(), rem.clone(), CharOptions::default(), &v, &mut m);
+            let exact = CharOptions {
+                max_hypotheses: 64,
+                min_mass: 1e-12,
+                lookahead: true,
+            };
+            let Ok(mut ex) = CharState::new(prefix.clone(), rem.clone(), exact, &v, &mut m);
             let mut committed = rem;
             for step in 0..=commits.len() {
                 let Ok(d) = st.distribution(1_000_000, &v, &mut m);
@@ -126,6 +133,7 @@ fn real_tokenizers_char_marginals_sum_to_one_and_match_brute_force() -> anyhow::
                     d.residual
                 );
                 // Brute force on the two most likely characters: their ratio.
+                let Ok(d) = ex.distribution(2, &v, &mut m);
                 if d.chars.len() >= 2 {
                     let mass = |m: &mut Random, c: char| {
                         let mut need = committed.clone();
@@ -141,6 +149,23 @@ fn real_tokenizers_char_marginals_sum_to_one_and_match_brute_force() -> anyhow::
                 }
                 if let Some(c) = commits.get(step) {
                     let Ok(()) = st.commit(c, &v, &mut m);
+                    if st.hypotheses() == 0 {
+                        // Every kept path died (beam pruning): rebuild from the canonical tokenization,
+                        // as the engine does.
+                        let full = format!("{text}{}", commits[..=step].concat());
+                        let ids = tok
+                            .encode(full.as_str(), false)
+                            .map_err(|e| anyhow::anyhow!("{e}"))?
+                            .get_ids()
+                            .to_vec();
+                        let (last, rest) = ids.split_last().ok_or_else(|| anyhow::anyhow!("no tokens"))?;
+                        let mut p = vec![0u32];
+                        p.extend_from_slice(rest);
+                        let r = v.token_bytes(*last).unwrap_or_default().to_vec();
+                        let Ok(fresh) = CharState::new(p, r, CharOptions::default(), &v, &mut m);
+                        st = fresh;
+                    }
+                    let Ok(()) = ex.commit(c, &v, &mut m);
                     committed.extend_from_slice(c.as_bytes());
                 }
             }
