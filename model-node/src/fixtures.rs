@@ -245,3 +245,55 @@ mod tests {
         Ok(())
     }
 }
+
+/// A deterministic stand-in language model: next-token probabilities are a seeded function of the
+/// token sequence (logits uniform in `[0, scale)`, softmaxed). For tests of the character method.
+pub struct RandomModel {
+    /// Vocabulary rows.
+    pub n: usize,
+    /// Seed mixed into every distribution.
+    pub seed: u64,
+    /// Logit range; larger is more peaked.
+    pub scale: f64,
+}
+
+impl RandomModel {
+    /// The distribution after `tokens`.
+    pub fn probs(&self, tokens: &[u32]) -> std::sync::Arc<[f32]> {
+        use rand::{Rng, SeedableRng};
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (self.seed, tokens).hash(&mut h);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(h.finish());
+        let logits: Vec<f64> = (0..self.n).map(|_| rng.random::<f64>() * self.scale).collect();
+        let max = logits.iter().copied().fold(f64::MIN, f64::max);
+        let e: Vec<f64> = logits.iter().map(|l| (l - max).exp()).collect();
+        let s: f64 = e.iter().sum();
+        e.iter().map(|x| (x / s) as f32).collect::<Vec<f32>>().into()
+    }
+}
+
+impl crate::chars::NextTokenModel for RandomModel {
+    type Error = std::convert::Infallible;
+    fn next_probs(&mut self, tokens: &[u32]) -> std::result::Result<std::sync::Arc<[f32]>, Self::Error> {
+        Ok(self.probs(tokens))
+    }
+}
+
+/// Brute force: P(the byte stream after `tokens` starts with `need`), enumerating every token path
+/// with linear scans of the vocabulary (no trie): the reference the character method is tested against.
+pub fn brute_prefix(m: &RandomModel, v: &crate::vocab::Vocab, tokens: &[u32], need: &[u8]) -> f64 {
+    let p = m.probs(tokens);
+    let mut sum = 0.0;
+    for id in 0..v.n_rows() as u32 {
+        let Some(b) = v.token_bytes(id) else { continue };
+        if b.starts_with(need) {
+            sum += f64::from(p[id as usize]);
+        } else if need.starts_with(b) {
+            let mut t = tokens.to_vec();
+            t.push(id);
+            sum += f64::from(p[id as usize]) * brute_prefix(m, v, &t, &need[b.len()..]);
+        }
+    }
+    sum
+}

@@ -2,51 +2,10 @@
 //! note when absent), with random next-token distributions: the full distribution sums to 1, and the
 //! listed characters match a brute-force enumeration of token paths (linear scans, no trie).
 
-use std::path::PathBuf;
-use std::sync::Arc;
-
-use model_node::chars::{CharOptions, CharState, NextTokenModel};
+use model_node::chars::{CharOptions, CharState};
+use model_node::fixtures::{RandomModel, brute_prefix};
 use model_node::vocab::Vocab;
-use rand::{Rng, SeedableRng, rngs::StdRng};
-
-struct Random(usize, u64);
-
-impl NextTokenModel for Random {
-    type Error = std::convert::Infallible;
-    fn next_probs(&mut self, tokens: &[u32]) -> Result<Arc<[f32]>, Self::Error> {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        (self.1, tokens).hash(&mut h);
-        let mut rng = StdRng::seed_from_u64(h.finish());
-        let e: Vec<f64> = (0..self.0).map(|_| (rng.random::<f64>() * 12.0).exp()).collect();
-        let s: f64 = e.iter().sum();
-        Ok(e.iter().map(|x| (x / s) as f32).collect::<Vec<f32>>().into())
-    }
-}
-
-fn probs(m: &mut Random, t: &[u32]) -> Arc<[f32]> {
-    match m.next_probs(t) {
-        Ok(p) => p,
-        Err(e) => match e {},
-    }
-}
-
-/// P(stream after `tokens` starts with `need`), enumerating token paths with linear scans.
-fn brute(m: &mut Random, v: &Vocab, tokens: &[u32], need: &[u8]) -> f64 {
-    let p = probs(m, tokens);
-    let mut sum = 0.0;
-    for id in 0..v.n_rows() as u32 {
-        let Some(b) = v.token_bytes(id) else { continue };
-        if b.starts_with(need) {
-            sum += f64::from(p[id as usize]);
-        } else if need.starts_with(b) {
-            let mut t = tokens.to_vec();
-            t.push(id);
-            sum += f64::from(p[id as usize]) * brute(m, v, &t, &need[b.len()..]);
-        }
-    }
-    sum
-}
+use std::path::PathBuf;
 
 fn root() -> Option<PathBuf> {
     let p = PathBuf::from(concat!(
@@ -113,7 +72,11 @@ fn real_tokenizers_char_marginals_sum_to_one_and_match_brute_force() -> anyhow::
             let mut prefix = vec![0u32];
             prefix.extend_from_slice(rest);
             let rem = v.token_bytes(*last).unwrap_or_default().to_vec();
-            let mut m = Random(n, seed as u64);
+            let mut m = RandomModel {
+                n,
+                seed: seed as u64,
+                scale: 12.0,
+            };
             // Default pruning for the sum; (almost) no pruning for the comparison with brute force.
             let Ok(mut st) = CharState::new(prefix.clone(), rem.clone(), CharOptions::default(), &v, &mut m);
             let exact = CharOptions {
@@ -135,10 +98,10 @@ fn real_tokenizers_char_marginals_sum_to_one_and_match_brute_force() -> anyhow::
                 // Brute force on the two most likely characters: their ratio.
                 let Ok(d) = ex.distribution(2, &v, &mut m);
                 if d.chars.len() >= 2 {
-                    let mass = |m: &mut Random, c: char| {
+                    let mass = |m: &mut RandomModel, c: char| {
                         let mut need = committed.clone();
                         need.extend_from_slice(c.to_string().as_bytes());
-                        brute(m, &v, &prefix, &need)
+                        brute_prefix(m, &v, &prefix, &need)
                     };
                     let (a, b) = (mass(&mut m, d.chars[0].0), mass(&mut m, d.chars[1].0));
                     let (got, want) = (d.chars[1].1 / d.chars[0].1, b / a);
