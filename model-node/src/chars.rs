@@ -70,6 +70,15 @@ struct Dist {
     probs: Arc<[f32]>,
     cum: Arc<Vec<f64>>,
     eos: f64,
+    /// What the empty remainder needs, computed at most once per forward pass.
+    root: Arc<std::sync::OnceLock<RootScan>>,
+}
+
+/// For an empty remainder: the mass of tokens that do not start with a whole character, and those that
+/// start an unfinished one (candidates for look-ahead), most probable first.
+struct RootScan {
+    bad: f64,
+    incomplete: Vec<(u32, f64)>,
 }
 
 impl Dist {
@@ -86,6 +95,26 @@ impl Dist {
             return r.map(|pos| self.p(v.sorted_id(pos))).sum();
         }
         self.cum.get(r.end).copied().unwrap_or(0.0) - self.cum.get(r.start).copied().unwrap_or(0.0)
+    }
+
+    fn root_scan(&self, v: &Vocab) -> &RootScan {
+        self.root.get_or_init(|| {
+            let mut bad = 0.0;
+            let mut incomplete = Vec::new();
+            for &pos in v.irregular_in(0..v.n_text()) {
+                let id = v.sorted_id(pos);
+                match classify(v.sorted_bytes(pos)) {
+                    Start::Complete(_) => {}
+                    Start::Incomplete => {
+                        bad += self.p(id);
+                        incomplete.push((id, self.p(id)));
+                    }
+                    Start::Invalid => bad += self.p(id),
+                }
+            }
+            incomplete.sort_by(|a, b| b.1.total_cmp(&a.1));
+            RootScan { bad, incomplete }
+        })
     }
 
     /// Mass of the tokens strictly longer than `prefix` that start with it.
@@ -287,7 +316,12 @@ impl CharState {
             .map(|&e| f64::from(probs.get(e as usize).copied().unwrap_or(0.0)))
             .sum();
         let cum = Arc::new(vocab.trie_cumsum(&probs));
-        Ok(Dist { probs, cum, eos })
+        Ok(Dist {
+            probs,
+            cum,
+            eos,
+            root: Arc::default(),
+        })
     }
 
     fn live(&self, h: &Hyp, vocab: &Vocab) -> f64 {
@@ -382,38 +416,46 @@ impl CharState {
     fn analyse<M: NextTokenModel>(&mut self, vocab: &Vocab, model: &mut M) -> Result<Analysis, M::Error> {
         let mut z = 0.0;
         let mut eos = 0.0;
-        let mut cands: Vec<(Vec<u32>, Vec<u8>, f64)> = Vec::new();
+        // (weight, tokens, pending bytes) of paths whose last token ends inside the next character.
+        let mut cands: Vec<(f64, Vec<u32>, Vec<u8>)> = Vec::new();
         for h in &self.hyps {
-            if h.rem.is_empty() {
+            let mut incomplete: Vec<(u32, f64, Vec<u8>)> = Vec::new();
+            let bad = if h.rem.is_empty() {
                 eos += h.w * h.dist.eos;
-            }
-            let range = if h.rem.is_empty() {
-                0..vocab.n_text()
+                let scan = h.dist.root_scan(vocab);
+                // Candidates under min_mass x this path's own mass can never be followed: stop there.
+                let floor = self.opts.min_mass * (h.dist.mass_beyond(vocab, &h.rem) - scan.bad + h.dist.eos);
+                for &(id, p) in scan.incomplete.iter().take_while(|(_, p)| *p >= floor) {
+                    incomplete.push((id, p, vocab.token_bytes(id).unwrap_or_default().to_vec()));
+                }
+                scan.bad
             } else {
-                vocab.prefix_range(&h.rem)
-            };
-            let mut bad = 0.0;
-            for &pos in vocab.irregular_in(range) {
-                let b = vocab.sorted_bytes(pos);
-                if b.len() <= h.rem.len() {
-                    continue;
-                }
-                let s = &b[h.rem.len()..];
-                match classify(s) {
-                    Start::Complete(_) => {}
-                    Start::Incomplete => {
-                        let id = vocab.sorted_id(pos);
-                        bad += h.dist.p(id);
-                        if self.opts.lookahead {
-                            let mut t = h.tokens.clone();
-                            t.push(id);
-                            cands.push((t, s.to_vec(), h.w * h.dist.p(id)));
-                        }
+                let mut bad = 0.0;
+                for &pos in vocab.irregular_in(vocab.prefix_range(&h.rem)) {
+                    let b = vocab.sorted_bytes(pos);
+                    if b.len() <= h.rem.len() {
+                        continue;
                     }
-                    Start::Invalid => bad += h.dist.p(vocab.sorted_id(pos)),
+                    let id = vocab.sorted_id(pos);
+                    match classify(&b[h.rem.len()..]) {
+                        Start::Complete(_) => {}
+                        Start::Incomplete => {
+                            bad += h.dist.p(id);
+                            incomplete.push((id, h.dist.p(id), b[h.rem.len()..].to_vec()));
+                        }
+                        Start::Invalid => bad += h.dist.p(id),
+                    }
+                }
+                bad
+            };
+            z += h.w * (h.dist.mass_beyond(vocab, &h.rem) - bad);
+            if self.opts.lookahead {
+                for (id, p, pend) in incomplete {
+                    let mut t = h.tokens.clone();
+                    t.push(id);
+                    cands.push((h.w * p, t, pend));
                 }
             }
-            z += h.w * (h.dist.mass_beyond(vocab, &h.rem) - bad);
         }
         z += eos;
         let block = vocab.first_byte_block(0x80, 0xBF);
@@ -423,25 +465,40 @@ impl CharState {
         } else {
             usize::MAX
         };
-        while !cands.is_empty() && looks.len() < cap {
-            cands.sort_by(|a, b| b.2.total_cmp(&a.2));
-            let (tokens, pend, w) = cands.remove(0);
-            let bound = z + w + cands.iter().map(|c| c.2).sum::<f64>();
-            if w <= 0.0 || w < self.opts.min_mass * bound {
+        let mut pending: f64 = cands.iter().map(|c| c.0).sum();
+        let mut heap: BinaryHeap<Node> = BinaryHeap::new();
+        let mut paths: Vec<(Vec<u32>, Vec<u8>)> = Vec::new();
+        for (w, t, pend) in cands {
+            heap.push(Node(w, (paths.len() as u64).to_be_bytes().to_vec()));
+            paths.push((t, pend));
+        }
+        let mut buf = Vec::with_capacity(8);
+        while looks.len() < cap {
+            let Some(Node(w, key)) = heap.pop() else { break };
+            pending -= w;
+            let idx = key.try_into().map(u64::from_be_bytes).unwrap_or(u64::MAX) as usize;
+            let Some((tokens, pend)) = paths.get(idx).cloned() else {
                 continue;
+            };
+            if w <= 0.0 || w < self.opts.min_mass * (z + w + pending) {
+                break; // the heap is ordered: every later candidate is lighter
             }
             let dist = self.dist(&tokens, vocab, model, &HashMap::new())?;
             let mut valid = 0.0;
             for pos in block.clone() {
                 let id = vocab.sorted_id(pos);
-                let mut s = pend.clone();
-                s.extend_from_slice(vocab.sorted_bytes(pos));
-                match classify(&s) {
+                buf.clear();
+                buf.extend_from_slice(&pend);
+                buf.extend_from_slice(vocab.sorted_bytes(pos));
+                match classify(&buf) {
                     Start::Complete(_) => valid += dist.p(id),
                     Start::Incomplete => {
+                        let cw = w * dist.p(id);
                         let mut t = tokens.clone();
                         t.push(id);
-                        cands.push((t, s, w * dist.p(id)));
+                        heap.push(Node(cw, (paths.len() as u64).to_be_bytes().to_vec()));
+                        paths.push((t, buf.clone()));
+                        pending += cw;
                     }
                     Start::Invalid => {}
                 }

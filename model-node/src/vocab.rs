@@ -47,6 +47,8 @@ pub struct Vocab {
     /// Trie positions of the tokens whose bytes are not valid UTF-8 on their own (byte pieces of
     /// characters): the only tokens that can break a character.
     irregular: Vec<usize>,
+    /// `first_byte[b]..first_byte[b + 1]`: trie positions of the tokens starting with byte `b`.
+    first_byte: Vec<usize>,
     eos: Vec<u32>,
 }
 
@@ -161,26 +163,31 @@ impl Vocab {
             .collect();
         eos.sort_unstable();
         eos.dedup();
+        let first_byte = (0..=256usize)
+            .map(|b| {
+                order.partition_point(|&id| {
+                    bytes[id as usize]
+                        .as_deref()
+                        .and_then(|x| x.first())
+                        .map_or(0, |&x| usize::from(x))
+                        < b
+                })
+            })
+            .collect();
         Self {
             kind,
             bytes,
             order,
             irregular,
+            first_byte,
             eos,
         }
     }
 
     /// Trie positions of the tokens whose first byte is in `lo..=hi`.
     pub fn first_byte_block(&self, lo: u8, hi: u8) -> Range<usize> {
-        let first = |id: &u32| {
-            self.bytes[*id as usize]
-                .as_deref()
-                .and_then(|b| b.first().copied())
-                .unwrap_or(0)
-        };
-        let start = self.order.partition_point(|id| first(id) < lo);
-        let end = self.order.partition_point(|id| first(id) <= hi);
-        start..end.max(start)
+        let start = self.first_byte[usize::from(lo)];
+        start..self.first_byte[usize::from(hi) + 1].max(start)
     }
 
     /// Trie positions, ascending, of the tokens that are not valid UTF-8 on their own, within `range`.
@@ -234,17 +241,19 @@ impl Vocab {
 
     /// Trie positions of the tokens whose bytes start with `prefix` (all text tokens for an empty prefix).
     pub fn prefix_range(&self, prefix: &[u8]) -> Range<usize> {
-        let lo = self
-            .order
-            .partition_point(|&id| self.bytes[id as usize].as_deref().unwrap_or_default() < prefix);
-        let hi = lo
-            + self.order[lo..].partition_point(|&id| {
-                self.bytes[id as usize]
-                    .as_deref()
-                    .unwrap_or_default()
-                    .starts_with(prefix)
-            });
-        lo..hi
+        let Some(&first) = prefix.first() else {
+            return 0..self.order.len();
+        };
+        // The first byte's block comes from a table; only longer prefixes search, within it.
+        let block = self.first_byte[first as usize]..self.first_byte[first as usize + 1];
+        if prefix.len() == 1 {
+            return block;
+        }
+        let slice = &self.order[block.clone()];
+        let key = |id: &u32| self.bytes[*id as usize].as_deref().unwrap_or_default();
+        let lo = slice.partition_point(|id| key(id) < prefix);
+        let hi = lo + slice[lo..].partition_point(|id| key(id).starts_with(prefix));
+        block.start + lo..block.start + hi
     }
 
     /// Prefix sums (length `n_text + 1`) of `probs` permuted into trie order: the once-per-forward O(V)
