@@ -32,16 +32,24 @@ async fn serve_answers_then_sigterm_drains_and_exits_zero() -> anyhow::Result<()
     while addr.is_none() {
         let line = rx.recv_timeout(Duration::from_secs(60))?;
         if line.contains("serving") {
-            addr = line.split("addr=").nth(1).map(|a| a.split_whitespace().next().unwrap_or_default().to_owned());
+            addr = line
+                .split("addr=")
+                .nth(1)
+                .map(|a| a.split_whitespace().next().unwrap_or_default().to_owned());
         }
     }
     let addr = addr.unwrap_or_default();
     let mut c = pb::model_node_client::ModelNodeClient::connect(format!("http://{addr}")).await?;
     let info = c.info(pb::InfoRequest {}).await?.into_inner();
     assert_eq!(info.architecture, "mistral");
-    let inflight = tokio::spawn(async move { c.propose_segment(common::greedy(common::raw("hello", "", ""), 48)).await });
+    let inflight = tokio::spawn(async move {
+        c.propose_segment(common::greedy(common::raw("hello", "", ""), 48))
+            .await
+    });
     tokio::time::sleep(Duration::from_millis(20)).await;
-    let kill = Command::new("kill").args(["-TERM", &child.id().to_string()]).status()?;
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()?;
     assert!(kill.success());
     let done = inflight.await?;
     assert!(done.is_ok(), "in-flight call lost: {done:?}");
@@ -62,6 +70,9 @@ fn broken_model_dir_fails_at_start_naming_the_file() -> anyhow::Result<()> {
         .output()?;
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("config.json is missing") && err.contains("supported model_type"), "{err}");
+    assert!(
+        err.contains("config.json is missing") && err.contains("supported model_type"),
+        "{err}"
+    );
     Ok(())
 }

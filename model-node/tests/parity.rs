@@ -62,7 +62,7 @@ fn logits_match_candle_transformers_for_every_architecture() -> anyhow::Result<(
     let root = common::temp_dir("parity");
     for (i, arch) in common::ARCHS.iter().enumerate() {
         let dir = root.join(arch);
-        let config = common::tiny_config(arch, 97);
+        let config = common::tiny_config(arch, 97)?;
         common::write_model(&dir, &config, 11 + i as u64)?;
         let text = std::fs::read_to_string(dir.join("config.json"))?;
         let weights = [dir.join("model.safetensors")];
@@ -107,7 +107,7 @@ fn logits_match_candle_transformers_for_every_architecture() -> anyhow::Result<(
 fn batched_candidates_over_a_shared_cache_match_single_runs() -> anyhow::Result<()> {
     let root = common::temp_dir("batch");
     let dir = root.join("qwen2");
-    common::write_model(&dir, &common::tiny_config("qwen2", 97), 5)?;
+    common::write_model(&dir, &common::tiny_config("qwen2", 97)?, 5)?;
     let text = std::fs::read_to_string(dir.join("config.json"))?;
     let cfg = ArchConfig::from_json(&text, "config.json")?;
     let vb = VarBuilder::from_tensors(
