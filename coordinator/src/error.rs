@@ -53,6 +53,25 @@ pub enum Error {
     /// Every node has left the request (failed or exited). Maps to `UNAVAILABLE`.
     #[error("no active node left for this request")]
     NoActiveNode,
+    /// A model node answered with an error status. The request goes on without that node; alone it
+    /// maps to the node's own code.
+    #[error("node {node}: {code:?}: {message}")]
+    Node {
+        /// The node's name.
+        node: String,
+        /// The gRPC code it answered.
+        code: tonic::Code,
+        /// Its message.
+        message: String,
+    },
+    /// A model node did not answer within its per-call deadline. Maps to `DEADLINE_EXCEEDED`.
+    #[error("node {node} did not answer within {deadline_ms} ms")]
+    Timeout {
+        /// The node's name.
+        node: String,
+        /// The deadline.
+        deadline_ms: u64,
+    },
     /// No node drafted any text this round and none ended the answer. Maps to `UNAVAILABLE`.
     #[error("no node drafted any text this round")]
     NoCandidates,

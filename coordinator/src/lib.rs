@@ -11,6 +11,8 @@
 //!   - `specfuse/drafts.rs`: word-boundary cuts, empty drafts, merging identical drafts.
 //! - [`chared`]: CharED character-wise ensembling of next-character distributions ([`CharEd`],
 //!   [`CharedParams`], [`CharStep`]).
+//! - [`node_client`]: one node within one request: session deltas, full-context resend when the
+//!   node lost the session, per-call deadlines ([`NodeClient`]).
 //! - `math.rs`: the shared, numerically stable softmax.
 //! - `main.rs`: the binary, a stub until the network layer lands.
 //!
@@ -20,8 +22,10 @@
 pub mod chared;
 pub mod error;
 mod math;
+pub mod node_client;
 pub mod specfuse;
 
 pub use chared::{CharEd, CharOutcome, CharStep, CharedParams, NodeCharDist};
 pub use error::{Error, Result};
+pub use node_client::NodeClient;
 pub use specfuse::{DraftText, Drafts, RoundOutcome, SpecFuse, SpecFuseParams};

@@ -350,58 +350,6 @@ pub fn tiny_model_dir(root: &Path, arch: &str, kind: &str, seed: u64) -> Result<
     Ok(dir)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::vocab::{TokenizerKind, Vocab};
-
-    const CORPUS: &[&str] = &["the cat sat on the mat", "café 中文 😀 the end", "hello world"];
-
-    fn roundtrip(tok: &Tokenizer, kind: TokenizerKind) -> Result<()> {
-        let n = tok.get_vocab_size(true);
-        let v = Vocab::from_tokenizer(tok, n, &[]).map_err(tk)?;
-        assert_eq!(v.kind(), kind);
-        for text in ["the cat", "café 中文 😀", "zebra ÿ"] {
-            let ids = tok.encode(text, false).map_err(tk)?.get_ids().to_vec();
-            let bytes: Vec<u8> = ids
-                .iter()
-                .filter_map(|&i| v.token_bytes(i))
-                .flatten()
-                .copied()
-                .collect();
-            let want = if kind == TokenizerKind::SentencePiece {
-                format!(" {text}")
-            } else {
-                text.to_owned()
-            };
-            if kind == TokenizerKind::Plain && text.starts_with("zebra") {
-                continue; // unseen characters are <unk> in a closed character vocabulary
-            }
-            assert_eq!(String::from_utf8_lossy(&bytes), want, "{kind:?}");
-        }
-        Ok(())
-    }
-
-    #[test]
-    fn fixtures_round_trip_text_through_token_bytes() -> Result<()> {
-        roundtrip(&byte_level_bpe(CORPUS, 300)?, TokenizerKind::ByteLevel)?;
-        roundtrip(&sentencepiece_bpe(CORPUS, 300)?, TokenizerKind::SentencePiece)?;
-        roundtrip(&char_level(CORPUS)?, TokenizerKind::Plain)?;
-        let sp = sentencepiece_bpe(CORPUS, 300)?;
-        assert_eq!(sp.token_to_id("<0x41>"), Some(3 + 0x41));
-        assert_eq!(sp.token_to_id("</s>"), Some(2));
-        Ok(())
-    }
-
-    #[test]
-    fn fixtures_are_deterministic() -> Result<()> {
-        let a = byte_level_bpe(CORPUS, 300)?.to_string(false).map_err(tk)?;
-        let b = byte_level_bpe(CORPUS, 300)?.to_string(false).map_err(tk)?;
-        assert_eq!(a, b);
-        Ok(())
-    }
-}
-
 /// A deterministic stand-in language model: next-token probabilities are a seeded function of the
 /// token sequence (logits uniform in `[0, scale)`, softmaxed). For tests of the character method.
 pub struct RandomModel {
@@ -452,4 +400,56 @@ pub fn brute_prefix(m: &RandomModel, v: &crate::vocab::Vocab, tokens: &[u32], ne
         }
     }
     sum
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vocab::{TokenizerKind, Vocab};
+
+    const CORPUS: &[&str] = &["the cat sat on the mat", "café 中文 😀 the end", "hello world"];
+
+    fn roundtrip(tok: &Tokenizer, kind: TokenizerKind) -> Result<()> {
+        let n = tok.get_vocab_size(true);
+        let v = Vocab::from_tokenizer(tok, n, &[]).map_err(tk)?;
+        assert_eq!(v.kind(), kind);
+        for text in ["the cat", "café 中文 😀", "zebra ÿ"] {
+            let ids = tok.encode(text, false).map_err(tk)?.get_ids().to_vec();
+            let bytes: Vec<u8> = ids
+                .iter()
+                .filter_map(|&i| v.token_bytes(i))
+                .flatten()
+                .copied()
+                .collect();
+            let want = if kind == TokenizerKind::SentencePiece {
+                format!(" {text}")
+            } else {
+                text.to_owned()
+            };
+            if kind == TokenizerKind::Plain && text.starts_with("zebra") {
+                continue; // unseen characters are <unk> in a closed character vocabulary
+            }
+            assert_eq!(String::from_utf8_lossy(&bytes), want, "{kind:?}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn fixtures_round_trip_text_through_token_bytes() -> Result<()> {
+        roundtrip(&byte_level_bpe(CORPUS, 300)?, TokenizerKind::ByteLevel)?;
+        roundtrip(&sentencepiece_bpe(CORPUS, 300)?, TokenizerKind::SentencePiece)?;
+        roundtrip(&char_level(CORPUS)?, TokenizerKind::Plain)?;
+        let sp = sentencepiece_bpe(CORPUS, 300)?;
+        assert_eq!(sp.token_to_id("<0x41>"), Some(3 + 0x41));
+        assert_eq!(sp.token_to_id("</s>"), Some(2));
+        Ok(())
+    }
+
+    #[test]
+    fn fixtures_are_deterministic() -> Result<()> {
+        let a = byte_level_bpe(CORPUS, 300)?.to_string(false).map_err(tk)?;
+        let b = byte_level_bpe(CORPUS, 300)?.to_string(false).map_err(tk)?;
+        assert_eq!(a, b);
+        Ok(())
+    }
 }

@@ -86,8 +86,7 @@ fn logits_match_candle_transformers_for_every_architecture() -> anyhow::Result<(
             ours_v.iter().copied().fold(f32::MIN, f32::max) - ours_v.iter().copied().fold(f32::MAX, f32::min);
         assert!(spread > 0.1, "{arch}: degenerate model (logit spread {spread})");
 
-        let mut offset = prompt.len();
-        for &t in &[7u32, 64, 3] {
+        for (offset, &t) in (prompt.len()..).zip(&[7u32, 64, 3]) {
             let input = Tensor::new(&[t], &Device::Cpu)?.unsqueeze(0)?;
             let (l, k) = ours.forward(&input, &kv, false)?;
             kv = k;
@@ -96,7 +95,6 @@ fn logits_match_candle_transformers_for_every_architecture() -> anyhow::Result<(
                 &reference.last_logits(&[t], offset)?,
             );
             assert!(d < 1e-4, "{arch}: cached step logits differ by {d}");
-            offset += 1;
         }
         assert_eq!(kv.len(), prompt.len() + 3);
     }

@@ -1,0 +1,195 @@
+//! A client for one model node within one request: it keeps the node's session in step with the
+//! request's answer by sending only what was appended since the last call (`ContextDelta`), resends
+//! the full context when the node lost the session (`NOT_FOUND`, `FAILED_PRECONDITION`), and bounds
+//! every call by a deadline.
+
+use std::time::Duration;
+
+use ensemble_proto::v1 as pb;
+use ensemble_proto::v1::model_node_client::ModelNodeClient;
+use tonic::transport::Channel;
+
+use crate::error::{Error, Result};
+
+/// One node, as one request sees it.
+pub struct NodeClient {
+    name: String,
+    client: ModelNodeClient<Channel>,
+    deadline: Duration,
+    session: String,
+    prompt: Option<pb::Prompt>,
+    answer: String,
+    answer_chars: u64,
+    /// Answer characters the node's session holds (None: it has no session yet).
+    synced: Option<u64>,
+    resends: u64,
+}
+
+fn is_lost_session(code: tonic::Code) -> bool {
+    matches!(code, tonic::Code::NotFound | tonic::Code::FailedPrecondition)
+}
+
+macro_rules! call_with_context {
+    ($self:ident, $method:ident, |$ctx:ident| $req:expr) => {{
+        let mut full = $self.synced.is_none();
+        loop {
+            let $ctx = Some($self.context(full));
+            let mut request = tonic::Request::new($req);
+            request.set_timeout($self.deadline);
+            let outcome = tokio::time::timeout($self.deadline, $self.client.$method(request)).await;
+            match outcome {
+                Err(_) => {
+                    $self.synced = None;
+                    return Err(Error::Timeout {
+                        node: $self.name.clone(),
+                        deadline_ms: $self.deadline.as_millis() as u64,
+                    });
+                }
+                Ok(Ok(resp)) => {
+                    $self.synced = Some($self.answer_chars);
+                    return Ok(resp.into_inner());
+                }
+                Ok(Err(status)) if !full && is_lost_session(status.code()) => {
+                    $self.resends += 1;
+                    full = true;
+                }
+                Ok(Err(status)) => {
+                    $self.synced = None;
+                    // tonic reports its own client-side deadline as CANCELLED "Timeout expired".
+                    if matches!(
+                        status.code(),
+                        tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+                    ) {
+                        return Err(Error::Timeout {
+                            node: $self.name.clone(),
+                            deadline_ms: $self.deadline.as_millis() as u64,
+                        });
+                    }
+                    return Err(Error::Node {
+                        node: $self.name.clone(),
+                        code: status.code(),
+                        message: status.message().to_owned(),
+                    });
+                }
+            }
+        }
+    }};
+}
+
+impl NodeClient {
+    /// A client over an open channel.
+    pub fn new(name: impl Into<String>, channel: Channel, deadline: Duration) -> Self {
+        Self {
+            name: name.into(),
+            client: ModelNodeClient::new(channel),
+            deadline,
+            session: String::new(),
+            prompt: None,
+            answer: String::new(),
+            answer_chars: 0,
+            synced: None,
+            resends: 0,
+        }
+    }
+
+    /// The node's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Starts a request: its session id (unique per request) and prompt.
+    pub fn begin(&mut self, session: impl Into<String>, prompt: pb::Prompt) {
+        self.session = session.into();
+        self.prompt = Some(prompt);
+        self.answer.clear();
+        self.answer_chars = 0;
+        self.synced = None;
+    }
+
+    /// Text the ensemble accepted: the answer grows (the node hears of it with the next call).
+    pub fn accept(&mut self, text: &str) {
+        self.answer.push_str(text);
+        self.answer_chars += text.chars().count() as u64;
+    }
+
+    /// How many times the node had lost the session and the full context was resent.
+    pub fn resends(&self) -> u64 {
+        self.resends
+    }
+
+    fn context(&self, full: bool) -> pb::Context {
+        let body = match (full, self.synced) {
+            (false, Some(base)) => {
+                let skip = usize::try_from(base).unwrap_or(usize::MAX);
+                let start = self
+                    .answer
+                    .char_indices()
+                    .nth(skip)
+                    .map_or(self.answer.len(), |(i, _)| i);
+                pb::context::Body::Delta(pb::ContextDelta {
+                    base_chars: base,
+                    append: self.answer[start..].to_owned(),
+                })
+            }
+            _ => pb::context::Body::Full(pb::FullContext {
+                prompt: self.prompt.clone(),
+                answer: self.answer.clone(),
+            }),
+        };
+        pb::Context {
+            session_id: self.session.clone(),
+            body: Some(body),
+        }
+    }
+
+    /// Drafts the next segment.
+    pub async fn propose(
+        &mut self,
+        max_new_tokens: u32,
+        stop: &[String],
+        sampling: pb::Sampling,
+    ) -> Result<pb::ProposeResponse> {
+        call_with_context!(self, propose_segment, |context| pb::ProposeRequest {
+            context,
+            max_new_tokens,
+            stop: stop.to_vec(),
+            sampling: Some(sampling),
+        })
+    }
+
+    /// Scores candidate continuations.
+    pub async fn score(&mut self, candidates: &[String]) -> Result<pb::ScoreResponse> {
+        call_with_context!(self, score_candidates, |context| pb::ScoreRequest {
+            context,
+            candidates: candidates.to_vec(),
+        })
+    }
+
+    /// The next-character distribution.
+    pub async fn next_char(
+        &mut self,
+        top_k: u32,
+        max_hypotheses: Option<u32>,
+        lookahead: Option<bool>,
+    ) -> Result<pb::NextCharResponse> {
+        call_with_context!(self, next_char_distribution, |context| pb::NextCharRequest {
+            context,
+            top_k,
+            max_hypotheses,
+            lookahead,
+        })
+    }
+
+    /// Frees the node's session (best effort: a node that is gone has nothing to free).
+    pub async fn close(&mut self) {
+        if self.session.is_empty() {
+            return;
+        }
+        let mut request = tonic::Request::new(pb::CloseSessionRequest {
+            session_id: self.session.clone(),
+        });
+        request.set_timeout(self.deadline);
+        let _ = tokio::time::timeout(self.deadline, self.client.close_session(request)).await;
+        self.synced = None;
+    }
+}
