@@ -11,6 +11,7 @@
 //!   - `specfuse/drafts.rs`: word-boundary cuts, empty drafts, merging identical drafts.
 //! - [`chared`]: CharED character-wise ensembling of next-character distributions ([`CharEd`],
 //!   [`CharedParams`], [`CharStep`]).
+//! - [`drive`]: the async edge of SpecFuse: parallel fan-out, failures, broadcast ([`drive::specfuse`]).
 //! - [`node_client`]: one node within one request: session deltas, full-context resend when the
 //!   node lost the session, per-call deadlines ([`NodeClient`]).
 //! - `math.rs`: the shared, numerically stable softmax.
@@ -20,6 +21,7 @@
 //! with its default on the params structs.
 
 pub mod chared;
+pub mod drive;
 pub mod error;
 mod math;
 pub mod node_client;

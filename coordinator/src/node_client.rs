@@ -23,6 +23,8 @@ pub struct NodeClient {
     /// Answer characters the node's session holds (None: it has no session yet).
     synced: Option<u64>,
     resends: u64,
+    /// Calls made: propose, score, next-character.
+    calls: [u64; 3],
 }
 
 fn is_lost_session(code: tonic::Code) -> bool {
@@ -89,6 +91,7 @@ impl NodeClient {
             answer_chars: 0,
             synced: None,
             resends: 0,
+            calls: [0; 3],
         }
     }
 
@@ -110,6 +113,11 @@ impl NodeClient {
     pub fn accept(&mut self, text: &str) {
         self.answer.push_str(text);
         self.answer_chars += text.chars().count() as u64;
+    }
+
+    /// Calls made so far: (propose, score, next-character); a resend is not a new call.
+    pub fn calls(&self) -> (u64, u64, u64) {
+        (self.calls[0], self.calls[1], self.calls[2])
     }
 
     /// How many times the node had lost the session and the full context was resent.
@@ -149,6 +157,7 @@ impl NodeClient {
         stop: &[String],
         sampling: pb::Sampling,
     ) -> Result<pb::ProposeResponse> {
+        self.calls[0] += 1;
         call_with_context!(self, propose_segment, |context| pb::ProposeRequest {
             context,
             max_new_tokens,
@@ -159,6 +168,7 @@ impl NodeClient {
 
     /// Scores candidate continuations.
     pub async fn score(&mut self, candidates: &[String]) -> Result<pb::ScoreResponse> {
+        self.calls[1] += 1;
         call_with_context!(self, score_candidates, |context| pb::ScoreRequest {
             context,
             candidates: candidates.to_vec(),
@@ -172,6 +182,7 @@ impl NodeClient {
         max_hypotheses: Option<u32>,
         lookahead: Option<bool>,
     ) -> Result<pb::NextCharResponse> {
+        self.calls[2] += 1;
         call_with_context!(self, next_char_distribution, |context| pb::NextCharRequest {
             context,
             top_k,

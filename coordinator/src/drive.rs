@@ -1,0 +1,145 @@
+//! The async edge of SpecFuse: fan the propose and score calls out to the active nodes in parallel,
+//! feed the answers to the [`SpecFuse`] state machine, broadcast the winner, and drop nodes that fail
+//! (the request goes on with the others).
+
+use ensemble_proto::v1 as pb;
+use futures::future::join_all;
+
+use crate::error::{Error, Result};
+use crate::node_client::NodeClient;
+use crate::specfuse::{DraftText, RoundOutcome, SpecFuse, SpecFuseParams};
+
+/// When the answer stops.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Most characters in the answer.
+    pub max_chars: usize,
+    /// The answer ends before the first of these.
+    pub stop: Vec<String>,
+}
+
+/// Why the answer ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// A winning draft ended with EOS or a node's stop string.
+    Eos,
+    /// `max_chars` reached.
+    Length,
+    /// A stop string appeared in the answer.
+    Stop,
+}
+
+/// A finished SpecFuse request.
+#[derive(Debug)]
+pub struct SpecFuseAnswer {
+    /// The answer.
+    pub text: String,
+    /// Why it ended.
+    pub finish: Finish,
+    /// Every round, for the trace.
+    pub rounds: Vec<RoundOutcome>,
+    /// Nodes that failed during the request, with the error.
+    pub failed: Vec<(usize, Error)>,
+    /// Mean active nodes per round.
+    pub mean_active: f64,
+}
+
+/// Runs one SpecFuse request over `nodes` (already `begin`-ed with the request's session and prompt).
+pub async fn specfuse(
+    nodes: &mut [NodeClient],
+    params: SpecFuseParams,
+    limits: &Limits,
+    sampling: pb::Sampling,
+) -> Result<SpecFuseAnswer> {
+    let mut sf = SpecFuse::new(params, nodes.len())?;
+    let mut answer = String::new();
+    let mut rounds = Vec::new();
+    let mut failed = Vec::new();
+    let segment = sf.params().segment_tokens;
+    let finish = loop {
+        // PROPOSE, in parallel over the active nodes.
+        let active = sf.active_nodes();
+        if active.is_empty() {
+            return Err(Error::NoActiveNode);
+        }
+        let calls = nodes
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| active.contains(i))
+            .map(|(i, n)| async move { (i, n.propose(segment, &limits.stop, sampling).await) });
+        let mut raw = Vec::new();
+        for (i, r) in join_all(calls).await {
+            match r {
+                Ok(p) => {
+                    let ended = matches!(p.finish_reason(), pb::FinishReason::Eos | pb::FinishReason::Stop);
+                    raw.push((
+                        i,
+                        DraftText {
+                            text: p.text,
+                            finished_by_eos_or_stop: ended,
+                        },
+                    ));
+                }
+                Err(e) => {
+                    sf.node_failed(i)?;
+                    failed.push((i, e));
+                }
+            }
+        }
+        let drafts = sf.prepare_drafts(raw);
+        // VERIFY, in parallel: every active node scores every distinct draft.
+        let texts: Vec<String> = drafts.texts().into_iter().map(str::to_owned).collect();
+        let mut scores = Vec::new();
+        if !texts.is_empty() {
+            let active = sf.active_nodes();
+            let calls = nodes
+                .iter_mut()
+                .enumerate()
+                .filter(|(i, _)| active.contains(i))
+                .map(|(i, n)| {
+                    let texts = &texts;
+                    async move { (i, n.score(texts).await) }
+                });
+            for (i, r) in join_all(calls).await {
+                match r {
+                    Ok(s) => scores.push((i, s.scores.iter().map(|c| c.mean_logprob).collect())),
+                    Err(e) => {
+                        sf.node_failed(i)?;
+                        failed.push((i, e));
+                    }
+                }
+            }
+        }
+        let outcome = sf.combine(&drafts, &scores)?;
+        // BROADCAST the winner.
+        answer.push_str(&outcome.winner.text);
+        let ends = outcome.winner.ends_answer;
+        for n in nodes.iter_mut() {
+            n.accept(&outcome.winner.text);
+        }
+        rounds.push(outcome);
+        if let Some(cut) = limits.stop.iter().filter_map(|s| answer.find(s.as_str())).min() {
+            answer.truncate(cut);
+            break Finish::Stop;
+        }
+        if ends {
+            break Finish::Eos;
+        }
+        if answer.chars().count() >= limits.max_chars {
+            if let Some((i, _)) = answer.char_indices().nth(limits.max_chars) {
+                answer.truncate(i);
+            }
+            break Finish::Length;
+        }
+    };
+    for n in nodes.iter_mut() {
+        n.close().await;
+    }
+    Ok(SpecFuseAnswer {
+        text: answer,
+        finish,
+        rounds,
+        failed,
+        mean_active: sf.mean_active_nodes().unwrap_or(0.0),
+    })
+}
