@@ -1,10 +1,11 @@
-//! The async edge of SpecFuse: fan the propose and score calls out to the active nodes in parallel,
-//! feed the answers to the [`SpecFuse`] state machine, broadcast the winner, and drop nodes that fail
+//! The async edge of the strategies: fan the calls out to the nodes in parallel, feed the answers to
+//! the state machines ([`SpecFuse`], [`CharEd`]), broadcast what was accepted, and drop nodes that fail
 //! (the request goes on with the others).
 
 use ensemble_proto::v1 as pb;
 use futures::future::join_all;
 
+use crate::chared::{CharEd, CharOutcome, CharStep, CharedParams, NodeCharDist};
 use crate::error::{Error, Result};
 use crate::node_client::NodeClient;
 use crate::specfuse::{DraftText, RoundOutcome, SpecFuse, SpecFuseParams};
@@ -141,5 +142,98 @@ pub async fn specfuse(
         rounds,
         failed,
         mean_active: sf.mean_active_nodes().unwrap_or(0.0),
+    })
+}
+
+/// A finished CharED request.
+#[derive(Debug)]
+pub struct CharEdAnswer {
+    /// The answer.
+    pub text: String,
+    /// Why it ended.
+    pub finish: Finish,
+    /// Every character step, for the trace.
+    pub steps: Vec<CharStep>,
+    /// Nodes that failed during the request, with the error.
+    pub failed: Vec<(usize, Error)>,
+}
+
+/// Runs one CharED request over `nodes` (already `begin`-ed): one next-character call per live node
+/// per character, in parallel.
+pub async fn chared(nodes: &mut [NodeClient], params: CharedParams, limits: &Limits) -> Result<CharEdAnswer> {
+    let mut ce = CharEd::new(params, nodes.len())?;
+    let query = ce.node_query();
+    let mut live: Vec<bool> = vec![true; nodes.len()];
+    let mut answer = String::new();
+    let mut steps = Vec::new();
+    let mut failed = Vec::new();
+    let finish = loop {
+        if !live.iter().any(|&l| l) {
+            return Err(Error::NoActiveNode);
+        }
+        let calls = nodes
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| live[*i])
+            .map(|(i, n)| async move {
+                (
+                    i,
+                    n.next_char(query.top_k, query.max_hypotheses, query.lookahead)
+                        .await,
+                )
+            });
+        let mut dists = Vec::new();
+        for (i, r) in join_all(calls).await {
+            match r {
+                Ok(d) => {
+                    let chars = d
+                        .chars
+                        .iter()
+                        .filter_map(|c| Some((c.char.chars().next()?, c.prob)))
+                        .collect();
+                    dists.push((
+                        i,
+                        NodeCharDist {
+                            chars,
+                            eos: d.eos_prob,
+                            residual: d.residual,
+                        },
+                    ));
+                }
+                Err(e) => {
+                    live[i] = false;
+                    failed.push((i, e));
+                }
+            }
+        }
+        let step = ce.combine(&dists)?;
+        let chosen = step.chosen;
+        steps.push(step);
+        match chosen {
+            CharOutcome::Eos => break Finish::Eos,
+            CharOutcome::Char(c) => {
+                answer.push(c);
+                let text = c.to_string();
+                for n in nodes.iter_mut() {
+                    n.accept(&text);
+                }
+            }
+        }
+        if let Some(cut) = limits.stop.iter().filter_map(|s| answer.find(s.as_str())).min() {
+            answer.truncate(cut);
+            break Finish::Stop;
+        }
+        if answer.chars().count() >= limits.max_chars {
+            break Finish::Length;
+        }
+    };
+    for n in nodes.iter_mut() {
+        n.close().await;
+    }
+    Ok(CharEdAnswer {
+        text: answer,
+        finish,
+        steps,
+        failed,
     })
 }

@@ -1,11 +1,11 @@
-//! SpecFuse over three real model nodes on 127.0.0.1 (tiny random models of different architectures
+//! SpecFuse and CharED over three real model nodes on 127.0.0.1 (tiny random models of different architectures
 //! and tokenizers): exact call counts per round, and a node that dies mid-request does not fail it.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use coordinator::drive::{Limits, specfuse};
-use coordinator::{NodeClient, SpecFuseParams};
+use coordinator::drive::{Finish, Limits, chared, specfuse};
+use coordinator::{CharedParams, NodeClient, SpecFuseParams};
 use ensemble_proto::v1 as pb;
 use model_node::chars::CharOptions;
 use model_node::config::{DTypeArg, LimitArgs, ModelArgs};
@@ -146,5 +146,30 @@ async fn a_node_that_dies_mid_request_does_not_fail_it() -> anyhow::Result<()> {
     assert_eq!(a.failed[0].0, 1);
     assert!(!a.text.is_empty());
     assert!(a.rounds.iter().skip(1).all(|r| !r.active.contains(&1)));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chared_averages_three_tokenizers_one_call_per_node_per_character() -> anyhow::Result<()> {
+    let nodes = three_nodes().await?;
+    let mut cs = clients(&nodes, "chars").await?;
+    let limits = Limits {
+        max_chars: 12,
+        stop: vec![],
+    };
+    let a = chared(&mut cs, CharedParams::default(), &limits).await?;
+    assert!(a.failed.is_empty(), "{:?}", a.failed);
+    assert_eq!(
+        a.steps.len(),
+        a.text.chars().count() + usize::from(a.finish == Finish::Eos)
+    );
+    for c in &cs {
+        assert_eq!(c.calls(), (0, 0, a.steps.len() as u64));
+    }
+    // Each step's shares of the chosen outcome sum to 1 over the nodes that contributed.
+    for s in &a.steps {
+        let total: f64 = s.shares.iter().map(|x| x.share).sum();
+        assert!((total - 1.0).abs() < 1e-9, "{total}");
+    }
     Ok(())
 }
