@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/ensemble/v1/node.proto"];
+    let files = ["proto/ensemble/v1/node.proto", "proto/ensemble/v1/ensemble.proto"];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");
     }

@@ -14,6 +14,8 @@
 //! - [`drive`]: the async edge of SpecFuse: parallel fan-out, failures, broadcast ([`drive::specfuse`]).
 //! - [`node_client`]: one node within one request: session deltas, full-context resend when the
 //!   node lost the session, per-call deadlines ([`NodeClient`]).
+//! - [`service`]: the `Ensemble` gRPC service ([`service::Coordinator`]) and the one mapping of
+//!   [`Error`] to gRPC status codes.
 //! - `math.rs`: the shared, numerically stable softmax.
 //! - `main.rs`: the binary, a stub until the network layer lands.
 //!
@@ -25,6 +27,7 @@ pub mod drive;
 pub mod error;
 mod math;
 pub mod node_client;
+pub mod service;
 pub mod specfuse;
 
 pub use chared::{CharEd, CharOutcome, CharStep, CharedParams, NodeCharDist};

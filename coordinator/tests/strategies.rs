@@ -1,81 +1,15 @@
 //! SpecFuse and CharED over three real model nodes on 127.0.0.1 (tiny random models of different architectures
 //! and tokenizers): exact call counts per round, and a node that dies mid-request does not fail it.
 
-use std::path::PathBuf;
+mod common;
+
 use std::time::Duration;
+
+use common::{Node, three_nodes};
 
 use coordinator::drive::{Finish, Limits, chared, specfuse};
 use coordinator::{CharedParams, NodeClient, SpecFuseParams};
 use ensemble_proto::v1 as pb;
-use model_node::chars::CharOptions;
-use model_node::config::{DTypeArg, LimitArgs, ModelArgs};
-
-struct Node {
-    url: String,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<model_node::Result<()>>,
-}
-
-async fn start(dir: PathBuf) -> anyhow::Result<Node> {
-    let args = ModelArgs {
-        model_dir: dir,
-        model_id: None,
-        device: "cpu".into(),
-        dtype: DTypeArg::F32,
-        threads: 0,
-        max_context: None,
-    };
-    let limits = LimitArgs {
-        max_sessions: 8,
-        kv_cache_mb: 64,
-        queue: 8,
-        char_hypotheses: 4,
-        char_min_mass: 1e-4,
-    };
-    let loaded = model_node::node::load(&args, &limits)?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}", listener.local_addr()?);
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(model_node::server::run(
-        listener,
-        loaded,
-        CharOptions::default(),
-        async {
-            let _ = rx.await;
-        },
-        Duration::from_secs(1),
-    ));
-    Ok(Node {
-        url,
-        stop: Some(tx),
-        task,
-    })
-}
-
-async fn three_nodes() -> anyhow::Result<Vec<Node>> {
-    let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("sf-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&root);
-    let mut nodes = Vec::new();
-    for (i, (arch, kind)) in [
-        ("llama", "byte_level"),
-        ("qwen2", "sentencepiece"),
-        ("phi3", "char"),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        nodes.push(
-            start(model_node::fixtures::tiny_model_dir(
-                &root,
-                arch,
-                kind,
-                30 + i as u64,
-            )?)
-            .await?,
-        );
-    }
-    Ok(nodes)
-}
 
 async fn clients(nodes: &[Node], session: &str) -> anyhow::Result<Vec<NodeClient>> {
     let mut out = Vec::new();

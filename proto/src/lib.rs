@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //! - `proto/ensemble/v1/node.proto`: the `ModelNode` service (source of truth, documented field by field).
+//! - `proto/ensemble/v1/ensemble.proto`: the coordinator's `Ensemble` service.
 //! - [`v1`]: the generated messages, client and server (code generation by `protox`, no system `protoc`).
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, for gRPC server reflection.
 

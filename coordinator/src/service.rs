@@ -1,0 +1,307 @@
+//! The `Ensemble` gRPC service: validates a request, gives every configured node a [`NodeClient`]
+//! for it, runs the strategy, and maps the crate's [`Error`] to a gRPC status in one place.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use ensemble_proto::v1 as pb;
+use ensemble_proto::v1::ensemble_server::Ensemble;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+
+use crate::chared::CharedParams;
+use crate::drive::{self, Finish, Limits};
+use crate::error::Error;
+use crate::node_client::NodeClient;
+use crate::specfuse::{OnlineWeights, SpecFuseParams};
+
+/// A configured node.
+#[derive(Debug, Clone)]
+pub struct NodeSpec {
+    /// Its name (for `single:NAME`, traces and errors).
+    pub name: String,
+    /// Its address, e.g. `http://10.0.0.7:50051`.
+    pub url: String,
+    /// Its default weight.
+    pub weight: f64,
+}
+
+/// Most characters per answer.
+pub const MAX_CHARS: u32 = 65_536;
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Status {
+        let msg = e.to_string();
+        match e {
+            Error::InvalidParameter { .. } | Error::WeightCount { .. } | Error::NoNodes => {
+                Status::invalid_argument(msg)
+            }
+            Error::Timeout { .. } => Status::deadline_exceeded(msg),
+            Error::NoActiveNode
+            | Error::NoCandidates
+            | Error::NoVerifier { .. }
+            | Error::NoDistribution { .. }
+            | Error::Node { .. } => Status::unavailable(msg),
+            Error::UnknownNode { .. } | Error::DraftsMismatch { .. } => Status::internal(msg),
+        }
+    }
+}
+
+/// The service: the node list with one (lazily connected) channel each.
+pub struct Coordinator {
+    nodes: Vec<(NodeSpec, Channel)>,
+    deadline: Duration,
+    requests: AtomicU64,
+}
+
+impl Coordinator {
+    /// A coordinator over `nodes`, each call bounded by `deadline`.
+    pub fn new(nodes: Vec<NodeSpec>, deadline: Duration) -> Result<Self, Error> {
+        if nodes.is_empty() {
+            return Err(Error::NoNodes);
+        }
+        let mut out = Vec::with_capacity(nodes.len());
+        for n in nodes {
+            let endpoint = Endpoint::from_shared(n.url.clone()).map_err(|_| Error::InvalidParameter {
+                name: format!("node {}", n.name),
+                value: n.url.clone(),
+                allowed: "a URL such as http://host:50051",
+            })?;
+            let channel = endpoint.connect_timeout(deadline).connect_lazy();
+            out.push((n, channel));
+        }
+        Ok(Self {
+            nodes: out,
+            deadline,
+            requests: AtomicU64::new(0),
+        })
+    }
+
+    fn clients(&self, session: &str, prompt: &pb::Prompt) -> Vec<NodeClient> {
+        self.nodes
+            .iter()
+            .map(|(spec, ch)| {
+                let mut c = NodeClient::new(spec.name.clone(), ch.clone(), self.deadline);
+                c.begin(session, prompt.clone());
+                c
+            })
+            .collect()
+    }
+
+    fn weights(&self, given: &[f64]) -> Option<Vec<f64>> {
+        Some(if given.is_empty() {
+            self.nodes.iter().map(|n| n.0.weight).collect()
+        } else {
+            given.to_vec()
+        })
+    }
+}
+
+fn finish(f: Finish) -> pb::FinishReason {
+    match f {
+        Finish::Eos => pb::FinishReason::Eos,
+        Finish::Length => pb::FinishReason::Length,
+        Finish::Stop => pb::FinishReason::Stop,
+    }
+}
+
+fn specfuse_params(o: Option<pb::SpecFuseOptions>, weights: Option<Vec<f64>>) -> SpecFuseParams {
+    let o = o.unwrap_or_default();
+    let mut p = SpecFuseParams {
+        weights,
+        ..SpecFuseParams::default()
+    };
+    if let Some(v) = o.segment_tokens {
+        p.segment_tokens = v;
+    }
+    if let Some(v) = o.self_votes {
+        p.self_votes = v;
+    }
+    if let Some(v) = o.exit {
+        p.exit.enabled = v;
+    }
+    if let Some(v) = o.exit_delta {
+        p.exit.delta = v;
+    }
+    if let Some(v) = o.exit_tau {
+        p.exit.tau = v;
+    }
+    if let Some(v) = o.exit_warmup_rounds {
+        p.exit.warmup_rounds = v;
+    }
+    if let Some(v) = o.min_active {
+        p.exit.min_active = v as usize;
+    }
+    if let Some(lr) = o.online_weights_lr {
+        p.online_weights = Some(OnlineWeights { lr });
+    }
+    p
+}
+
+fn chared_params(o: Option<pb::CharEdOptions>, weights: Option<Vec<f64>>) -> CharedParams {
+    let o = o.unwrap_or_default();
+    let mut p = CharedParams {
+        weights,
+        ..CharedParams::default()
+    };
+    if let Some(v) = o.temperature {
+        p.temperature = v;
+    }
+    if let Some(v) = o.top_p {
+        p.top_p = v;
+    }
+    if let Some(v) = o.seed {
+        p.seed = v;
+    }
+    if let Some(v) = o.published {
+        p.published = v;
+    }
+    p
+}
+
+#[tonic::async_trait]
+impl Ensemble for Coordinator {
+    async fn generate(
+        &self,
+        req: Request<pb::GenerateRequest>,
+    ) -> Result<Response<pb::GenerateResponse>, Status> {
+        let r = req.into_inner();
+        let prompt = r
+            .prompt
+            .filter(|p| p.kind.is_some())
+            .ok_or_else(|| Status::invalid_argument("prompt is required: a conversation or a raw prompt"))?;
+        if r.max_chars == 0 || r.max_chars > MAX_CHARS {
+            return Err(Status::invalid_argument(format!(
+                "max_chars must be in 1..={MAX_CHARS}, got {}",
+                r.max_chars
+            )));
+        }
+        if r.stop.len() > 16 || r.stop.iter().any(String::is_empty) {
+            return Err(Status::invalid_argument("stop: at most 16 non-empty strings"));
+        }
+        let limits = Limits {
+            max_chars: r.max_chars as usize,
+            stop: r.stop.clone(),
+        };
+        let n = self.requests.fetch_add(1, Ordering::Relaxed);
+        let session = format!("ens-{}-{n}", std::process::id());
+        let mut clients = self.clients(&session, &prompt);
+        let sampling = r.sampling.unwrap_or_default();
+        let strategy = if r.strategy.is_empty() {
+            "specfuse".to_owned()
+        } else {
+            r.strategy.clone()
+        };
+        let name_of = |i: usize| self.nodes.get(i).map(|n| n.0.name.clone()).unwrap_or_default();
+        let resp = match strategy.as_str() {
+            "specfuse" => {
+                let sf = r.specfuse.clone();
+                let params = specfuse_params(sf, self.weights(&r.specfuse.unwrap_or_default().weights));
+                params.validate()?;
+                let a = drive::specfuse(&mut clients, params, &limits, sampling).await?;
+                pb::GenerateResponse {
+                    text: a.text,
+                    finish_reason: finish(a.finish) as i32,
+                    strategy,
+                    steps: a.rounds.len() as u32,
+                    mean_active_nodes: a.mean_active,
+                    exited_nodes: a.rounds.iter().flat_map(|o| o.exited()).map(name_of).collect(),
+                    failed_nodes: a.failed.iter().map(|(i, _)| name_of(*i)).collect(),
+                }
+            }
+            "chared" => {
+                let co = r.chared.clone();
+                let params = chared_params(co, self.weights(&r.chared.unwrap_or_default().weights));
+                params.validate()?;
+                let a = drive::chared(&mut clients, params, &limits).await?;
+                pb::GenerateResponse {
+                    text: a.text,
+                    finish_reason: finish(a.finish) as i32,
+                    strategy,
+                    steps: a.steps.len() as u32,
+                    mean_active_nodes: 0.0,
+                    exited_nodes: vec![],
+                    failed_nodes: a.failed.iter().map(|(i, _)| name_of(*i)).collect(),
+                }
+            }
+            s => {
+                let Some(name) = s.strip_prefix("single:") else {
+                    return Err(Status::invalid_argument(format!(
+                        "unknown strategy {s:?}: use \"specfuse\", \"chared\" or \"single:NAME\""
+                    )));
+                };
+                let Some(i) = self.nodes.iter().position(|n| n.0.name == name) else {
+                    let names: Vec<&str> = self.nodes.iter().map(|n| n.0.name.as_str()).collect();
+                    return Err(Status::invalid_argument(format!(
+                        "unknown node {name:?}; configured: {names:?}"
+                    )));
+                };
+                let node = &mut clients[i];
+                let mut text = String::new();
+                let mut steps = 0;
+                let f = loop {
+                    let p = node.propose(64, &limits.stop, sampling).await?;
+                    steps += 1;
+                    node.accept(&p.text);
+                    text.push_str(&p.text);
+                    if let Some(cut) = limits.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+                        text.truncate(cut);
+                        break Finish::Stop;
+                    }
+                    if matches!(p.finish_reason(), pb::FinishReason::Eos | pb::FinishReason::Stop) {
+                        break Finish::Eos;
+                    }
+                    if let Some((cut, _)) = text.char_indices().nth(limits.max_chars) {
+                        text.truncate(cut);
+                        break Finish::Length;
+                    }
+                    if text.chars().count() >= limits.max_chars || p.text.is_empty() {
+                        break Finish::Length;
+                    }
+                };
+                node.close().await;
+                pb::GenerateResponse {
+                    text,
+                    finish_reason: finish(f) as i32,
+                    strategy,
+                    steps,
+                    mean_active_nodes: 1.0,
+                    exited_nodes: vec![],
+                    failed_nodes: vec![],
+                }
+            }
+        };
+        Ok(Response::new(resp))
+    }
+
+    async fn list_nodes(
+        &self,
+        _req: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        let calls = self.nodes.iter().map(|(spec, ch)| {
+            let mut client = pb::model_node_client::ModelNodeClient::new(ch.clone());
+            let deadline = self.deadline;
+            async move {
+                let mut req = Request::new(pb::InfoRequest {});
+                req.set_timeout(deadline);
+                let r = tokio::time::timeout(deadline, client.info(req)).await;
+                let (info, error) = match r {
+                    Ok(Ok(i)) => (Some(i.into_inner()), String::new()),
+                    Ok(Err(s)) => (None, format!("{:?}: {}", s.code(), s.message())),
+                    Err(_) => (None, format!("no answer within {} ms", deadline.as_millis())),
+                };
+                pb::NodeStatus {
+                    name: spec.name.clone(),
+                    url: spec.url.clone(),
+                    weight: spec.weight,
+                    healthy: info.is_some(),
+                    info,
+                    error,
+                }
+            }
+        });
+        Ok(Response::new(pb::ListNodesResponse {
+            nodes: futures::future::join_all(calls).await,
+        }))
+    }
+}

@@ -1,0 +1,75 @@
+//! Shared helpers: real model nodes (tiny random models) on 127.0.0.1:0.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use model_node::chars::CharOptions;
+use model_node::config::{DTypeArg, LimitArgs, ModelArgs};
+
+pub struct Node {
+    pub url: String,
+    pub stop: Option<tokio::sync::oneshot::Sender<()>>,
+    pub task: tokio::task::JoinHandle<model_node::Result<()>>,
+}
+
+pub async fn start(dir: PathBuf) -> anyhow::Result<Node> {
+    let args = ModelArgs {
+        model_dir: dir,
+        model_id: None,
+        device: "cpu".into(),
+        dtype: DTypeArg::F32,
+        threads: 0,
+        max_context: None,
+    };
+    let limits = LimitArgs {
+        max_sessions: 8,
+        kv_cache_mb: 64,
+        queue: 8,
+        char_hypotheses: 4,
+        char_min_mass: 1e-4,
+    };
+    let loaded = model_node::node::load(&args, &limits)?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(model_node::server::run(
+        listener,
+        loaded,
+        CharOptions::default(),
+        async {
+            let _ = rx.await;
+        },
+        Duration::from_secs(1),
+    ));
+    Ok(Node {
+        url,
+        stop: Some(tx),
+        task,
+    })
+}
+
+pub async fn three_nodes() -> anyhow::Result<Vec<Node>> {
+    let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("sf-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let mut nodes = Vec::new();
+    for (i, (arch, kind)) in [
+        ("llama", "byte_level"),
+        ("qwen2", "sentencepiece"),
+        ("phi3", "char"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        nodes.push(
+            start(model_node::fixtures::tiny_model_dir(
+                &root,
+                arch,
+                kind,
+                30 + i as u64,
+            )?)
+            .await?,
+        );
+    }
+    Ok(nodes)
+}

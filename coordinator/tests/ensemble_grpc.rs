@@ -1,0 +1,134 @@
+//! The `Ensemble` gRPC service over three real model nodes: every strategy answers, and the bad-request
+//! matrix gets INVALID_ARGUMENT with a message naming the problem; all nodes down is UNAVAILABLE.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use coordinator::service::{Coordinator, NodeSpec};
+use ensemble_proto::v1 as pb;
+use ensemble_proto::v1::ensemble_client::EnsembleClient;
+use ensemble_proto::v1::ensemble_server::EnsembleServer;
+use tonic::Code;
+
+async fn serve(
+    nodes: Vec<NodeSpec>,
+) -> anyhow::Result<(
+    EnsembleClient<tonic::transport::Channel>,
+    tokio::sync::oneshot::Sender<()>,
+)> {
+    let coordinator = Coordinator::new(nodes, Duration::from_secs(20))?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(EnsembleServer::new(coordinator))
+            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
+                let _ = rx.await;
+            }),
+    );
+    Ok((EnsembleClient::connect(url).await?, tx))
+}
+
+fn request(strategy: &str) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        prompt: Some(pb::Prompt {
+            kind: Some(pb::prompt::Kind::Raw("the cat".into())),
+        }),
+        strategy: strategy.into(),
+        max_chars: 16,
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_strategy_answers_and_bad_requests_are_invalid_argument() -> anyhow::Result<()> {
+    let nodes = common::three_nodes().await?;
+    let specs = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| NodeSpec {
+            name: format!("n{i}"),
+            url: n.url.clone(),
+            weight: 1.0,
+        })
+        .collect();
+    let (mut c, _stop) = serve(specs).await?;
+    for s in ["specfuse", "chared", "single:n1", ""] {
+        let r = c.generate(request(s)).await?.into_inner();
+        assert!(
+            !r.text.is_empty() || r.finish_reason() == pb::FinishReason::Eos,
+            "{s}: {r:?}"
+        );
+        assert!(r.text.chars().count() <= 16);
+        assert!(r.steps >= 1);
+        assert!(r.failed_nodes.is_empty());
+    }
+    let list = c.list_nodes(pb::ListNodesRequest {}).await?.into_inner();
+    assert_eq!(list.nodes.len(), 3);
+    assert!(list.nodes.iter().all(|n| n.healthy && n.info.is_some()));
+
+    let check = |r: Result<tonic::Response<pb::GenerateResponse>, tonic::Status>, needle: &str| {
+        let e = r.expect_err(needle);
+        assert_eq!(e.code(), Code::InvalidArgument, "{needle}: {}", e.message());
+        assert!(
+            e.message().contains(needle),
+            "{needle:?} not in {:?}",
+            e.message()
+        );
+    };
+    check(c.generate(request("beam")).await, "unknown strategy");
+    check(c.generate(request("single:nope")).await, "unknown node");
+    let mut r = request("specfuse");
+    r.specfuse = Some(pb::SpecFuseOptions {
+        weights: vec![1.0, 0.0, 1.0],
+        ..Default::default()
+    });
+    check(c.generate(r).await, "weights");
+    let mut r = request("chared");
+    r.chared = Some(pb::CharEdOptions {
+        weights: vec![1.0, -1.0, 1.0],
+        ..Default::default()
+    });
+    check(c.generate(r).await, "weights");
+    let mut r = request("specfuse");
+    r.prompt = None;
+    check(c.generate(r).await, "prompt is required");
+    let mut r = request("specfuse");
+    r.max_chars = 0;
+    check(c.generate(r).await, "max_chars");
+    let mut r = request("specfuse");
+    r.specfuse = Some(pb::SpecFuseOptions {
+        exit_delta: Some(1.5),
+        ..Default::default()
+    });
+    check(c.generate(r).await, "exit.delta");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_nodes_down_is_unavailable_fast() -> anyhow::Result<()> {
+    // Ports that were just free: nothing listens there.
+    let mut specs = Vec::new();
+    for i in 0..3 {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        specs.push(NodeSpec {
+            name: format!("n{i}"),
+            url: format!("http://{}", l.local_addr()?),
+            weight: 1.0,
+        });
+    }
+    let (mut c, _stop) = serve(specs).await?;
+    for s in ["specfuse", "chared"] {
+        let t0 = Instant::now();
+        let e = c.generate(request(s)).await.expect_err("no node");
+        assert_eq!(e.code(), Code::Unavailable, "{s}: {}", e.message());
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "{s}: took {:?}",
+            t0.elapsed()
+        );
+    }
+    Ok(())
+}
