@@ -76,14 +76,32 @@ fn main() -> anyhow::Result<()> {
             .register_encoded_file_descriptor_set(ensemble_proto::FILE_DESCRIPTOR_SET)
             .build_v1()?;
         tracing::info!(listen = %args.listen, "serving");
+        let reporter = health.clone();
         tonic::transport::Server::builder()
             .add_service(health_service)
             .add_service(reflection)
             .add_service(EnsembleServer::new(coordinator))
-            .serve_with_shutdown(args.listen, async {
-                let _ = tokio::signal::ctrl_c().await;
+            .serve_with_shutdown(args.listen, async move {
+                shutdown_signal().await;
+                // Stop routing first, then let tonic finish the in-flight requests.
+                tracing::info!("shutdown requested: health NOT_SERVING, draining");
+                reporter.set_not_serving::<EnsembleServer<Coordinator>>().await;
             })
             .await?;
         Ok(())
     })
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }
