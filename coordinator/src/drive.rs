@@ -51,91 +51,101 @@ pub async fn specfuse(
     params: SpecFuseParams,
     limits: &Limits,
     sampling: pb::Sampling,
+    observe: &mut (dyn FnMut(&RoundOutcome) -> bool + Send),
 ) -> Result<SpecFuseAnswer> {
     let mut sf = SpecFuse::new(params, nodes.len())?;
     let mut answer = String::new();
     let mut rounds = Vec::new();
     let mut failed = Vec::new();
     let segment = sf.params().segment_tokens;
-    let finish = loop {
-        // PROPOSE, in parallel over the active nodes.
-        let active = sf.active_nodes();
-        if active.is_empty() {
-            return Err(Error::NoActiveNode);
-        }
-        let calls = nodes
-            .iter_mut()
-            .enumerate()
-            .filter(|(i, _)| active.contains(i))
-            .map(|(i, n)| async move { (i, n.propose(segment, &limits.stop, sampling).await) });
-        let mut raw = Vec::new();
-        for (i, r) in join_all(calls).await {
-            match r {
-                Ok(p) => {
-                    let ended = matches!(p.finish_reason(), pb::FinishReason::Eos | pb::FinishReason::Stop);
-                    raw.push((
-                        i,
-                        DraftText {
-                            text: p.text,
-                            finished_by_eos_or_stop: ended,
-                        },
-                    ));
-                }
-                Err(e) => {
-                    sf.node_failed(i)?;
-                    failed.push((i, e));
-                }
-            }
-        }
-        let drafts = sf.prepare_drafts(raw);
-        // VERIFY, in parallel: every active node scores every distinct draft.
-        let texts: Vec<String> = drafts.texts().into_iter().map(str::to_owned).collect();
-        let mut scores = Vec::new();
-        if !texts.is_empty() {
+    let finish: Result<Finish> = async {
+        Ok(loop {
+            // PROPOSE, in parallel over the active nodes.
             let active = sf.active_nodes();
+            if active.is_empty() {
+                return Err(Error::NoActiveNode);
+            }
             let calls = nodes
                 .iter_mut()
                 .enumerate()
                 .filter(|(i, _)| active.contains(i))
-                .map(|(i, n)| {
-                    let texts = &texts;
-                    async move { (i, n.score(texts).await) }
-                });
+                .map(|(i, n)| async move { (i, n.propose(segment, &limits.stop, sampling).await) });
+            let mut raw = Vec::new();
             for (i, r) in join_all(calls).await {
                 match r {
-                    Ok(s) => scores.push((i, s.scores.iter().map(|c| c.mean_logprob).collect())),
+                    Ok(p) => {
+                        let ended =
+                            matches!(p.finish_reason(), pb::FinishReason::Eos | pb::FinishReason::Stop);
+                        raw.push((
+                            i,
+                            DraftText {
+                                text: p.text,
+                                finished_by_eos_or_stop: ended,
+                            },
+                        ));
+                    }
                     Err(e) => {
                         sf.node_failed(i)?;
                         failed.push((i, e));
                     }
                 }
             }
-        }
-        let outcome = sf.combine(&drafts, &scores)?;
-        // BROADCAST the winner.
-        answer.push_str(&outcome.winner.text);
-        let ends = outcome.winner.ends_answer;
-        for n in nodes.iter_mut() {
-            n.accept(&outcome.winner.text);
-        }
-        rounds.push(outcome);
-        if let Some(cut) = limits.stop.iter().filter_map(|s| answer.find(s.as_str())).min() {
-            answer.truncate(cut);
-            break Finish::Stop;
-        }
-        if ends {
-            break Finish::Eos;
-        }
-        if answer.chars().count() >= limits.max_chars {
-            if let Some((i, _)) = answer.char_indices().nth(limits.max_chars) {
-                answer.truncate(i);
+            let drafts = sf.prepare_drafts(raw);
+            // VERIFY, in parallel: every active node scores every distinct draft.
+            let texts: Vec<String> = drafts.texts().into_iter().map(str::to_owned).collect();
+            let mut scores = Vec::new();
+            if !texts.is_empty() {
+                let active = sf.active_nodes();
+                let calls = nodes
+                    .iter_mut()
+                    .enumerate()
+                    .filter(|(i, _)| active.contains(i))
+                    .map(|(i, n)| {
+                        let texts = &texts;
+                        async move { (i, n.score(texts).await) }
+                    });
+                for (i, r) in join_all(calls).await {
+                    match r {
+                        Ok(s) => scores.push((i, s.scores.iter().map(|c| c.mean_logprob).collect())),
+                        Err(e) => {
+                            sf.node_failed(i)?;
+                            failed.push((i, e));
+                        }
+                    }
+                }
             }
-            break Finish::Length;
-        }
-    };
+            let outcome = sf.combine(&drafts, &scores)?;
+            // BROADCAST the winner.
+            answer.push_str(&outcome.winner.text);
+            let ends = outcome.winner.ends_answer;
+            for n in nodes.iter_mut() {
+                n.accept(&outcome.winner.text);
+            }
+            if !observe(&outcome) {
+                return Err(Error::Cancelled);
+            }
+            rounds.push(outcome);
+            if let Some(cut) = limits.stop.iter().filter_map(|s| answer.find(s.as_str())).min() {
+                answer.truncate(cut);
+                break Finish::Stop;
+            }
+            if ends {
+                break Finish::Eos;
+            }
+            if answer.chars().count() >= limits.max_chars {
+                if let Some((i, _)) = answer.char_indices().nth(limits.max_chars) {
+                    answer.truncate(i);
+                }
+                break Finish::Length;
+            }
+        })
+    }
+    .await;
+    // Free the nodes' sessions whatever happened (finished, failed or cancelled).
     for n in nodes.iter_mut() {
         n.close().await;
     }
+    let finish = finish?;
     Ok(SpecFuseAnswer {
         text: answer,
         finish,
@@ -160,76 +170,88 @@ pub struct CharEdAnswer {
 
 /// Runs one CharED request over `nodes` (already `begin`-ed): one next-character call per live node
 /// per character, in parallel.
-pub async fn chared(nodes: &mut [NodeClient], params: CharedParams, limits: &Limits) -> Result<CharEdAnswer> {
+pub async fn chared(
+    nodes: &mut [NodeClient],
+    params: CharedParams,
+    limits: &Limits,
+    observe: &mut (dyn FnMut(&CharStep) -> bool + Send),
+) -> Result<CharEdAnswer> {
     let mut ce = CharEd::new(params, nodes.len())?;
     let query = ce.node_query();
     let mut live: Vec<bool> = vec![true; nodes.len()];
     let mut answer = String::new();
     let mut steps = Vec::new();
     let mut failed = Vec::new();
-    let finish = loop {
-        if !live.iter().any(|&l| l) {
-            return Err(Error::NoActiveNode);
-        }
-        let calls = nodes
-            .iter_mut()
-            .enumerate()
-            .filter(|(i, _)| live[*i])
-            .map(|(i, n)| async move {
-                (
-                    i,
-                    n.next_char(query.top_k, query.max_hypotheses, query.lookahead)
-                        .await,
-                )
-            });
-        let mut dists = Vec::new();
-        for (i, r) in join_all(calls).await {
-            match r {
-                Ok(d) => {
-                    let chars = d
-                        .chars
-                        .iter()
-                        .filter_map(|c| Some((c.char.chars().next()?, c.prob)))
-                        .collect();
-                    dists.push((
+    let finish: Result<Finish> = async {
+        Ok(loop {
+            if !live.iter().any(|&l| l) {
+                return Err(Error::NoActiveNode);
+            }
+            let calls = nodes
+                .iter_mut()
+                .enumerate()
+                .filter(|(i, _)| live[*i])
+                .map(|(i, n)| async move {
+                    (
                         i,
-                        NodeCharDist {
-                            chars,
-                            eos: d.eos_prob,
-                            residual: d.residual,
-                        },
-                    ));
-                }
-                Err(e) => {
-                    live[i] = false;
-                    failed.push((i, e));
+                        n.next_char(query.top_k, query.max_hypotheses, query.lookahead)
+                            .await,
+                    )
+                });
+            let mut dists = Vec::new();
+            for (i, r) in join_all(calls).await {
+                match r {
+                    Ok(d) => {
+                        let chars = d
+                            .chars
+                            .iter()
+                            .filter_map(|c| Some((c.char.chars().next()?, c.prob)))
+                            .collect();
+                        dists.push((
+                            i,
+                            NodeCharDist {
+                                chars,
+                                eos: d.eos_prob,
+                                residual: d.residual,
+                            },
+                        ));
+                    }
+                    Err(e) => {
+                        live[i] = false;
+                        failed.push((i, e));
+                    }
                 }
             }
-        }
-        let step = ce.combine(&dists)?;
-        let chosen = step.chosen;
-        steps.push(step);
-        match chosen {
-            CharOutcome::Eos => break Finish::Eos,
-            CharOutcome::Char(c) => {
-                answer.push(c);
-                let text = c.to_string();
-                for n in nodes.iter_mut() {
-                    n.accept(&text);
+            let step = ce.combine(&dists)?;
+            let chosen = step.chosen;
+            if !observe(&step) {
+                return Err(Error::Cancelled);
+            }
+            steps.push(step);
+            match chosen {
+                CharOutcome::Eos => break Finish::Eos,
+                CharOutcome::Char(c) => {
+                    answer.push(c);
+                    let text = c.to_string();
+                    for n in nodes.iter_mut() {
+                        n.accept(&text);
+                    }
                 }
             }
-        }
-        if let Some(cut) = limits.stop.iter().filter_map(|s| answer.find(s.as_str())).min() {
-            answer.truncate(cut);
-            break Finish::Stop;
-        }
-        if answer.chars().count() >= limits.max_chars {
-            break Finish::Length;
-        }
-    };
+            if let Some(cut) = limits.stop.iter().filter_map(|s| answer.find(s.as_str())).min() {
+                answer.truncate(cut);
+                break Finish::Stop;
+            }
+            if answer.chars().count() >= limits.max_chars {
+                break Finish::Length;
+            }
+        })
+    }
+    .await;
     for n in nodes.iter_mut() {
         n.close().await;
     }
+    let finish = finish?;
     Ok(CharEdAnswer {
         text: answer,
         finish,

@@ -64,6 +64,9 @@ pub enum Error {
         /// Its message.
         message: String,
     },
+    /// The client went away; the request stopped and freed its node sessions. Maps to `CANCELLED`.
+    #[error("the client cancelled the request")]
+    Cancelled,
     /// A model node did not answer within its per-call deadline. Maps to `DEADLINE_EXCEEDED`.
     #[error("node {node} did not answer within {deadline_ms} ms")]
     Timeout {

@@ -37,6 +37,7 @@ impl From<Error> for Status {
                 Status::invalid_argument(msg)
             }
             Error::Timeout { .. } => Status::deadline_exceeded(msg),
+            Error::Cancelled => Status::cancelled(msg),
             Error::NoActiveNode
             | Error::NoCandidates
             | Error::NoVerifier { .. }
@@ -198,7 +199,7 @@ impl Ensemble for Coordinator {
                 let sf = r.specfuse.clone();
                 let params = specfuse_params(sf, self.weights(&r.specfuse.unwrap_or_default().weights));
                 params.validate()?;
-                let a = drive::specfuse(&mut clients, params, &limits, sampling).await?;
+                let a = drive::specfuse(&mut clients, params, &limits, sampling, &mut |_| true).await?;
                 pb::GenerateResponse {
                     text: a.text,
                     finish_reason: finish(a.finish) as i32,
@@ -213,7 +214,7 @@ impl Ensemble for Coordinator {
                 let co = r.chared.clone();
                 let params = chared_params(co, self.weights(&r.chared.unwrap_or_default().weights));
                 params.validate()?;
-                let a = drive::chared(&mut clients, params, &limits).await?;
+                let a = drive::chared(&mut clients, params, &limits, &mut |_| true).await?;
                 pb::GenerateResponse {
                     text: a.text,
                     finish_reason: finish(a.finish) as i32,

@@ -41,7 +41,7 @@ async fn each_round_makes_one_propose_and_one_score_call_per_active_node() -> an
         max_chars: 60,
         stop: vec![],
     };
-    let a = specfuse(&mut cs, params, &limits, pb::Sampling::default()).await?;
+    let a = specfuse(&mut cs, params, &limits, pb::Sampling::default(), &mut |_| true).await?;
     assert!(!a.rounds.is_empty());
     assert!(a.failed.is_empty(), "{:?}", a.failed);
     // A node is called in every round it starts active; `active` is recorded per round.
@@ -75,7 +75,7 @@ async fn a_node_that_dies_mid_request_does_not_fail_it() -> anyhow::Result<()> {
         max_chars: 30,
         stop: vec![],
     };
-    let a = specfuse(&mut cs, params, &limits, pb::Sampling::default()).await?;
+    let a = specfuse(&mut cs, params, &limits, pb::Sampling::default(), &mut |_| true).await?;
     assert_eq!(a.failed.len(), 1, "{:?}", a.failed);
     assert_eq!(a.failed[0].0, 1);
     assert!(!a.text.is_empty());
@@ -91,7 +91,7 @@ async fn chared_averages_three_tokenizers_one_call_per_node_per_character() -> a
         max_chars: 12,
         stop: vec![],
     };
-    let a = chared(&mut cs, CharedParams::default(), &limits).await?;
+    let a = chared(&mut cs, CharedParams::default(), &limits, &mut |_| true).await?;
     assert!(a.failed.is_empty(), "{:?}", a.failed);
     assert_eq!(
         a.steps.len(),
@@ -104,6 +104,29 @@ async fn chared_averages_three_tokenizers_one_call_per_node_per_character() -> a
     for s in &a.steps {
         let total: f64 = s.shares.iter().map(|x| x.share).sum();
         assert!((total - 1.0).abs() < 1e-9, "{total}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_request_stops_and_frees_node_sessions() -> anyhow::Result<()> {
+    let nodes = three_nodes().await?;
+    let mut cs = clients(&nodes, "cancel-me").await?;
+    let params = SpecFuseParams { segment_tokens: 4, ..SpecFuseParams::default() };
+    let limits = Limits { max_chars: 500, stop: vec![] };
+    // The client goes away after the first round.
+    let mut rounds = 0;
+    let r = specfuse(&mut cs, params, &limits, pb::Sampling::default(), &mut |_| {
+        rounds += 1;
+        rounds < 2
+    })
+    .await;
+    assert!(matches!(r, Err(coordinator::Error::Cancelled)), "{:?}", r.err());
+    assert_eq!(cs[0].calls().0, 2, "stopped after the second round");
+    for n in &nodes {
+        let mut c = pb::model_node_client::ModelNodeClient::connect(n.url.clone()).await?;
+        let closed = c.close_session(pb::CloseSessionRequest { session_id: "cancel-me".into() }).await?.into_inner();
+        assert!(!closed.existed, "the node still held the cancelled request's session");
     }
     Ok(())
 }
