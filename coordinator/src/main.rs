@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use coordinator::service::{Coordinator, NodeSpec};
+use coordinator::service::{Coordinator, EnsembleService, NodeSpec};
 use ensemble_proto::v1::ensemble_server::EnsembleServer;
 
 /// The ensemble coordinator.
@@ -71,7 +71,7 @@ fn main() -> anyhow::Result<()> {
     rt.block_on(async {
         let coordinator = Coordinator::new(nodes, Duration::from_millis(args.deadline_ms))?;
         let (health, health_service) = tonic_health::server::health_reporter();
-        health.set_serving::<EnsembleServer<Coordinator>>().await;
+        health.set_serving::<EnsembleServer<EnsembleService>>().await;
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(ensemble_proto::FILE_DESCRIPTOR_SET)
             .build_v1()?;
@@ -80,12 +80,14 @@ fn main() -> anyhow::Result<()> {
         tonic::transport::Server::builder()
             .add_service(health_service)
             .add_service(reflection)
-            .add_service(EnsembleServer::new(coordinator))
+            .add_service(EnsembleServer::new(EnsembleService::new(coordinator)))
             .serve_with_shutdown(args.listen, async move {
                 shutdown_signal().await;
                 // Stop routing first, then let tonic finish the in-flight requests.
                 tracing::info!("shutdown requested: health NOT_SERVING, draining");
-                reporter.set_not_serving::<EnsembleServer<Coordinator>>().await;
+                reporter
+                    .set_not_serving::<EnsembleServer<EnsembleService>>()
+                    .await;
             })
             .await?;
         Ok(())

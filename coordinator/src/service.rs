@@ -1,6 +1,9 @@
 //! The `Ensemble` gRPC service: validates a request, gives every configured node a [`NodeClient`]
-//! for it, runs the strategy, and maps the crate's [`Error`] to a gRPC status in one place.
+//! for it, runs the strategy (unary, or streamed with a trace of every step), and maps the crate's
+//! [`Error`] to a gRPC status in one place.
 
+use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -9,11 +12,11 @@ use ensemble_proto::v1::ensemble_server::Ensemble;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
-use crate::chared::CharedParams;
+use crate::chared::{CharOutcome, CharStep, CharedParams};
 use crate::drive::{self, Finish, Limits};
 use crate::error::Error;
 use crate::node_client::NodeClient;
-use crate::specfuse::{OnlineWeights, SpecFuseParams};
+use crate::specfuse::{OnlineWeights, RoundOutcome, SpecFuseParams};
 
 /// A configured node.
 #[derive(Debug, Clone)]
@@ -160,13 +163,14 @@ fn chared_params(o: Option<pb::CharEdOptions>, weights: Option<Vec<f64>>) -> Cha
     p
 }
 
-#[tonic::async_trait]
-impl Ensemble for Coordinator {
-    async fn generate(
+impl Coordinator {
+    /// Runs one request; `on_round` / `on_char` see every step and return false to cancel it.
+    pub async fn run(
         &self,
-        req: Request<pb::GenerateRequest>,
-    ) -> Result<Response<pb::GenerateResponse>, Status> {
-        let r = req.into_inner();
+        r: pb::GenerateRequest,
+        on_round: &mut (dyn FnMut(&RoundOutcome) -> bool + Send),
+        on_char: &mut (dyn FnMut(&CharStep) -> bool + Send),
+    ) -> Result<pb::GenerateResponse, Status> {
         let prompt = r
             .prompt
             .filter(|p| p.kind.is_some())
@@ -199,7 +203,7 @@ impl Ensemble for Coordinator {
                 let sf = r.specfuse.clone();
                 let params = specfuse_params(sf, self.weights(&r.specfuse.unwrap_or_default().weights));
                 params.validate()?;
-                let a = drive::specfuse(&mut clients, params, &limits, sampling, &mut |_| true).await?;
+                let a = drive::specfuse(&mut clients, params, &limits, sampling, on_round).await?;
                 pb::GenerateResponse {
                     text: a.text,
                     finish_reason: finish(a.finish) as i32,
@@ -214,7 +218,7 @@ impl Ensemble for Coordinator {
                 let co = r.chared.clone();
                 let params = chared_params(co, self.weights(&r.chared.unwrap_or_default().weights));
                 params.validate()?;
-                let a = drive::chared(&mut clients, params, &limits, &mut |_| true).await?;
+                let a = drive::chared(&mut clients, params, &limits, on_char).await?;
                 pb::GenerateResponse {
                     text: a.text,
                     finish_reason: finish(a.finish) as i32,
@@ -272,16 +276,77 @@ impl Ensemble for Coordinator {
                 }
             }
         };
+        Ok(resp)
+    }
+}
+
+/// The gRPC face of a [`Coordinator`] (shared with the tasks that run streamed requests).
+#[derive(Clone)]
+pub struct EnsembleService(Arc<Coordinator>);
+
+impl EnsembleService {
+    /// Serves `coordinator`.
+    pub fn new(coordinator: Coordinator) -> Self {
+        Self(Arc::new(coordinator))
+    }
+}
+
+#[tonic::async_trait]
+impl Ensemble for EnsembleService {
+    async fn generate(
+        &self,
+        req: Request<pb::GenerateRequest>,
+    ) -> Result<Response<pb::GenerateResponse>, Status> {
+        let resp = self.0.run(req.into_inner(), &mut |_| true, &mut |_| true).await?;
         Ok(Response::new(resp))
+    }
+
+    type GenerateStreamStream =
+        Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::GenerateEvent, Status>> + Send>>;
+
+    async fn generate_stream(
+        &self,
+        req: Request<pb::GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStreamStream>, Status> {
+        // At most two events per step, and steps are bounded by max_chars: an unbounded channel cannot
+        // outgrow the request, and the strategy never waits on a slow reader. A closed stream (client
+        // gone) makes the next step's send fail, which cancels the request and frees node sessions.
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Result<pb::GenerateEvent, Status>>();
+        let coordinator = self.0.clone();
+        let r = req.into_inner();
+        tokio::spawn(async move {
+            let names: Vec<String> = coordinator.nodes.iter().map(|n| n.0.name.clone()).collect();
+            let (tx_r, tx_c) = (tx.clone(), tx.clone());
+            let names_r = names.clone();
+            let mut on_round = move |o: &RoundOutcome| {
+                let _ = tx_r.send(Ok(event(pb::generate_event::Event::Delta(o.winner.text.clone()))));
+                tx_r.send(Ok(event(pb::generate_event::Event::Round(round_trace(
+                    o, &names_r,
+                )))))
+                .is_ok()
+            };
+            let mut on_char = move |c: &CharStep| {
+                if let CharOutcome::Char(ch) = c.chosen {
+                    let _ = tx_c.send(Ok(event(pb::generate_event::Event::Delta(ch.to_string()))));
+                }
+                tx_c.send(Ok(event(pb::generate_event::Event::Char(char_trace(c, &names)))))
+                    .is_ok()
+            };
+            let out = coordinator.run(r, &mut on_round, &mut on_char).await;
+            let _ = tx.send(out.map(|d| event(pb::generate_event::Event::Done(d))));
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::UnboundedReceiverStream::new(rx),
+        )))
     }
 
     async fn list_nodes(
         &self,
         _req: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
-        let calls = self.nodes.iter().map(|(spec, ch)| {
+        let calls = self.0.nodes.iter().map(|(spec, ch)| {
             let mut client = pb::model_node_client::ModelNodeClient::new(ch.clone());
-            let deadline = self.deadline;
+            let deadline = self.0.deadline;
             async move {
                 let mut req = Request::new(pb::InfoRequest {});
                 req.set_timeout(deadline);
@@ -304,5 +369,69 @@ impl Ensemble for Coordinator {
         Ok(Response::new(pb::ListNodesResponse {
             nodes: futures::future::join_all(calls).await,
         }))
+    }
+}
+
+fn event(e: pb::generate_event::Event) -> pb::GenerateEvent {
+    pb::GenerateEvent { event: Some(e) }
+}
+
+fn round_trace(o: &RoundOutcome, names: &[String]) -> pb::RoundTrace {
+    let name = |i: usize| names.get(i).cloned().unwrap_or_default();
+    pb::RoundTrace {
+        round: o.round,
+        active: o.active.iter().map(|&i| name(i)).collect(),
+        candidates: o
+            .candidates
+            .iter()
+            .zip(&o.combined)
+            .map(|(c, &score)| pb::CandidateTrace {
+                text: c.text.clone(),
+                proposers: c.proposers.iter().map(|&i| name(i)).collect(),
+                score,
+            })
+            .collect(),
+        verifiers: o
+            .verifiers
+            .iter()
+            .map(|v| pb::VerifierTrace {
+                node: name(v.node),
+                mean_logprobs: v.scores.clone(),
+                q: v.q.clone(),
+            })
+            .collect(),
+        winner_node: name(o.winner.node),
+        winner_text: o.winner.text.clone(),
+        exited: o.exited().into_iter().map(name).collect(),
+    }
+}
+
+fn char_trace(c: &CharStep, names: &[String]) -> pb::CharTrace {
+    let text = |o: &CharOutcome| match o {
+        CharOutcome::Char(ch) => ch.to_string(),
+        CharOutcome::Eos => String::new(),
+    };
+    pb::CharTrace {
+        char: text(&c.chosen),
+        eos: c.chosen == CharOutcome::Eos,
+        prob: c.prob,
+        alternatives: c
+            .alternatives
+            .iter()
+            .map(|a| pb::CharAltTrace {
+                char: text(&a.outcome),
+                eos: a.outcome == CharOutcome::Eos,
+                prob: a.prob,
+            })
+            .collect(),
+        shares: c
+            .shares
+            .iter()
+            .map(|s| pb::CharShareTrace {
+                node: names.get(s.node).cloned().unwrap_or_default(),
+                prob: s.prob,
+                share: s.share,
+            })
+            .collect(),
     }
 }

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use coordinator::service::{Coordinator, NodeSpec};
+use coordinator::service::{Coordinator, EnsembleService, NodeSpec};
 use ensemble_proto::v1 as pb;
 use ensemble_proto::v1::ensemble_client::EnsembleClient;
 use ensemble_proto::v1::ensemble_server::EnsembleServer;
@@ -23,7 +23,7 @@ async fn serve(
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(EnsembleServer::new(coordinator))
+            .add_service(EnsembleServer::new(EnsembleService::new(coordinator)))
             .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
                 let _ = rx.await;
             }),
@@ -128,6 +128,51 @@ async fn all_nodes_down_is_unavailable_fast() -> anyhow::Result<()> {
             t0.elapsed() < Duration::from_secs(10),
             "{s}: took {:?}",
             t0.elapsed()
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generate_stream_sends_deltas_and_a_trace_of_every_step() -> anyhow::Result<()> {
+    let nodes = common::three_nodes().await?;
+    let specs = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| NodeSpec {
+            name: format!("n{i}"),
+            url: n.url.clone(),
+            weight: 1.0,
+        })
+        .collect();
+    let (mut c, _stop) = serve(specs).await?;
+    for s in ["specfuse", "chared"] {
+        let mut stream = c.generate_stream(request(s)).await?.into_inner();
+        let (mut deltas, mut traces, mut done) = (String::new(), 0u32, None);
+        while let Some(ev) = stream.message().await? {
+            match ev.event {
+                Some(pb::generate_event::Event::Delta(d)) => deltas.push_str(&d),
+                Some(pb::generate_event::Event::Round(r)) => {
+                    traces += 1;
+                    assert_eq!(r.round, u64::from(traces));
+                    assert!(!r.active.is_empty() && !r.verifiers.is_empty(), "{r:?}");
+                    assert!(r.candidates.iter().any(|c| c.text == r.winner_text));
+                }
+                Some(pb::generate_event::Event::Char(ch)) => {
+                    traces += 1;
+                    let total: f64 = ch.shares.iter().map(|s| s.share).sum();
+                    assert!((total - 1.0).abs() < 1e-9);
+                }
+                Some(pb::generate_event::Event::Done(d)) => done = Some(d),
+                None => anyhow::bail!("empty event"),
+            }
+        }
+        let done = done.ok_or_else(|| anyhow::anyhow!("{s}: no summary"))?;
+        assert_eq!(done.steps, traces, "{s}");
+        assert!(
+            deltas.starts_with(&done.text),
+            "{s}: {deltas:?} vs {:?}",
+            done.text
         );
     }
     Ok(())

@@ -112,8 +112,14 @@ async fn chared_averages_three_tokenizers_one_call_per_node_per_character() -> a
 async fn a_cancelled_request_stops_and_frees_node_sessions() -> anyhow::Result<()> {
     let nodes = three_nodes().await?;
     let mut cs = clients(&nodes, "cancel-me").await?;
-    let params = SpecFuseParams { segment_tokens: 4, ..SpecFuseParams::default() };
-    let limits = Limits { max_chars: 500, stop: vec![] };
+    let params = SpecFuseParams {
+        segment_tokens: 4,
+        ..SpecFuseParams::default()
+    };
+    let limits = Limits {
+        max_chars: 500,
+        stop: vec![],
+    };
     // The client goes away after the first round.
     let mut rounds = 0;
     let r = specfuse(&mut cs, params, &limits, pb::Sampling::default(), &mut |_| {
@@ -125,8 +131,16 @@ async fn a_cancelled_request_stops_and_frees_node_sessions() -> anyhow::Result<(
     assert_eq!(cs[0].calls().0, 2, "stopped after the second round");
     for n in &nodes {
         let mut c = pb::model_node_client::ModelNodeClient::connect(n.url.clone()).await?;
-        let closed = c.close_session(pb::CloseSessionRequest { session_id: "cancel-me".into() }).await?.into_inner();
-        assert!(!closed.existed, "the node still held the cancelled request's session");
+        let closed = c
+            .close_session(pb::CloseSessionRequest {
+                session_id: "cancel-me".into(),
+            })
+            .await?
+            .into_inner();
+        assert!(
+            !closed.existed,
+            "the node still held the cancelled request's session"
+        );
     }
     Ok(())
 }
