@@ -119,7 +119,7 @@ async fn a_slow_node_is_cut_at_its_deadline() -> anyhow::Result<()> {
     let t0 = Instant::now();
     let r = c
         .propose(
-            4000,
+            500,
             &[],
             pb::Sampling {
                 temperature: 1.0,
@@ -132,7 +132,7 @@ async fn a_slow_node_is_cut_at_its_deadline() -> anyhow::Result<()> {
         "{:?}",
         r.err()
     );
-    // Generous bound: the point is that the call did not run its 4000 tokens.
+    // Generous bound: the point is that the call did not run its 500 tokens.
     assert!(t0.elapsed() < Duration::from_secs(5));
     let _ = stop.send(());
     Ok(())

@@ -43,10 +43,10 @@ async fn serve_answers_then_sigterm_drains_and_exits_zero() -> anyhow::Result<()
     let info = c.info(pb::InfoRequest {}).await?.into_inner();
     assert_eq!(info.architecture, "mistral");
     let inflight = tokio::spawn(async move {
-        c.propose_segment(common::greedy(common::raw("hello", "", ""), 48))
+        c.propose_segment(common::greedy(common::raw("hello", "", ""), 400))
             .await
     });
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    tokio::time::sleep(Duration::from_millis(150)).await;
     let kill = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()?;

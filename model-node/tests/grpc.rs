@@ -484,8 +484,9 @@ async fn health_and_reflection_are_served_and_drain_flips_health() -> anyhow::Re
 
     // Drain: an in-flight call finishes; health reports NOT_SERVING to watchers.
     let mut c = pb::model_node_client::ModelNodeClient::new(ch.clone());
-    let inflight = tokio::spawn(async move { c.propose_segment(greedy(raw("hello", "", ""), 64)).await });
-    tokio::task::yield_now().await;
+    let inflight = tokio::spawn(async move { c.propose_segment(greedy(raw("hello", "", ""), 400)).await });
+    // Let the call reach the engine (a request sent after the drain starts is refused, by design).
+    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
     n.stop().await?;
     let mut saw_not_serving = false;
     while let Ok(Some(m)) = watch.message().await {
