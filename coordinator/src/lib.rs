@@ -1,6 +1,6 @@
 //! The coordinator: runs the ensemble strategies across model nodes.
 //!
-//! The strategies are synchronous state machines with no networking: the async fan-out (to come)
+//! The strategies are synchronous state machines with no networking: the async fan-out
 //! calls the model nodes in parallel, feeds their answers in, and acts on what comes back. Each
 //! state machine is unit-tested on hand-computed examples.
 //!
@@ -16,17 +16,28 @@
 //!   node lost the session, per-call deadlines ([`NodeClient`]).
 //! - [`service`]: the `Ensemble` gRPC service ([`service::Coordinator`]) and the one mapping of
 //!   [`Error`] to gRPC status codes.
+//! - [`replicas`]: the replicas of one member: a static address or DNS discovery (headless
+//!   Services), round-robin per request, fail-over on retries.
+//! - [`config`]: the TOML configuration shared by both binaries, with defaults and checks.
+//! - [`evaluate`]: held-out sets, exact-match scoring and the accuracy tables of `ensemble eval`.
+//! - [`cluster`]: a local cluster (one `model-node` process per model, the coordinator in process)
+//!   for `ensemble up` and `--local`.
 //! - `math.rs`: the shared, numerically stable softmax.
-//! - `main.rs`: the binary, a stub until the network layer lands.
+//! - `main.rs` (`coordinator serve`) and `bin/ensemble.rs` (the CLI): thin binaries.
 //!
 //! The algorithms follow `ALGORITHMS.md`; every choice marked **ours** there is a documented option
 //! with its default on the params structs.
 
 pub mod chared;
+pub mod cluster;
+pub mod config;
 pub mod drive;
 pub mod error;
+pub mod evaluate;
 mod math;
 pub mod node_client;
+pub mod replicas;
+pub mod server;
 pub mod service;
 pub mod specfuse;
 

@@ -2,12 +2,14 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use coordinator::service::{Coordinator, EnsembleService, NodeSpec};
-use ensemble_proto::v1::ensemble_server::EnsembleServer;
+use coordinator::config::{FileConfig, Settings, parse_node};
+use coordinator::replicas::SystemResolver;
+use coordinator::service::Coordinator;
 
 /// The ensemble coordinator.
 #[derive(Debug, Parser)]
@@ -25,7 +27,8 @@ enum Command {
 
 #[derive(Debug, Args)]
 struct ServeArgs {
-    /// TOML config: `listen`, `deadline_ms`, and `[[nodes]]` with `name`, `url`, `weight`.
+    /// TOML config (see deploy/local.toml): listen, deadline_ms, retries, default_strategy, max_chars,
+    /// [specfuse], [chared], and [[nodes]] with name, url, weight, discovery, dns_refresh_ms.
     #[arg(long, env = "COORDINATOR_CONFIG")]
     config: Option<PathBuf>,
     /// A model node as NAME=URL or NAME=URL@WEIGHT (repeat; comma-separated in the env var); replaces
@@ -38,121 +41,57 @@ struct ServeArgs {
     /// Per-call deadline for node RPCs, milliseconds (default 30000).
     #[arg(long, env = "COORDINATOR_DEADLINE_MS")]
     deadline_ms: Option<u64>,
-}
-
-/// The config file; flags and environment variables override it.
-#[derive(Debug, Default, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    listen: Option<SocketAddr>,
-    deadline_ms: Option<u64>,
-    #[serde(default)]
-    nodes: Vec<FileNode>,
-}
-
-#[derive(Debug, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileNode {
-    name: String,
-    url: String,
-    #[serde(default = "one")]
-    weight: f64,
-}
-
-fn one() -> f64 {
-    1.0
-}
-
-fn parse_node(s: &str) -> anyhow::Result<NodeSpec> {
-    let (name, rest) = s
-        .split_once('=')
-        .with_context(|| format!("node {s:?}: expected NAME=URL[@WEIGHT]"))?;
-    let (url, weight) = match rest.rsplit_once('@') {
-        Some((u, w)) => (
-            u,
-            w.parse::<f64>()
-                .with_context(|| format!("node {name}: weight {w:?} is not a number"))?,
-        ),
-        None => (rest, 1.0),
-    };
-    Ok(NodeSpec {
-        name: name.to_owned(),
-        url: url.to_owned(),
-        weight,
-    })
+    /// Retries of a refused or unavailable node call, on the next replica (default 1).
+    #[arg(long, env = "COORDINATOR_RETRIES")]
+    retries: Option<u32>,
+    /// Strategy for requests that name none: specfuse, chared or single:NAME (default specfuse).
+    #[arg(long, env = "COORDINATOR_DEFAULT_STRATEGY")]
+    default_strategy: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt().with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let Command::Serve(args) = Cli::parse().command;
-    let file: FileConfig = match &args.config {
-        Some(p) => {
-            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-            toml::from_str(&text).with_context(|| format!("{}: invalid config", p.display()))?
-        }
+    let mut file = match &args.config {
+        Some(p) => FileConfig::load(p).map_err(anyhow::Error::msg)?,
         None => FileConfig::default(),
     };
-    let nodes: Vec<NodeSpec> = if args.nodes.is_empty() {
-        file.nodes
-            .into_iter()
-            .map(|n| NodeSpec {
-                name: n.name,
-                url: n.url,
-                weight: n.weight,
-            })
-            .collect()
-    } else {
-        args.nodes
+    if !args.nodes.is_empty() {
+        file.nodes = args
+            .nodes
             .iter()
             .map(|s| parse_node(s))
-            .collect::<anyhow::Result<Vec<_>>>()?
-    };
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(anyhow::Error::msg)?;
+    }
     anyhow::ensure!(
-        !nodes.is_empty(),
+        !file.nodes.is_empty(),
         "no model node: give --node NAME=URL or [[nodes]] in --config"
     );
+    file.deadline_ms = args.deadline_ms.or(file.deadline_ms);
+    file.retries = args.retries.or(file.retries);
+    file.default_strategy = args.default_strategy.clone().or(file.default_strategy);
+    let settings: Settings = Settings::from_file(&file).context("invalid configuration")?;
     let listen = args
         .listen
         .or(file.listen)
         .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 50050)));
-    let deadline = Duration::from_millis(args.deadline_ms.or(file.deadline_ms).unwrap_or(30_000));
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
-        let coordinator = Coordinator::new(nodes, deadline)?;
-        let (health, health_service) = tonic_health::server::health_reporter();
-        health.set_serving::<EnsembleServer<EnsembleService>>().await;
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(ensemble_proto::FILE_DESCRIPTOR_SET)
-            .build_v1()?;
-        tracing::info!(%listen, "serving");
-        let reporter = health.clone();
-        tonic::transport::Server::builder()
-            .add_service(health_service)
-            .add_service(reflection)
-            .add_service(EnsembleServer::new(EnsembleService::new(coordinator)))
-            .serve_with_shutdown(listen, async move {
-                shutdown_signal().await;
-                // Stop routing first, then let tonic finish the in-flight requests.
-                tracing::info!("shutdown requested: health NOT_SERVING, draining");
-                reporter
-                    .set_not_serving::<EnsembleServer<EnsembleService>>()
-                    .await;
-            })
-            .await?;
+        let coordinator = Coordinator::start(settings, Arc::new(SystemResolver)).await?;
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("binding {listen}"))?;
+        tracing::info!(%listen, deadline = ?Duration::from_millis(file.deadline_ms.unwrap_or(30_000)), "serving");
+        coordinator::server::serve(coordinator, listener, coordinator::server::shutdown_signal())
+            .await
+            .map_err(|e| anyhow::anyhow!(e))?;
         Ok(())
     })
-}
-
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            return;
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
 }

@@ -3,6 +3,7 @@
 //! the full context when the node lost the session (`NOT_FOUND`, `FAILED_PRECONDITION`), and bounds
 //! every call by a deadline.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use ensemble_proto::v1 as pb;
@@ -10,11 +11,16 @@ use ensemble_proto::v1::model_node_client::ModelNodeClient;
 use tonic::transport::Channel;
 
 use crate::error::{Error, Result};
+use crate::replicas::Replicas;
 
 /// One node, as one request sees it.
 pub struct NodeClient {
     name: String,
     client: ModelNodeClient<Channel>,
+    /// The replica in use and the member's other replicas (None: a bare channel).
+    replica: Option<(String, Arc<Replicas>)>,
+    retries: u32,
+    retried: u64,
     deadline: Duration,
     session: String,
     prompt: Option<pb::Prompt>,
@@ -31,9 +37,16 @@ fn is_lost_session(code: tonic::Code) -> bool {
     matches!(code, tonic::Code::NotFound | tonic::Code::FailedPrecondition)
 }
 
+/// Failures worth another try (on another replica when there is one): refused or dropped
+/// connections and a full queue. A deadline is not retried: the request would wait twice as long.
+fn is_retryable(code: tonic::Code) -> bool {
+    matches!(code, tonic::Code::Unavailable | tonic::Code::ResourceExhausted)
+}
+
 macro_rules! call_with_context {
     ($self:ident, $method:ident, |$ctx:ident| $req:expr) => {{
         let mut full = $self.synced.is_none();
+        let mut attempts = 0u32;
         loop {
             let $ctx = Some($self.context(full));
             let mut request = tonic::Request::new($req);
@@ -54,6 +67,14 @@ macro_rules! call_with_context {
                 Ok(Err(status)) if !full && is_lost_session(status.code()) => {
                     $self.resends += 1;
                     full = true;
+                }
+                Ok(Err(status)) if attempts < $self.retries && is_retryable(status.code()) => {
+                    attempts += 1;
+                    $self.retried += 1;
+                    tracing::debug!(node = %$self.name, code = ?status.code(), attempts, "retrying on the next replica");
+                    $self.fail_over();
+                    full = true;
+                    tokio::time::sleep(Duration::from_millis(20 * u64::from(attempts))).await;
                 }
                 Ok(Err(status)) => {
                     $self.synced = None;
@@ -79,11 +100,14 @@ macro_rules! call_with_context {
 }
 
 impl NodeClient {
-    /// A client over an open channel.
+    /// A client over an open channel (no retries).
     pub fn new(name: impl Into<String>, channel: Channel, deadline: Duration) -> Self {
         Self {
             name: name.into(),
             client: ModelNodeClient::new(channel),
+            replica: None,
+            retries: 0,
+            retried: 0,
             deadline,
             session: String::new(),
             prompt: None,
@@ -93,6 +117,52 @@ impl NodeClient {
             resends: 0,
             calls: [0; 3],
         }
+    }
+
+    /// A client on the next replica of a member (round-robin); a member with no replica yet gets a
+    /// channel to nowhere, whose calls fail as UNAVAILABLE.
+    pub fn with_replicas(name: impl Into<String>, replicas: Arc<Replicas>, deadline: Duration) -> Self {
+        let name = name.into();
+        match replicas.pick() {
+            Some(r) => {
+                let mut c = Self::new(name, r.channel, deadline);
+                c.replica = Some((r.url, replicas));
+                c
+            }
+            None => {
+                let channel = tonic::transport::Endpoint::from_static("http://0.0.0.0:1").connect_lazy();
+                let mut c = Self::new(name, channel, deadline);
+                c.replica = Some((String::new(), replicas));
+                c
+            }
+        }
+    }
+
+    /// Retries of a refused or unavailable call (each on the next replica).
+    pub fn retries(mut self, n: u32) -> Self {
+        self.retries = n;
+        self
+    }
+
+    /// Moves to the next replica (the same one when it is alone); its session must be rebuilt.
+    fn fail_over(&mut self) {
+        if let Some((url, replicas)) = &mut self.replica
+            && let Some(next) = replicas.after(url)
+        {
+            *url = next.url;
+            self.client = ModelNodeClient::new(next.channel);
+        }
+        self.synced = None;
+    }
+
+    /// The replica in use (empty for a bare channel).
+    pub fn url(&self) -> &str {
+        self.replica.as_ref().map_or("", |r| r.0.as_str())
+    }
+
+    /// Calls retried after a refused or unavailable answer.
+    pub fn retried(&self) -> u64 {
+        self.retried
     }
 
     /// The node's name.

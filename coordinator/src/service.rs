@@ -9,16 +9,17 @@ use std::time::Duration;
 
 use ensemble_proto::v1 as pb;
 use ensemble_proto::v1::ensemble_server::Ensemble;
-use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
 use crate::chared::{CharOutcome, CharStep, CharedParams};
+use crate::config::{Discovery, NodeConfig, Settings};
 use crate::drive::{self, Finish, Limits};
 use crate::error::Error;
 use crate::node_client::NodeClient;
+use crate::replicas::{Replicas, Resolve, SystemResolver};
 use crate::specfuse::{OnlineWeights, RoundOutcome, SpecFuseParams};
 
-/// A configured node.
+/// A configured node (static address); see [`crate::config::NodeConfig`] for every option.
 #[derive(Debug, Clone)]
 pub struct NodeSpec {
     /// Its name (for `single:NAME`, traces and errors).
@@ -27,6 +28,19 @@ pub struct NodeSpec {
     pub url: String,
     /// Its default weight.
     pub weight: f64,
+}
+
+impl From<NodeSpec> for NodeConfig {
+    fn from(n: NodeSpec) -> Self {
+        NodeConfig {
+            name: n.name,
+            url: n.url,
+            weight: n.weight,
+            discovery: Discovery::Static,
+            dns_refresh_ms: 5000,
+            model_dir: None,
+        }
+    }
 }
 
 /// Most characters per answer.
@@ -51,41 +65,49 @@ impl From<Error> for Status {
     }
 }
 
-/// The service: the node list with one (lazily connected) channel each.
+/// The service: the members with their replicas, and the defaults.
 pub struct Coordinator {
-    nodes: Vec<(NodeSpec, Channel)>,
-    deadline: Duration,
+    nodes: Vec<(NodeConfig, Arc<Replicas>)>,
+    settings: Settings,
     requests: AtomicU64,
 }
 
 impl Coordinator {
-    /// A coordinator over `nodes`, each call bounded by `deadline`.
-    pub fn new(nodes: Vec<NodeSpec>, deadline: Duration) -> Result<Self, Error> {
-        if nodes.is_empty() {
-            return Err(Error::NoNodes);
-        }
-        let mut out = Vec::with_capacity(nodes.len());
-        for n in nodes {
-            let endpoint = Endpoint::from_shared(n.url.clone()).map_err(|_| Error::InvalidParameter {
-                name: format!("node {}", n.name),
-                value: n.url.clone(),
-                allowed: "a URL such as http://host:50051",
-            })?;
-            let channel = endpoint.connect_timeout(deadline).connect_lazy();
-            out.push((n, channel));
+    /// A coordinator over static `nodes`, each call bounded by `deadline`, other settings default.
+    pub async fn new(nodes: Vec<NodeSpec>, deadline: Duration) -> Result<Self, Error> {
+        let mut settings = Settings::new(nodes.into_iter().map(NodeConfig::from).collect());
+        settings.deadline = deadline;
+        Self::start(settings, Arc::new(SystemResolver)).await
+    }
+
+    /// A coordinator with `settings`; DNS members are resolved with `resolver` (first resolution
+    /// here, then in the background).
+    pub async fn start(settings: Settings, resolver: Arc<dyn Resolve>) -> Result<Self, Error> {
+        settings.check()?;
+        let mut nodes = Vec::with_capacity(settings.nodes.len());
+        for n in &settings.nodes {
+            let replicas = Replicas::start(n, settings.deadline, resolver.clone()).await?;
+            nodes.push((n.clone(), replicas));
         }
         Ok(Self {
-            nodes: out,
-            deadline,
+            nodes,
+            settings,
             requests: AtomicU64::new(0),
         })
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
     }
 
     fn clients(&self, session: &str, prompt: &pb::Prompt) -> Vec<NodeClient> {
         self.nodes
             .iter()
-            .map(|(spec, ch)| {
-                let mut c = NodeClient::new(spec.name.clone(), ch.clone(), self.deadline);
+            .map(|(cfg, replicas)| {
+                let mut c =
+                    NodeClient::with_replicas(cfg.name.clone(), replicas.clone(), self.settings.deadline)
+                        .retries(self.settings.retries);
                 c.begin(session, prompt.clone());
                 c
             })
@@ -109,11 +131,15 @@ fn finish(f: Finish) -> pb::FinishReason {
     }
 }
 
-fn specfuse_params(o: Option<pb::SpecFuseOptions>, weights: Option<Vec<f64>>) -> SpecFuseParams {
+fn specfuse_params(
+    defaults: &SpecFuseParams,
+    o: Option<pb::SpecFuseOptions>,
+    weights: Option<Vec<f64>>,
+) -> SpecFuseParams {
     let o = o.unwrap_or_default();
     let mut p = SpecFuseParams {
         weights,
-        ..SpecFuseParams::default()
+        ..defaults.clone()
     };
     if let Some(v) = o.segment_tokens {
         p.segment_tokens = v;
@@ -142,11 +168,15 @@ fn specfuse_params(o: Option<pb::SpecFuseOptions>, weights: Option<Vec<f64>>) ->
     p
 }
 
-fn chared_params(o: Option<pb::CharEdOptions>, weights: Option<Vec<f64>>) -> CharedParams {
+fn chared_params(
+    defaults: &CharedParams,
+    o: Option<pb::CharEdOptions>,
+    weights: Option<Vec<f64>>,
+) -> CharedParams {
     let o = o.unwrap_or_default();
     let mut p = CharedParams {
         weights,
-        ..CharedParams::default()
+        ..defaults.clone()
     };
     if let Some(v) = o.temperature {
         p.temperature = v;
@@ -193,7 +223,7 @@ impl Coordinator {
         let mut clients = self.clients(&session, &prompt);
         let sampling = r.sampling.unwrap_or_default();
         let strategy = if r.strategy.is_empty() {
-            "specfuse".to_owned()
+            self.settings.default_strategy.clone()
         } else {
             r.strategy.clone()
         };
@@ -201,7 +231,11 @@ impl Coordinator {
         let resp = match strategy.as_str() {
             "specfuse" => {
                 let sf = r.specfuse.clone();
-                let params = specfuse_params(sf, self.weights(&r.specfuse.unwrap_or_default().weights));
+                let params = specfuse_params(
+                    &self.settings.specfuse,
+                    sf,
+                    self.weights(&r.specfuse.unwrap_or_default().weights),
+                );
                 params.validate()?;
                 let a = drive::specfuse(&mut clients, params, &limits, sampling, on_round).await?;
                 pb::GenerateResponse {
@@ -216,7 +250,11 @@ impl Coordinator {
             }
             "chared" => {
                 let co = r.chared.clone();
-                let params = chared_params(co, self.weights(&r.chared.unwrap_or_default().weights));
+                let params = chared_params(
+                    &self.settings.chared,
+                    co,
+                    self.weights(&r.chared.unwrap_or_default().weights),
+                );
                 params.validate()?;
                 let a = drive::chared(&mut clients, params, &limits, on_char).await?;
                 pb::GenerateResponse {
@@ -344,10 +382,21 @@ impl Ensemble for EnsembleService {
         &self,
         _req: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
-        let calls = self.0.nodes.iter().map(|(spec, ch)| {
-            let mut client = pb::model_node_client::ModelNodeClient::new(ch.clone());
-            let deadline = self.0.deadline;
+        let calls = self.0.nodes.iter().map(|(spec, replicas)| {
+            let replica = replicas.pick();
+            let deadline = self.0.settings.deadline;
             async move {
+                let Some(replica) = replica else {
+                    return pb::NodeStatus {
+                        name: spec.name.clone(),
+                        url: spec.url.clone(),
+                        weight: spec.weight,
+                        healthy: false,
+                        info: None,
+                        error: "no replica: DNS gave no address".into(),
+                    };
+                };
+                let mut client = pb::model_node_client::ModelNodeClient::new(replica.channel);
                 let mut req = Request::new(pb::InfoRequest {});
                 req.set_timeout(deadline);
                 let r = tokio::time::timeout(deadline, client.info(req)).await;

@@ -17,7 +17,7 @@ async fn serve(
     EnsembleClient<tonic::transport::Channel>,
     tokio::sync::oneshot::Sender<()>,
 )> {
-    let coordinator = Coordinator::new(nodes, Duration::from_secs(20))?;
+    let coordinator = Coordinator::new(nodes, Duration::from_secs(20)).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", listener.local_addr()?);
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();

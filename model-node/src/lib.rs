@@ -32,6 +32,7 @@ pub mod sampling;
 pub mod server;
 pub mod service;
 pub mod template;
+pub mod train;
 pub mod validate;
 pub mod vocab;
 

@@ -132,3 +132,91 @@ fn batched_candidates_over_a_shared_cache_match_single_runs() -> anyhow::Result<
     }
     Ok(())
 }
+
+/// The trainer's candle-nn model saves weights that candle-transformers and the node load as a
+/// checkpoint of the same architecture, with the same logits; and every one of its tensors gets a
+/// gradient (candle-transformers' fused ops have no backward pass, so a model built on them would
+/// silently train only the layers above them).
+#[test]
+fn trained_weights_load_through_candle_transformers() -> anyhow::Result<()> {
+    use candle_nn::{Optimizer, VarMap};
+    use model_node::train::model::{Shape, TrainModel};
+    let root = common::temp_dir("train-roundtrip");
+    for (i, arch) in ["llama", "qwen2", "mistral"].into_iter().enumerate() {
+        let shape = Shape {
+            arch,
+            vocab: 61,
+            hidden: 32,
+            layers: 2,
+            heads: 4,
+            intermediate: 48,
+            max_positions: 64,
+        };
+        let vars = VarMap::new();
+        let model = TrainModel::new(shape.clone(), &vars, 5 + i as u64, &Device::Cpu)?;
+        let ids = Tensor::new(
+            &[[3u32, 9, 14, 27, 5, 8, 44, 2], [7, 7, 1, 30, 12, 60, 0, 9]],
+            &Device::Cpu,
+        )?;
+        let rows = Tensor::new(&[2u32, 5, 6, 9, 13, 14], &Device::Cpu)?;
+        let targets = Tensor::new(&[27u32, 44, 2, 1, 0, 9], &Device::Cpu)?;
+
+        let grads = model.loss(&ids, &rows, &targets)?.backward()?;
+        for (name, var) in vars.data().lock().map_err(|_| anyhow::anyhow!("lock"))?.iter() {
+            let g = grads
+                .get(var.as_tensor())
+                .ok_or_else(|| anyhow::anyhow!("{arch}: no gradient reaches {name}"))?;
+            let norm = g.sqr()?.sum_all()?.to_scalar::<f32>()?;
+            assert!(norm > 0.0, "{arch}: zero gradient for {name}");
+        }
+        let mut opt = candle_nn::AdamW::new_lr(vars.all_vars(), 1e-2)?;
+        let first = model.loss(&ids, &rows, &targets)?.to_scalar::<f32>()?;
+        for _ in 0..20 {
+            opt.backward_step(&model.loss(&ids, &rows, &targets)?)?;
+        }
+        let last = model.loss(&ids, &rows, &targets)?.to_scalar::<f32>()?;
+        assert!(last < first * 0.5, "{arch}: loss {first} -> {last}");
+
+        let dir = root.join(arch);
+        std::fs::create_dir_all(&dir)?;
+        let text = serde_json::to_string(&shape.config_json(1, &[2]))?;
+        std::fs::write(dir.join("config.json"), &text)?;
+        vars.save(dir.join("model.safetensors"))?;
+        let names: Vec<String> = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)?
+            .into_keys()
+            .collect();
+        assert_eq!(
+            names.iter().any(|n| n == "lm_head.weight"),
+            arch != "qwen2",
+            "{arch}: {names:?}"
+        );
+
+        let vb = VarBuilder::from_tensors(
+            candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)?,
+            DType::F32,
+            &Device::Cpu,
+        );
+        let prompt = [1u32, 5, 17, 33, 8, 59, 42];
+        let x = Tensor::new(&prompt, &Device::Cpu)?.unsqueeze(0)?;
+        let h = model.hidden(&x)?.squeeze(0)?.narrow(0, prompt.len() - 1, 1)?;
+        let trained = model.logits(&h)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut reference = Reference::load(arch, &text, vb.clone())?;
+        let theirs = reference.last_logits(&prompt, 0)?;
+        assert!(
+            max_diff(&trained, &theirs) < 1e-4,
+            "{arch}: candle-transformers differs by {}",
+            max_diff(&trained, &theirs)
+        );
+        let cfg = ArchConfig::from_json(&text, "config.json")?;
+        let ours = Transformer::load(&cfg, vb, 64)?;
+        let (logits, _) = ours.forward(&x, &KvCache::default(), false)?;
+        let ours_last = logits.flatten_all()?.to_vec1::<f32>()?;
+        let ours_last = &ours_last[ours_last.len() - shape.vocab..];
+        assert!(
+            max_diff(&trained, ours_last) < 1e-4,
+            "{arch}: node transformer differs by {}",
+            max_diff(&trained, ours_last)
+        );
+    }
+    Ok(())
+}

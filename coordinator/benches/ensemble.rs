@@ -1,0 +1,311 @@
+//! Coordinator benchmarks; prints tables (no timing assertions anywhere).
+//!
+//! `cargo bench -p coordinator --bench ensemble` (add `-- --quick` for a short run)
+//!
+//! 1. Overhead per SpecFuse round and per CharED character over three *trivial* nodes: real gRPC
+//!    servers on loopback that answer at once with fixed data, so the time is the coordinator's
+//!    (fan-out, state machines, protobuf, loopback) and not a model's.
+//! 2. Request bytes per CharED character at context lengths 100 and 10,000 (session deltas: must not
+//!    grow with the context).
+//! 3. Fan-out efficiency: three nodes that take 10, 20 and 40 ms per call; a round should take about
+//!    the slowest node's time, not the sum.
+//! 4. Mean active nodes per SpecFuse round with and without model exit, over the three bundled models
+//!    plus two random-weight nodes (five members, as in the SpecFuse paper's 5 → 2.4).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use coordinator::evaluate::load_set;
+use coordinator::service::{Coordinator, NodeSpec};
+use ensemble_proto::v1 as pb;
+use ensemble_proto::v1::model_node_server::{ModelNode, ModelNodeServer};
+use prost::Message as _;
+use tonic::{Request, Response, Status};
+
+/// A node that answers at once (after `delay`) with fixed data, and counts request bytes.
+#[derive(Clone)]
+struct Trivial {
+    delay: Duration,
+    next_char_bytes: Arc<AtomicU64>,
+    next_char_calls: Arc<AtomicU64>,
+}
+
+#[tonic::async_trait]
+impl ModelNode for Trivial {
+    async fn info(&self, _r: Request<pb::InfoRequest>) -> Result<Response<pb::InfoResponse>, Status> {
+        Ok(Response::new(pb::InfoResponse {
+            model_id: "trivial".into(),
+            ..Default::default()
+        }))
+    }
+
+    async fn propose_segment(
+        &self,
+        _r: Request<pb::ProposeRequest>,
+    ) -> Result<Response<pb::ProposeResponse>, Status> {
+        tokio::time::sleep(self.delay).await;
+        Ok(Response::new(pb::ProposeResponse {
+            text: "ab ".into(),
+            token_logprobs: vec![-0.1, -0.2],
+            finish_reason: pb::FinishReason::Length as i32,
+            usage: None,
+        }))
+    }
+
+    async fn score_candidates(
+        &self,
+        r: Request<pb::ScoreRequest>,
+    ) -> Result<Response<pb::ScoreResponse>, Status> {
+        tokio::time::sleep(self.delay).await;
+        let scores = r
+            .into_inner()
+            .candidates
+            .iter()
+            .map(|c| pb::CandidateScore {
+                sum_logprob: -0.5,
+                token_count: 2,
+                char_count: c.chars().count() as u32,
+                mean_logprob: -0.25,
+            })
+            .collect();
+        Ok(Response::new(pb::ScoreResponse { scores, usage: None }))
+    }
+
+    async fn next_char_distribution(
+        &self,
+        r: Request<pb::NextCharRequest>,
+    ) -> Result<Response<pb::NextCharResponse>, Status> {
+        self.next_char_bytes
+            .fetch_add(r.get_ref().encoded_len() as u64, Ordering::Relaxed);
+        self.next_char_calls.fetch_add(1, Ordering::Relaxed);
+        tokio::time::sleep(self.delay).await;
+        Ok(Response::new(pb::NextCharResponse {
+            chars: vec![
+                pb::CharProb {
+                    char: "a".into(),
+                    prob: 0.6,
+                },
+                pb::CharProb {
+                    char: "b".into(),
+                    prob: 0.3,
+                },
+            ],
+            eos_prob: 0.0,
+            residual: 0.1,
+            hypotheses: 1,
+            usage: None,
+        }))
+    }
+
+    async fn close_session(
+        &self,
+        _r: Request<pb::CloseSessionRequest>,
+    ) -> Result<Response<pb::CloseSessionResponse>, Status> {
+        Ok(Response::new(pb::CloseSessionResponse { existed: true }))
+    }
+}
+
+async fn trivial_nodes(delays: &[u64]) -> anyhow::Result<(Vec<NodeSpec>, Vec<Trivial>)> {
+    let mut specs = Vec::new();
+    let mut nodes = Vec::new();
+    for (i, &ms) in delays.iter().enumerate() {
+        let node = Trivial {
+            delay: Duration::from_millis(ms),
+            next_char_bytes: Arc::default(),
+            next_char_calls: Arc::default(),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(ModelNodeServer::new(node.clone()))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        specs.push(NodeSpec {
+            name: format!("t{i}"),
+            url,
+            weight: 1.0,
+        });
+        nodes.push(node);
+    }
+    Ok((specs, nodes))
+}
+
+fn raw(text: String, strategy: &str, max_chars: u32) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        prompt: Some(pb::Prompt {
+            kind: Some(pb::prompt::Kind::Raw(text)),
+        }),
+        strategy: strategy.into(),
+        max_chars,
+        ..Default::default()
+    }
+}
+
+/// Median of per-request µs per step.
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+async fn overhead(quick: bool) -> anyhow::Result<()> {
+    let (specs, _nodes) = trivial_nodes(&[0, 0, 0]).await?;
+    let c = Coordinator::new(specs, Duration::from_secs(10)).await?;
+    let reps = if quick { 5 } else { 30 };
+    println!("\n## Coordinator overhead, three trivial nodes on loopback (median of {reps} requests)\n");
+    println!("| strategy | steps per request | µs per step |\n|---|---:|---:|");
+    for (strategy, max_chars) in [("specfuse", 60u32), ("chared", 60)] {
+        let mut per_step = Vec::new();
+        let mut steps = 0;
+        for _ in 0..reps {
+            let t = Instant::now();
+            let r = c
+                .run(raw("x".into(), strategy, max_chars), &mut |_| true, &mut |_| true)
+                .await?;
+            steps = r.steps;
+            per_step.push(t.elapsed().as_secs_f64() * 1e6 / f64::from(r.steps.max(1)));
+        }
+        let unit = if strategy == "specfuse" {
+            "round (3 propose + 3 score calls)"
+        } else {
+            "character (3 next-char calls)"
+        };
+        println!("| {strategy} | {steps} | {:.0} per {unit} |", median(per_step));
+    }
+    Ok(())
+}
+
+async fn bytes_per_char() -> anyhow::Result<()> {
+    println!("\n## Request bytes per CharED character (per node)\n");
+    println!(
+        "| context chars | first call (full context) | later calls, mean | characters |\n|---:|---:|---:|---:|"
+    );
+    for context in [100usize, 10_000] {
+        let (specs, nodes) = trivial_nodes(&[0, 0, 0]).await?;
+        let c = Coordinator::new(specs, Duration::from_secs(10)).await?;
+        let prompt: String = "lorem ipsum "
+            .repeat(context / 12 + 1)
+            .chars()
+            .take(context)
+            .collect();
+        // One character first, to see the full-context call alone.
+        c.run(raw(prompt.clone(), "chared", 1), &mut |_| true, &mut |_| true)
+            .await?;
+        let first = nodes[0].next_char_bytes.load(Ordering::Relaxed);
+        let first_calls = nodes[0].next_char_calls.load(Ordering::Relaxed);
+        let r = c
+            .run(raw(prompt, "chared", 200), &mut |_| true, &mut |_| true)
+            .await?;
+        let total = nodes[0].next_char_bytes.load(Ordering::Relaxed) - first;
+        let calls = nodes[0].next_char_calls.load(Ordering::Relaxed) - first_calls;
+        // Of this request's calls, the first carries the full context; the rest are deltas.
+        let later = (total - first) as f64 / (calls - 1).max(1) as f64;
+        println!("| {context} | {first} | {later:.1} | {} |", r.steps);
+    }
+    Ok(())
+}
+
+async fn fan_out() -> anyhow::Result<()> {
+    let delays = [10u64, 20, 40];
+    let (specs, _nodes) = trivial_nodes(&delays).await?;
+    let c = Coordinator::new(specs, Duration::from_secs(10)).await?;
+    let rounds = 10u32;
+    let t = Instant::now();
+    let r = c
+        .run(
+            raw("x".into(), "specfuse", 3 * rounds),
+            &mut |_| true,
+            &mut |_| true,
+        )
+        .await?;
+    let per_round = t.elapsed().as_secs_f64() * 1e3 / f64::from(r.steps.max(1));
+    let slowest = 2.0 * 40.0;
+    let sum = 2.0 * delays.iter().sum::<u64>() as f64;
+    println!("\n## Fan-out: nodes taking 10, 20, 40 ms per call (a round = propose + score)\n");
+    println!(
+        "| measured ms per round | slowest node (2 × 40 ms) | sum of nodes | measured / slowest |\n|---:|---:|---:|---:|"
+    );
+    println!(
+        "| {per_round:.1} | {slowest:.0} | {sum:.0} | {:.2} |",
+        per_round / slowest
+    );
+    Ok(())
+}
+
+async fn active_nodes(quick: bool) -> anyhow::Result<()> {
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let root = std::env::temp_dir().join(format!("bench-rnd-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let mut dirs: Vec<(String, PathBuf)> = ["arith", "atlas", "general"]
+        .iter()
+        .map(|n| (n.to_string(), repo.join("models").join(n)))
+        .collect();
+    dirs.push((
+        "random1".into(),
+        model_node::fixtures::tiny_model_dir(&root, "llama", "byte_level", 5)?,
+    ));
+    dirs.push((
+        "random2".into(),
+        model_node::fixtures::tiny_model_dir(&root, "qwen2", "sentencepiece", 6)?,
+    ));
+    let mut specs = Vec::new();
+    let mut keep = Vec::new();
+    for (name, dir) in dirs {
+        let n = common::start(dir).await?;
+        specs.push(NodeSpec {
+            name,
+            url: n.url.clone(),
+            weight: 1.0,
+        });
+        keep.push(n);
+    }
+    let c = Coordinator::new(specs, Duration::from_secs(30)).await?;
+    let items = load_set(&repo.join("eval/mixed.jsonl")).map_err(anyhow::Error::msg)?;
+    let n = if quick { 6 } else { 30 };
+    println!(
+        "\n## Mean active nodes per SpecFuse round, five members (3 bundled + 2 random-weight), {n} mixed items, 2-token drafts\n"
+    );
+    println!("| model exit | mean active nodes per round | rounds | exact match |\n|---|---:|---:|---:|");
+    for exit in [false, true] {
+        let (mut active, mut rounds, mut correct) = (0.0, 0u32, 0);
+        for it in &items[..n] {
+            let req = pb::GenerateRequest {
+                prompt: Some(it.prompt()),
+                strategy: "specfuse".into(),
+                max_chars: 40,
+                specfuse: Some(pb::SpecFuseOptions {
+                    segment_tokens: Some(2),
+                    exit: Some(exit),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            let r = c.run(req, &mut |_| true, &mut |_| true).await?;
+            active += r.mean_active_nodes * f64::from(r.steps);
+            rounds += r.steps;
+            correct += usize::from(r.text.trim() == it.answer);
+        }
+        println!(
+            "| {} | {:.2} | {rounds} | {correct}/{n} |",
+            if exit { "on" } else { "off" },
+            active / f64::from(rounds.max(1))
+        );
+    }
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async {
+        overhead(quick).await?;
+        bytes_per_char().await?;
+        fan_out().await?;
+        active_nodes(quick).await
+    })
+}

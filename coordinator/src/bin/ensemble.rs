@@ -1,0 +1,450 @@
+//! `ensemble`: the project's command line.
+//!
+//! ```text
+//! ensemble up                                   # local cluster from deploy/local.toml, Ctrl-C stops it
+//! ensemble generate --local "What is 347 + 58?" # start the cluster, answer, stop
+//! ensemble generate --trace "..."               # against a running coordinator, with the rounds
+//! ensemble eval --local --set eval/mixed.jsonl  # accuracy per domain and strategy
+//! ensemble nodes                                # the coordinator's nodes and their health
+//! ```
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use clap::{Args, Parser, Subcommand};
+use coordinator::cluster::LocalCluster;
+use coordinator::config::FileConfig;
+use coordinator::evaluate::{self, Outcome, Report};
+use ensemble_proto::v1 as pb;
+use ensemble_proto::v1::ensemble_client::EnsembleClient;
+use tonic::transport::Channel;
+
+/// Several language models answering together.
+#[derive(Debug, Parser)]
+#[command(name = "ensemble", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Args)]
+struct Target {
+    /// The coordinator's URL.
+    #[arg(long, env = "ENSEMBLE_COORDINATOR", default_value = "http://127.0.0.1:50050")]
+    coordinator: String,
+    /// Start a local cluster from --config for this command (and stop it after).
+    #[arg(long)]
+    local: bool,
+    /// Cluster config for --local and `up`.
+    #[arg(long, default_value = "deploy/local.toml")]
+    config: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Start one model-node per configured model plus the coordinator, on loopback; Ctrl-C stops them.
+    Up {
+        /// Cluster config.
+        #[arg(long, default_value = "deploy/local.toml")]
+        config: PathBuf,
+    },
+    /// Generate an answer, streamed to the terminal.
+    Generate {
+        #[command(flatten)]
+        target: Target,
+        /// specfuse, chared or single:NAME (default: the coordinator's).
+        #[arg(long, default_value = "")]
+        strategy: String,
+        /// Most characters in the answer.
+        #[arg(long, default_value_t = 256)]
+        max_chars: u32,
+        /// Stop strings.
+        #[arg(long)]
+        stop: Vec<String>,
+        /// Send the text as a raw prompt instead of a user message.
+        #[arg(long)]
+        raw: bool,
+        /// Show each SpecFuse round / CharED character on stderr.
+        #[arg(long)]
+        trace: bool,
+        /// The question.
+        prompt: Vec<String>,
+    },
+    /// Exact-match accuracy of strategies on an evaluation set.
+    Eval {
+        #[command(flatten)]
+        target: Target,
+        /// JSON Lines set (messages, answer, domain).
+        #[arg(long, default_value = "eval/mixed.jsonl")]
+        set: PathBuf,
+        /// Comma-separated strategies (default: single:NAME for every node, then specfuse, chared).
+        #[arg(long, value_delimiter = ',')]
+        strategies: Vec<String>,
+        /// Only the first N items.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Most characters per answer.
+        #[arg(long, default_value_t = 48)]
+        max_chars: u32,
+        /// Write the full report (every answer) as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Write the table as Markdown.
+        #[arg(long)]
+        markdown: Option<PathBuf>,
+    },
+    /// The coordinator's nodes and their health.
+    Nodes {
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+fn load_config(path: &Path) -> anyhow::Result<(FileConfig, PathBuf)> {
+    let file = FileConfig::load(path).map_err(anyhow::Error::msg)?;
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    Ok((file, base))
+}
+
+async fn start_local(config: &Path, listen: SocketAddr) -> anyhow::Result<LocalCluster> {
+    let (file, base) = load_config(config)?;
+    eprintln!(
+        "starting {} model nodes from {} ...",
+        file.nodes.iter().filter(|n| n.model_dir.is_some()).count(),
+        config.display()
+    );
+    let cluster = LocalCluster::start(&file, &base, listen)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    eprintln!(
+        "cluster ready: coordinator {} (node logs in {})",
+        cluster.url(),
+        cluster.logs().display()
+    );
+    Ok(cluster)
+}
+
+/// Runs `f` against the target: a started local cluster or the given coordinator.
+async fn with_target<T>(
+    target: &Target,
+    f: impl AsyncFnOnce(EnsembleClient<Channel>) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let cluster = if target.local {
+        Some(start_local(&target.config, SocketAddr::from(([127, 0, 0, 1], 0))).await?)
+    } else {
+        None
+    };
+    let url = cluster
+        .as_ref()
+        .map_or(target.coordinator.clone(), |c| c.url().to_owned());
+    let out = match EnsembleClient::connect(url.clone()).await {
+        Ok(client) => f(client).await,
+        Err(e) => Err(anyhow::anyhow!(
+            "cannot reach the coordinator at {url}: {e} (start one with `ensemble up`, or pass --local)"
+        )),
+    };
+    if let Some(c) = cluster {
+        c.stop(Duration::from_secs(10)).await;
+    }
+    out
+}
+
+fn conversation(text: &str, raw: bool) -> pb::Prompt {
+    let kind = if raw {
+        pb::prompt::Kind::Raw(text.to_owned())
+    } else {
+        pb::prompt::Kind::Conversation(pb::Conversation {
+            messages: vec![pb::ChatMessage {
+                role: "user".into(),
+                content: text.to_owned(),
+            }],
+        })
+    };
+    pb::Prompt { kind: Some(kind) }
+}
+
+fn print_round(r: &pb::RoundTrace) {
+    eprintln!("\n── round {} · active {:?}", r.round, r.active);
+    for (i, c) in r.candidates.iter().enumerate() {
+        let mark = if c.text == r.winner_text { "→" } else { " " };
+        eprintln!("  {mark} {:>8.4}  {:?}  by {:?}", c.score, c.text, c.proposers);
+        for v in &r.verifiers {
+            if let (Some(lp), Some(q)) = (v.mean_logprobs.get(i), v.q.get(i)) {
+                eprintln!("        {:<10} logp/token {lp:>8.3}  q {q:.3}", v.node);
+            }
+        }
+    }
+    if !r.exited.is_empty() {
+        eprintln!("  exited: {:?}", r.exited);
+    }
+}
+
+fn print_char(c: &pb::CharTrace) {
+    let show = |ch: &str, eos: bool| {
+        if eos {
+            "<eos>".to_owned()
+        } else {
+            format!("{ch:?}")
+        }
+    };
+    let alts: Vec<String> = c
+        .alternatives
+        .iter()
+        .map(|a| format!("{} {:.2}", show(&a.char, a.eos), a.prob))
+        .collect();
+    let shares: Vec<String> = c
+        .shares
+        .iter()
+        .map(|s| format!("{} {:.0}%", s.node, 100.0 * s.share))
+        .collect();
+    eprintln!(
+        "  {} p={:.3} | alts: {} | shares: {}",
+        show(&c.char, c.eos),
+        c.prob,
+        alts.join(", "),
+        shares.join(", ")
+    );
+}
+
+async fn generate(
+    mut client: EnsembleClient<Channel>,
+    req: pb::GenerateRequest,
+    trace: bool,
+) -> anyhow::Result<()> {
+    let mut stream = client.generate_stream(req).await.map_err(status)?.into_inner();
+    let mut out = std::io::stdout();
+    while let Some(ev) = stream.message().await.map_err(status)? {
+        match ev.event {
+            Some(pb::generate_event::Event::Delta(d)) if !trace => {
+                write!(out, "{d}")?;
+                out.flush()?;
+            }
+            Some(pb::generate_event::Event::Round(r)) if trace => print_round(&r),
+            Some(pb::generate_event::Event::Char(c)) if trace => print_char(&c),
+            Some(pb::generate_event::Event::Done(d)) => {
+                if trace {
+                    println!("{}", d.text);
+                } else {
+                    println!();
+                }
+                eprintln!(
+                    "[{} · {} steps · finish {:?}{}{}{}]",
+                    d.strategy,
+                    d.steps,
+                    d.finish_reason(),
+                    if d.mean_active_nodes > 0.0 {
+                        format!(" · mean active nodes {:.2}", d.mean_active_nodes)
+                    } else {
+                        String::new()
+                    },
+                    if d.exited_nodes.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" · exited {:?}", d.exited_nodes)
+                    },
+                    if d.failed_nodes.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" · failed {:?}", d.failed_nodes)
+                    },
+                );
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn status(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+}
+
+async fn eval(
+    mut client: EnsembleClient<Channel>,
+    set: &Path,
+    strategies: Vec<String>,
+    limit: Option<usize>,
+    max_chars: u32,
+) -> anyhow::Result<Report> {
+    let mut items = evaluate::load_set(set).map_err(anyhow::Error::msg)?;
+    if let Some(n) = limit {
+        items.truncate(n);
+    }
+    let strategies = if strategies.is_empty() {
+        let nodes = client
+            .list_nodes(pb::ListNodesRequest {})
+            .await
+            .map_err(status)?
+            .into_inner();
+        let mut s: Vec<String> = nodes.nodes.iter().map(|n| format!("single:{}", n.name)).collect();
+        s.extend(["specfuse".to_owned(), "chared".to_owned()]);
+        s
+    } else {
+        strategies
+    };
+    let bar = indicatif::ProgressBar::new((items.len() * strategies.len()) as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} {msg:<16} [{bar:40}] {pos}/{len} {elapsed_precise} eta {eta}",
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .progress_chars("=> "),
+    );
+    let mut report = Report {
+        set: set.display().to_string(),
+        strategies: strategies.clone(),
+        outcomes: Vec::new(),
+    };
+    for st in &strategies {
+        bar.set_message(st.clone());
+        for (i, item) in items.iter().enumerate() {
+            let req = pb::GenerateRequest {
+                prompt: Some(item.prompt()),
+                strategy: st.clone(),
+                max_chars,
+                ..Default::default()
+            };
+            let (got, error, steps, active) = match client.generate(req).await {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    (r.text, false, r.steps, r.mean_active_nodes)
+                }
+                Err(s) if s.code() == tonic::Code::InvalidArgument => {
+                    bar.abandon();
+                    bail!("strategy {st}: {}", s.message())
+                }
+                Err(s) => (format!("error {:?}: {}", s.code(), s.message()), true, 0, 0.0),
+            };
+            report.outcomes.push(Outcome {
+                strategy: st.clone(),
+                item: i,
+                domain: item.domain.clone(),
+                correct: !error && evaluate::exact_match(&got, &item.answer),
+                expected: item.answer.clone(),
+                got,
+                error,
+                steps,
+                mean_active_nodes: active,
+            });
+            bar.inc(1);
+        }
+    }
+    bar.finish_and_clear();
+    Ok(report)
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        match cli.command {
+            Command::Up { config } => {
+                let (file, _) = load_config(&config)?;
+                let listen = file
+                    .listen
+                    .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 50050)));
+                let cluster = start_local(&config, listen).await?;
+                for (name, pid) in cluster.nodes() {
+                    eprintln!(
+                        "  node {name} (pid {})",
+                        pid.map_or("?".into(), |p| p.to_string())
+                    );
+                }
+                eprintln!(
+                    "try: ensemble generate --trace \"What is 347 + 58?\"   (Ctrl-C stops the cluster)"
+                );
+                coordinator::server::shutdown_signal().await;
+                eprintln!("stopping ...");
+                cluster.stop(Duration::from_secs(10)).await;
+                Ok(())
+            }
+            Command::Generate {
+                target,
+                strategy,
+                max_chars,
+                stop,
+                raw,
+                trace,
+                prompt,
+            } => {
+                let text = prompt.join(" ");
+                if text.trim().is_empty() {
+                    bail!("give a prompt, e.g. ensemble generate \"What is 347 + 58?\"");
+                }
+                let req = pb::GenerateRequest {
+                    prompt: Some(conversation(&text, raw)),
+                    strategy,
+                    max_chars,
+                    stop,
+                    ..Default::default()
+                };
+                with_target(&target, async |client| generate(client, req, trace).await).await
+            }
+            Command::Eval {
+                target,
+                set,
+                strategies,
+                limit,
+                max_chars,
+                json,
+                markdown,
+            } => {
+                let report = with_target(&target, async |client| {
+                    eval(client, &set, strategies, limit, max_chars).await
+                })
+                .await?;
+                let md = report.markdown();
+                println!("{}: exact match\n\n{md}", report.set);
+                if let Some(p) = json {
+                    std::fs::write(&p, serde_json::to_string_pretty(&report)?)
+                        .with_context(|| p.display().to_string())?;
+                    eprintln!("wrote {}", p.display());
+                }
+                if let Some(p) = markdown {
+                    std::fs::write(&p, &md).with_context(|| p.display().to_string())?;
+                    eprintln!("wrote {}", p.display());
+                }
+                Ok(())
+            }
+            Command::Nodes { target } => {
+                with_target(&target, async |mut client| {
+                    let r = client
+                        .list_nodes(pb::ListNodesRequest {})
+                        .await
+                        .map_err(status)?
+                        .into_inner();
+                    for n in r.nodes {
+                        match n.info {
+                            Some(i) => println!(
+                                "{:<10} {:<28} weight {:<4} healthy  {} ({}, {} params, vocab {})",
+                                n.name,
+                                n.url,
+                                n.weight,
+                                i.model_id,
+                                i.architecture,
+                                i.parameters,
+                                i.vocab_size
+                            ),
+                            None => println!(
+                                "{:<10} {:<28} weight {:<4} DOWN     {}",
+                                n.name, n.url, n.weight, n.error
+                            ),
+                        }
+                    }
+                    Ok(())
+                })
+                .await
+            }
+        }
+    })
+}

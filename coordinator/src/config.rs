@@ -1,0 +1,376 @@
+//! The coordinator's configuration file (TOML), shared by `coordinator serve` and `ensemble up`.
+//! Flags and `COORDINATOR_*` environment variables override it (see `main.rs`).
+//!
+//! ```toml
+//! listen = "0.0.0.0:50050"
+//! deadline_ms = 30000           # per node RPC
+//! retries = 1                   # retries of a refused/unavailable node call (on another replica)
+//! default_strategy = "specfuse" # or "chared", "single:NAME"
+//! max_chars = 256               # default answer length when a client gives none (HTTP, CLI)
+//!
+//! [specfuse]                    # defaults for requests that leave a field unset
+//! segment_tokens = 10
+//!
+//! [chared]
+//! temperature = 0.0
+//!
+//! [[nodes]]
+//! name = "qwen"
+//! url = "http://ensemble-node-qwen.default.svc.cluster.local:50051"
+//! weight = 1.0
+//! discovery = "dns"             # "static" (default) or "dns": every address of the host is a replica
+//! dns_refresh_ms = 5000
+//! model_dir = "models/arith"    # only for `ensemble up`, which starts the node itself
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::chared::CharedParams;
+use crate::error::{Error, Result};
+use crate::specfuse::{OnlineWeights, SpecFuseParams};
+
+/// How a node's address becomes replicas.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Discovery {
+    /// The URL is one replica.
+    #[default]
+    Static,
+    /// The URL's host is resolved (again every `dns_refresh_ms`); each address is a replica of the
+    /// same model (a Kubernetes headless Service).
+    Dns,
+}
+
+/// One ensemble member.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Name (for `single:NAME`, traces and errors).
+    pub name: String,
+    /// `http://host:port`.
+    pub url: String,
+    /// Default weight (> 0).
+    #[serde(default = "one")]
+    pub weight: f64,
+    /// Static address or DNS discovery of replicas.
+    #[serde(default)]
+    pub discovery: Discovery,
+    /// Re-resolution period for `discovery = "dns"`.
+    #[serde(default = "dns_refresh_default")]
+    pub dns_refresh_ms: u64,
+    /// Model directory, for `ensemble up` only (ignored by `coordinator serve`).
+    #[serde(default)]
+    pub model_dir: Option<PathBuf>,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+fn dns_refresh_default() -> u64 {
+    5000
+}
+
+/// SpecFuse defaults (unset: the built-in default).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpecFuseDefaults {
+    /// Tokens per draft.
+    pub segment_tokens: Option<u32>,
+    /// Whether a node's score of its own draft counts.
+    pub self_votes: Option<bool>,
+    /// Model exit on/off.
+    pub exit: Option<bool>,
+    /// Exit threshold δ.
+    pub exit_delta: Option<f64>,
+    /// Exit temperature τ.
+    pub exit_tau: Option<f64>,
+    /// Rounds before exit applies.
+    pub exit_warmup_rounds: Option<u64>,
+    /// Nodes never dropped below this many.
+    pub min_active: Option<usize>,
+    /// Online weights learning rate (unset: off).
+    pub online_weights_lr: Option<f64>,
+}
+
+/// CharED defaults.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CharEdDefaults {
+    /// 0 = greedy.
+    pub temperature: Option<f64>,
+    /// Nucleus mass.
+    pub top_p: Option<f64>,
+    /// Sampling seed.
+    pub seed: Option<u64>,
+    /// The published K = 1 variant.
+    pub published: Option<bool>,
+}
+
+/// The file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// gRPC listen address.
+    pub listen: Option<SocketAddr>,
+    /// Per node RPC deadline.
+    pub deadline_ms: Option<u64>,
+    /// Retries of a node call refused or unavailable (another replica when there is one).
+    pub retries: Option<u32>,
+    /// Strategy for requests that name none.
+    pub default_strategy: Option<String>,
+    /// Answer length for clients that give none.
+    pub max_chars: Option<u32>,
+    /// SpecFuse defaults.
+    #[serde(default)]
+    pub specfuse: SpecFuseDefaults,
+    /// CharED defaults.
+    #[serde(default)]
+    pub chared: CharEdDefaults,
+    /// The members.
+    #[serde(default)]
+    pub nodes: Vec<NodeConfig>,
+}
+
+impl FileConfig {
+    /// Reads and parses `path`.
+    pub fn load(path: &Path) -> std::result::Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| format!("{}: invalid config: {e}", path.display()))
+    }
+}
+
+/// Everything a coordinator runs with (the file after overrides).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The members.
+    pub nodes: Vec<NodeConfig>,
+    /// Per node RPC deadline.
+    pub deadline: Duration,
+    /// Retries of a refused/unavailable node call.
+    pub retries: u32,
+    /// Strategy for requests that name none.
+    pub default_strategy: String,
+    /// Answer length for clients that give none.
+    pub max_chars: u32,
+    /// SpecFuse defaults.
+    pub specfuse: SpecFuseParams,
+    /// CharED defaults.
+    pub chared: CharedParams,
+}
+
+impl Settings {
+    /// Built-in defaults over `nodes`.
+    pub fn new(nodes: Vec<NodeConfig>) -> Self {
+        Self {
+            nodes,
+            deadline: Duration::from_secs(30),
+            retries: 1,
+            default_strategy: "specfuse".into(),
+            max_chars: 256,
+            specfuse: SpecFuseParams::default(),
+            chared: CharedParams::default(),
+        }
+    }
+
+    /// The file's values over the built-in defaults; checks them.
+    pub fn from_file(file: &FileConfig) -> Result<Self> {
+        let mut s = Self::new(file.nodes.clone());
+        if let Some(d) = file.deadline_ms {
+            s.deadline = Duration::from_millis(d);
+        }
+        if let Some(r) = file.retries {
+            s.retries = r;
+        }
+        if let Some(st) = &file.default_strategy {
+            s.default_strategy = st.clone();
+        }
+        if let Some(m) = file.max_chars {
+            s.max_chars = m;
+        }
+        let f = &file.specfuse;
+        let p = &mut s.specfuse;
+        if let Some(v) = f.segment_tokens {
+            p.segment_tokens = v;
+        }
+        if let Some(v) = f.self_votes {
+            p.self_votes = v;
+        }
+        if let Some(v) = f.exit {
+            p.exit.enabled = v;
+        }
+        if let Some(v) = f.exit_delta {
+            p.exit.delta = v;
+        }
+        if let Some(v) = f.exit_tau {
+            p.exit.tau = v;
+        }
+        if let Some(v) = f.exit_warmup_rounds {
+            p.exit.warmup_rounds = v;
+        }
+        if let Some(v) = f.min_active {
+            p.exit.min_active = v;
+        }
+        if let Some(lr) = f.online_weights_lr {
+            p.online_weights = Some(OnlineWeights { lr });
+        }
+        let c = &file.chared;
+        if let Some(v) = c.temperature {
+            s.chared.temperature = v;
+        }
+        if let Some(v) = c.top_p {
+            s.chared.top_p = v;
+        }
+        if let Some(v) = c.seed {
+            s.chared.seed = v;
+        }
+        if let Some(v) = c.published {
+            s.chared.published = v;
+        }
+        s.check()?;
+        Ok(s)
+    }
+
+    /// Checks the values a request cannot fix.
+    pub fn check(&self) -> Result<()> {
+        if self.nodes.is_empty() {
+            return Err(Error::NoNodes);
+        }
+        let bad = |name: &str, value: String, allowed: &'static str| Error::InvalidParameter {
+            name: name.to_owned(),
+            value,
+            allowed,
+        };
+        for n in &self.nodes {
+            if !(n.weight.is_finite() && n.weight > 0.0) {
+                return Err(bad(
+                    &format!("node {} weight", n.name),
+                    n.weight.to_string(),
+                    "finite and > 0",
+                ));
+            }
+            if n.discovery == Discovery::Dns && n.dns_refresh_ms == 0 {
+                return Err(bad(&format!("node {} dns_refresh_ms", n.name), "0".into(), "> 0"));
+            }
+        }
+        let mut names: Vec<&str> = self.nodes.iter().map(|n| n.name.as_str()).collect();
+        names.sort_unstable();
+        if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+            return Err(bad("node name", w[0].to_owned(), "unique names"));
+        }
+        if self.deadline.is_zero() {
+            return Err(bad("deadline_ms", "0".into(), "> 0"));
+        }
+        if self.max_chars == 0 || self.max_chars > crate::service::MAX_CHARS {
+            return Err(bad("max_chars", self.max_chars.to_string(), "1..=65536"));
+        }
+        let ok_strategy = matches!(self.default_strategy.as_str(), "specfuse" | "chared")
+            || self
+                .default_strategy
+                .strip_prefix("single:")
+                .is_some_and(|n| self.nodes.iter().any(|x| x.name == n));
+        if !ok_strategy {
+            return Err(bad(
+                "default_strategy",
+                self.default_strategy.clone(),
+                "\"specfuse\", \"chared\" or \"single:NAME\" of a configured node",
+            ));
+        }
+        let mut sf = self.specfuse.clone();
+        sf.weights = None;
+        sf.validate()?;
+        let mut ch = self.chared.clone();
+        ch.weights = None;
+        ch.validate()?;
+        Ok(())
+    }
+}
+
+/// Parses `NAME=URL[@WEIGHT]` (the `--node` flag).
+pub fn parse_node(s: &str) -> std::result::Result<NodeConfig, String> {
+    let (name, rest) = s
+        .split_once('=')
+        .ok_or_else(|| format!("node {s:?}: expected NAME=URL[@WEIGHT]"))?;
+    let (url, weight) = match rest.rsplit_once('@') {
+        Some((u, w)) => (
+            u,
+            w.parse::<f64>()
+                .map_err(|_| format!("node {name}: weight {w:?} is not a number"))?,
+        ),
+        None => (rest, 1.0),
+    };
+    Ok(NodeConfig {
+        name: name.to_owned(),
+        url: url.to_owned(),
+        weight,
+        discovery: Discovery::Static,
+        dns_refresh_ms: dns_refresh_default(),
+        model_dir: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_values_override_defaults_and_are_checked() {
+        let f: FileConfig = toml::from_str(
+            r#"
+            deadline_ms = 500
+            retries = 3
+            default_strategy = "chared"
+            [specfuse]
+            segment_tokens = 4
+            exit_delta = 0.3
+            [chared]
+            published = true
+            [[nodes]]
+            name = "a"
+            url = "http://127.0.0.1:1"
+            discovery = "dns"
+            [[nodes]]
+            name = "b"
+            url = "http://127.0.0.1:2"
+            weight = 2.0
+            "#,
+        )
+        .expect("parses");
+        let s = Settings::from_file(&f).expect("valid");
+        assert_eq!(s.deadline, Duration::from_millis(500));
+        assert_eq!((s.retries, s.default_strategy.as_str()), (3, "chared"));
+        assert_eq!((s.specfuse.segment_tokens, s.specfuse.exit.delta), (4, 0.3));
+        assert!(s.chared.published);
+        assert_eq!(s.nodes[0].discovery, Discovery::Dns);
+
+        for (bad, what) in [
+            ("default_strategy = \"single:zz\"", "default_strategy"),
+            ("max_chars = 0", "max_chars"),
+            ("[specfuse]\nexit_delta = 2.0", "delta"),
+        ] {
+            let text = format!("{bad}\n[[nodes]]\nname = \"a\"\nurl = \"http://x:1\"\n");
+            let f: FileConfig = toml::from_str(&text).expect("parses");
+            let e = Settings::from_file(&f).expect_err(bad).to_string();
+            assert!(e.contains(what), "{e}");
+        }
+        let dup =
+            "[[nodes]]\nname = \"a\"\nurl = \"http://x:1\"\n[[nodes]]\nname = \"a\"\nurl = \"http://x:2\"\n";
+        assert!(Settings::from_file(&toml::from_str(dup).expect("parses")).is_err());
+        assert!(toml::from_str::<FileConfig>("bogus = 1").is_err());
+    }
+
+    #[test]
+    fn node_flag() {
+        let n = parse_node("a=http://h:1@2.5").expect("valid");
+        assert_eq!(
+            (n.name.as_str(), n.url.as_str(), n.weight),
+            ("a", "http://h:1", 2.5)
+        );
+        assert!(parse_node("nourl").is_err());
+        assert!(parse_node("a=http://h:1@x").is_err());
+    }
+}
