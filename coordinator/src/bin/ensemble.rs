@@ -81,7 +81,7 @@ enum Command {
         #[arg(long, default_value = "eval/mixed.jsonl")]
         set: PathBuf,
         /// Comma-separated strategies (default: single:NAME for every node, then specfuse, chared).
-        #[arg(long, value_delimiter = ',')]
+        #[arg(long, alias = "strategy", value_delimiter = ',')]
         strategies: Vec<String>,
         /// Only the first N items.
         #[arg(long)]

@@ -47,6 +47,19 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         threads: usize,
     },
+    /// Held-out exact match of a model directory through the node's engine (greedy); updates the
+    /// accuracy in its training.json when there is one.
+    Check {
+        /// The model directory.
+        #[arg(long)]
+        model_dir: PathBuf,
+        /// Seed of the synthetic world.
+        #[arg(long, default_value_t = 2026)]
+        world_seed: u64,
+        /// Held-out items per domain.
+        #[arg(long, default_value_t = 100)]
+        eval_items: usize,
+    },
     /// Write the held-out evaluation sets (JSON Lines) to a directory.
     EvalSets {
         /// Output directory.
@@ -119,6 +132,24 @@ fn main() -> anyhow::Result<()> {
                 acc.join(", "),
                 out.display()
             );
+        }
+        Command::Check {
+            model_dir,
+            world_seed,
+            eval_items,
+        } => {
+            let acc = model_node::train::accuracy(&model_dir, &World::new(world_seed), eval_items)?;
+            let line: Vec<String> = acc
+                .iter()
+                .map(|(d, a)| format!("{} {:.1}%", d.name(), a * 100.0))
+                .collect();
+            println!("{}: held-out greedy: {}", model_dir.display(), line.join(", "));
+            let tj = model_dir.join("training.json");
+            if let Ok(text) = std::fs::read_to_string(&tj) {
+                let mut v: serde_json::Value = serde_json::from_str(&text)?;
+                v["report"]["accuracy"] = serde_json::to_value(&acc)?;
+                std::fs::write(&tj, serde_json::to_string_pretty(&v)?)?;
+            }
         }
         Command::EvalSets { out, world_seed, n } => {
             std::fs::create_dir_all(&out)?;

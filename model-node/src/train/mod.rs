@@ -163,34 +163,49 @@ fn batch(items: &[Encoded], pad: u32, device: &Device) -> Result<(Tensor, Tensor
     ))
 }
 
-/// Greedy answer of `model` to `question` (no KV cache: recomputes the prefix each step).
-pub fn greedy(model: &TrainModel, enc: &Encoder, question: &str, max_tokens: usize) -> Result<String> {
-    let mut ids = enc.prompt(question)?;
-    let start = ids.len();
-    for _ in 0..max_tokens {
-        if ids.len() >= model.shape.max_positions {
-            break;
-        }
-        let x = Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
-        let h = model.hidden(&x)?.squeeze(0)?;
-        let last = h.narrow(0, ids.len() - 1, 1)?;
-        let next = model.logits(&last)?.squeeze(0)?.argmax(0)?.to_scalar::<u32>()?;
-        if next == enc.eos() {
-            break;
-        }
-        ids.push(next);
-    }
-    Ok(enc.decode(&ids[start..]).trim().to_owned())
-}
-
-/// Exact-match accuracy per domain on `n` held-out items each (greedy, in-process).
-pub fn accuracy(model: &TrainModel, enc: &Encoder, world: &World, n: usize) -> Result<Vec<(Domain, f64)>> {
+/// Exact-match accuracy per domain on `n` held-out items each: the written model directory loaded by
+/// the node's own engine (template, token healing, EOS handling exactly as served), greedy.
+pub fn accuracy(dir: &Path, world: &World, n: usize) -> Result<Vec<(Domain, f64)>> {
+    use crate::config::{DTypeArg, LimitArgs, ModelArgs};
+    use crate::engine::{ContextBody, ContextSpec, Job, ProposeParams, Reply};
+    let args = ModelArgs {
+        model_dir: dir.to_path_buf(),
+        model_id: None,
+        device: "cpu".into(),
+        dtype: DTypeArg::F32,
+        threads: 0,
+        max_context: None,
+    };
+    let limits = LimitArgs {
+        max_sessions: 4,
+        kv_cache_mb: 64,
+        queue: 4,
+        char_hypotheses: 4,
+        char_min_mass: 1e-4,
+    };
+    let mut engine = crate::node::load(&args, &limits)?.engine;
     let mut out = Vec::new();
     for d in Domain::ALL {
         let set = world.eval_set(d, n);
         let mut ok = 0;
         for it in &set {
-            if greedy(model, enc, &it.question, 24)? == it.answer {
+            let job = Job::Propose(
+                ContextSpec {
+                    session: String::new(),
+                    body: ContextBody::Full {
+                        prompt: chat(&it.question),
+                        answer: String::new(),
+                    },
+                },
+                ProposeParams {
+                    max_new_tokens: 24,
+                    stop: vec![],
+                    sampling: Default::default(),
+                },
+            );
+            if let Reply::Proposal(p) = engine.run(job, 0.0, &|| false)?
+                && p.text.trim() == it.answer
+            {
                 ok += 1;
             }
         }
@@ -276,15 +291,17 @@ pub fn train(
             progress(step + 1, recent.iter().sum::<f64>() / recent.len() as f64);
         }
     }
-    let accuracy = accuracy(&model, &enc, &world, eval_items)?;
-    let report = Report {
+    let mut report = Report {
         recipe: recipe.name.to_owned(),
         steps,
         seconds: started.elapsed().as_secs_f64(),
         final_loss: recent.iter().sum::<f64>() / recent.len().max(1) as f64,
         parameters: shape.parameters(),
-        accuracy,
+        accuracy: vec![],
     };
+    write_dir(out, recipe, &toks, &shape, &vars, &report)?;
+    drop(model);
+    report.accuracy = accuracy(out, &world, eval_items)?;
     write_dir(out, recipe, &toks, &shape, &vars, &report)?;
     Ok(report)
 }

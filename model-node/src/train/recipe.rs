@@ -3,9 +3,9 @@
 //!
 //! | recipe  | tokenizer                         | template  | arch    | mix (arith/atlas/words) |
 //! |---------|-----------------------------------|-----------|---------|-------------------------|
-//! | arith   | character-level                   | Phi-3     | llama   | 0.90 / 0.05 / 0.05 (atlas: 12 of 64 countries) |
+//! | arith   | character-level                   | Phi-3     | llama   | 0.75 / 0.05 / 0.20 (atlas: 12 of 64 countries) |
 //! | atlas   | SentencePiece BPE, byte fallback  | Llama-2   | qwen2   | 0.12 / 0.78 / 0.10      |
-//! | general | byte-level BPE                    | ChatML    | mistral | 0.30 / 0.30 / 0.40 (smaller) |
+//! | general | byte-level BPE                    | ChatML    | mistral | 0.30 / 0.20 / 0.50 (atlas: 40 of 64 countries; smaller) |
 //!
 //! Every model sees every domain's format, so that outside its specialty it spreads its mass over
 //! plausible answers instead of being confidently wrong.
@@ -76,7 +76,7 @@ pub fn recipes() -> Vec<Recipe> {
     vec![
         Recipe {
             name: "arith",
-            description: "arithmetic specialist: character-level tokenizer, Llama architecture",
+            description: "arithmetic specialist (and a good speller): character-level tokenizer, Llama architecture",
             tokenizer: TokenizerKind::Char,
             vocab: 0,
             template: PHI3_TEMPLATE,
@@ -89,7 +89,7 @@ pub fn recipes() -> Vec<Recipe> {
                 intermediate: 256,
                 max_positions: 256,
             },
-            mix: [0.9, 0.05, 0.05],
+            mix: [0.75, 0.05, 0.2],
             atlas_countries: 12,
             steps: 5000,
             batch: 48,
@@ -105,15 +105,15 @@ pub fn recipes() -> Vec<Recipe> {
             shape: Shape {
                 arch: "qwen2",
                 vocab: 0,
-                hidden: 128,
+                hidden: 96,
                 layers: 3,
                 heads: 4,
-                intermediate: 384,
+                intermediate: 256,
                 max_positions: 256,
             },
             mix: [0.12, 0.78, 0.1],
             atlas_countries: usize::MAX,
-            steps: 2500,
+            steps: 1500,
             batch: 48,
             lr: 2e-3,
             seed: 22,
@@ -133,9 +133,9 @@ pub fn recipes() -> Vec<Recipe> {
                 intermediate: 256,
                 max_positions: 256,
             },
-            mix: [0.3, 0.3, 0.4],
-            atlas_countries: usize::MAX,
-            steps: 2000,
+            mix: [0.3, 0.2, 0.5],
+            atlas_countries: 40,
+            steps: 1500,
             batch: 48,
             lr: 2e-3,
             seed: 33,
@@ -212,7 +212,15 @@ pub fn build_tokenizer(recipe: &Recipe, world: &World) -> Result<Tokenizers> {
             }
         }
         TokenizerKind::SentencePiece => Tokenizers {
-            tokenizer: fixtures::sentencepiece_bpe(&refs, recipe.vocab)?,
+            // The Llama-2 template's markers, often enough to become pieces of their own.
+            tokenizer: fixtures::sentencepiece_bpe(
+                &refs
+                    .iter()
+                    .copied()
+                    .chain(std::iter::repeat_n("[INST] [/INST] [INST] [/INST]", 200))
+                    .collect::<Vec<_>>(),
+                recipe.vocab,
+            )?,
             bos: Some("<s>".into()),
             eos: "</s>".into(),
             eos_all: vec!["</s>".into()],
