@@ -37,6 +37,24 @@ enum Command {
         /// Override the recipe's batch size.
         #[arg(long)]
         batch: Option<usize>,
+        /// Override the recipe's peak learning rate.
+        #[arg(long)]
+        lr: Option<f64>,
+        /// Override the recipe's domain mix: three weights, arithmetic,atlas,words.
+        #[arg(long, value_delimiter = ',')]
+        mix: Option<Vec<f64>>,
+        /// Override the model shape: decoder layers.
+        #[arg(long)]
+        layers: Option<usize>,
+        /// Override the model shape: hidden size.
+        #[arg(long)]
+        hidden: Option<usize>,
+        /// Override the model shape: attention heads.
+        #[arg(long)]
+        heads: Option<usize>,
+        /// Override the model shape: MLP inner size.
+        #[arg(long)]
+        intermediate: Option<usize>,
         /// Seed of the synthetic world.
         #[arg(long, default_value_t = 2026)]
         world_seed: u64,
@@ -91,6 +109,12 @@ fn main() -> anyhow::Result<()> {
             out,
             steps,
             batch,
+            lr,
+            mix,
+            layers,
+            hidden,
+            heads,
+            intermediate,
             world_seed,
             eval_items,
             threads,
@@ -104,6 +128,24 @@ fn main() -> anyhow::Result<()> {
             if let Some(b) = batch {
                 r.batch = b;
             }
+            if let Some(lr) = lr {
+                r.lr = lr;
+            }
+            if let Some(m) = mix {
+                anyhow::ensure!(
+                    m.len() == 3 && m.iter().all(|w| *w >= 0.0) && m.iter().sum::<f64>() > 0.0,
+                    "--mix takes three non-negative weights (arithmetic,atlas,words), not all zero"
+                );
+                r.mix = [m[0], m[1], m[2]];
+            }
+            r.shape.layers = layers.unwrap_or(r.shape.layers);
+            r.shape.hidden = hidden.unwrap_or(r.shape.hidden);
+            r.shape.heads = heads.unwrap_or(r.shape.heads);
+            r.shape.intermediate = intermediate.unwrap_or(r.shape.intermediate);
+            anyhow::ensure!(
+                r.shape.heads > 0 && r.shape.hidden % (2 * r.shape.heads) == 0,
+                "--hidden must be a multiple of twice --heads (an even head size for RoPE)"
+            );
             let steps_total = steps.unwrap_or(r.steps);
             let started = std::time::Instant::now();
             let report = train(&r, world_seed, steps, &out, eval_items, &mut |step, loss| {

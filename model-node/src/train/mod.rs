@@ -96,7 +96,7 @@ impl Encoder {
     pub fn item(&self, item: &Item) -> Result<Encoded> {
         let p = self.codec.render(&chat(&item.question))?;
         let prompt = self.codec.encode(&p, "")?;
-        let mut ids = self.codec.encode(&p, &item.answer)?;
+        let mut ids = self.codec.encode(&p, &item.response())?;
         let answer_start = prompt.iter().zip(&ids).take_while(|(a, b)| a == b).count();
         ids.push(self.eos);
         Ok(Encoded { ids, answer_start })
@@ -133,10 +133,15 @@ fn pick_domain(recipe: &Recipe, rng: &mut StdRng) -> Domain {
     }
 }
 
-/// A training item of `domain`.
-fn sample(world: &World, domain: Domain, countries: &[usize], rng: &mut StdRng) -> Item {
+/// A training item of `domain` at `progress` (0..1) through training. Arithmetic follows a short
+/// curriculum: 3-digit operands rise from 15% to the evaluation's 50% over the first 40% of the
+/// steps, so that digit alignment is learnt on short numbers first.
+fn sample(world: &World, domain: Domain, countries: &[usize], progress: f64, rng: &mut StdRng) -> Item {
     match domain {
-        Domain::Arithmetic => world.arithmetic(rng, false),
+        Domain::Arithmetic => {
+            let p_three = 0.15 + 0.35 * (progress / 0.4).min(1.0);
+            world.arithmetic_with(rng, false, p_three)
+        }
         Domain::Atlas => world.atlas(rng, countries),
         Domain::Words => world.words(rng, false),
     }
@@ -198,13 +203,13 @@ pub fn accuracy(dir: &Path, world: &World, n: usize) -> Result<Vec<(Domain, f64)
                     },
                 },
                 ProposeParams {
-                    max_new_tokens: 24,
+                    max_new_tokens: 48,
                     stop: vec![],
                     sampling: Default::default(),
                 },
             );
             if let Reply::Proposal(p) = engine.run(job, 0.0, &|| false)?
-                && p.text.trim() == it.answer
+                && world::strip_reasoning(&p.text).trim() == it.answer
             {
                 ok += 1;
             }
@@ -278,7 +283,7 @@ pub fn train(
         opt.set_learning_rate(lr);
         let domain = pick_domain(recipe, &mut rng);
         let items: Vec<Encoded> = (0..recipe.batch)
-            .map(|_| enc.item(&sample(&world, domain, &countries, &mut rng)))
+            .map(|_| enc.item(&sample(&world, domain, &countries, step as f64 / steps as f64, &mut rng)))
             .collect::<Result<_>>()?;
         let (ids, rows, targets) = batch(&items, enc.eos(), &device)?;
         let loss = model.loss(&ids, &rows, &targets)?;

@@ -3,7 +3,7 @@
 //!
 //! | recipe  | tokenizer                         | template  | arch    | mix (arith/atlas/words) |
 //! |---------|-----------------------------------|-----------|---------|-------------------------|
-//! | arith   | character-level                   | Phi-3     | llama   | 0.75 / 0.05 / 0.20 (atlas: 12 of 64 countries) |
+//! | arith   | character-level                   | Phi-3     | llama   | 0.90 / 0.05 / 0.05 (atlas: 12 of 64 countries) |
 //! | atlas   | SentencePiece BPE, byte fallback  | Llama-2   | qwen2   | 0.12 / 0.78 / 0.10      |
 //! | general | byte-level BPE                    | ChatML    | mistral | 0.30 / 0.20 / 0.50 (atlas: 40 of 64 countries; smaller) |
 //!
@@ -76,7 +76,7 @@ pub fn recipes() -> Vec<Recipe> {
     vec![
         Recipe {
             name: "arith",
-            description: "arithmetic specialist (and a good speller): character-level tokenizer, Llama architecture",
+            description: "arithmetic specialist: character-level tokenizer, Llama architecture",
             tokenizer: TokenizerKind::Char,
             vocab: 0,
             template: PHI3_TEMPLATE,
@@ -89,9 +89,9 @@ pub fn recipes() -> Vec<Recipe> {
                 intermediate: 256,
                 max_positions: 256,
             },
-            mix: [0.75, 0.05, 0.2],
+            mix: [0.9, 0.05, 0.05],
             atlas_countries: 12,
-            steps: 5000,
+            steps: 2500,
             batch: 48,
             lr: 3e-3,
             seed: 11,
@@ -170,13 +170,13 @@ fn corpus(world: &World) -> Vec<String> {
     let mut out = Vec::new();
     for (c, attr, _) in world.facts() {
         let it = world.atlas_item(&mut rng, c, attr);
-        out.push(format!("{} {}", it.question, it.answer));
+        out.push(format!("{} {}", it.question, it.response()));
     }
     for _ in 0..2000 {
         let it = world.arithmetic(&mut rng, false);
-        out.push(format!("{} {}", it.question, it.answer));
+        out.push(format!("{} {}", it.question, it.response()));
         let it = world.words(&mut rng, false);
-        out.push(format!("{} {}", it.question, it.answer));
+        out.push(format!("{} {}", it.question, it.response()));
     }
     for w in &world.words {
         out.push(format!("{w} {}", super::world::plural(w)));

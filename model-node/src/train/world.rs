@@ -50,6 +50,51 @@ pub struct Item {
     pub answer: String,
 }
 
+/// Opens the reasoning block of a response (the convention of DeepSeek-R1 and Qwen3); the
+/// coordinator returns the text after [`THINK_END`] as the answer and the block as `reasoning`.
+pub const THINK_START: &str = "<think>";
+/// Closes the reasoning block.
+pub const THINK_END: &str = "</think>";
+
+impl Item {
+    /// What a model is trained to write. Arithmetic shows its work first, as column arithmetic on
+    /// paper does: the operands copied right-aligned (zero-padded to 3 digits), then the result's
+    /// digits units first, each from one column and the carry just written, then the number:
+    /// `<think>347+058=504</think>405` for 347 + 58. Other domains answer directly.
+    pub fn response(&self) -> String {
+        match self.domain {
+            Domain::Arithmetic => self.worked().unwrap_or_else(|| self.answer.clone()),
+            _ => self.answer.clone(),
+        }
+    }
+
+    /// The worked arithmetic answer (None when the question holds no `a op b`).
+    fn worked(&self) -> Option<String> {
+        let op = if self.question.contains(" + ") { '+' } else { '-' };
+        let mut nums = self
+            .question
+            .split(|c: char| !c.is_ascii_digit())
+            .filter(|s| !s.is_empty());
+        let (a, b) = (nums.next()?, nums.next()?);
+        let padded: String = format!("{:0>3}", self.answer);
+        let units_first: String = padded.chars().rev().collect();
+        Some(format!(
+            "{THINK_START}{a:0>3}{op}{b:0>3}={units_first}{THINK_END}{}",
+            self.answer
+        ))
+    }
+}
+
+/// The answer part of a response: the text after a leading reasoning block (all of it when there
+/// is none). An unclosed block leaves no answer.
+pub fn strip_reasoning(text: &str) -> &str {
+    let t = text.trim_start();
+    match t.strip_prefix(THINK_START) {
+        Some(rest) => rest.find(THINK_END).map_or("", |i| &rest[i + THINK_END.len()..]),
+        None => text,
+    }
+}
+
 /// A fictional country and its facts.
 #[derive(Debug, Clone)]
 pub struct Country {
@@ -230,11 +275,18 @@ impl World {
         out
     }
 
-    /// An arithmetic item on one side of the split.
+    /// An arithmetic item on one side of the split (each operand 2 or 3 digits, evenly).
     pub fn arithmetic(&self, rng: &mut StdRng, held_out: bool) -> Item {
+        self.arithmetic_with(rng, held_out, 0.5)
+    }
+
+    /// An arithmetic item whose operands have 3 digits with probability `p_three` (else 2): the
+    /// trainer's curriculum starts with mostly 2-digit operands.
+    pub fn arithmetic_with(&self, rng: &mut StdRng, held_out: bool, p_three: f64) -> Item {
+        let p_two = (1.0 - p_three).clamp(0.0, 1.0);
         loop {
             let digits = |r: &mut StdRng| {
-                if r.random_bool(0.5) {
+                if r.random_bool(p_two) {
                     r.random_range(10..100)
                 } else {
                     r.random_range(100..1000)
@@ -403,6 +455,37 @@ mod tests {
         let names: BTreeSet<_> = a.countries.iter().map(|c| c.name.clone()).collect();
         assert_eq!(names.len(), a.countries.len());
         assert_ne!(World::new(8).countries[0].name, a.countries[0].name);
+    }
+
+    #[test]
+    fn arithmetic_shows_its_work_and_the_answer_is_what_follows() {
+        let it = Item {
+            domain: Domain::Arithmetic,
+            question: "What is 347 + 58?".into(),
+            answer: "405".into(),
+        };
+        assert_eq!(it.response(), "<think>347+058=504</think>405");
+        let small = Item {
+            domain: Domain::Arithmetic,
+            question: "Compute 58 - 47.".into(),
+            answer: "11".into(),
+        };
+        assert_eq!(small.response(), "<think>058-047=110</think>11");
+        let big = Item {
+            domain: Domain::Arithmetic,
+            question: "902 + 412 = ?".into(),
+            answer: "1314".into(),
+        };
+        assert_eq!(big.response(), "<think>902+412=4131</think>1314");
+        assert_eq!(strip_reasoning(&it.response()), "405");
+        assert_eq!(strip_reasoning("Tarn"), "Tarn");
+        assert_eq!(strip_reasoning("<think>50"), "");
+        let atlas = Item {
+            domain: Domain::Atlas,
+            question: "What is the capital of Veloria?".into(),
+            answer: "Tarn".into(),
+        };
+        assert_eq!(atlas.response(), "Tarn");
     }
 
     #[test]
