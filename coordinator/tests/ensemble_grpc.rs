@@ -177,3 +177,67 @@ async fn generate_stream_sends_deltas_and_a_trace_of_every_step() -> anyhow::Res
     }
     Ok(())
 }
+
+/// Each node's (sessions held, engine calls done), from `Info`.
+async fn loads(nodes: &[common::Node]) -> anyhow::Result<Vec<(u32, u64)>> {
+    let mut out = Vec::new();
+    for n in nodes {
+        let mut c = pb::model_node_client::ModelNodeClient::connect(n.url.clone()).await?;
+        let i = c.info(pb::InfoRequest {}).await?.into_inner();
+        out.push((i.active_sessions, i.calls_done));
+    }
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_stream_stops_node_work_and_frees_every_session() -> anyhow::Result<()> {
+    let nodes = common::three_nodes().await?;
+    let specs = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| NodeSpec {
+            name: format!("n{i}"),
+            url: n.url.clone(),
+            weight: 1.0,
+        })
+        .collect();
+    let (mut c, _stop) = serve(specs).await?;
+    for s in ["specfuse", "chared"] {
+        let mut req = request(s);
+        req.max_chars = 400;
+        // The whole request, unary (greedy, so the stream below would take the same steps): how
+        // much node work it takes when nobody cancels.
+        let before = loads(&nodes).await?;
+        let full = c.generate(req.clone()).await?.into_inner();
+        let after = loads(&nodes).await?;
+        let full_calls: u64 = after.iter().zip(&before).map(|(a, b)| a.1 - b.1).sum();
+        assert!(full.steps >= 12, "{s}: only {} steps; the test needs a long answer", full.steps);
+        assert!(after.iter().all(|l| l.0 == 0), "{s}: a finished request left sessions: {after:?}");
+
+        // The same request streamed; the client reads one event and goes away.
+        let before = loads(&nodes).await?;
+        let mut stream = c.generate_stream(req).await?.into_inner();
+        let first = stream.message().await?.and_then(|e| e.event);
+        assert!(
+            !matches!(first, Some(pb::generate_event::Event::Done(_)) | None),
+            "{s}: {first:?}"
+        );
+        drop(stream);
+        // Wait (bounded) for the coordinator to notice and close the sessions.
+        let mut now = loads(&nodes).await?;
+        for _ in 0..200 {
+            if now.iter().all(|l| l.0 == 0) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+            now = loads(&nodes).await?;
+        }
+        assert!(now.iter().all(|l| l.0 == 0), "{s}: sessions left after the client went away: {now:?}");
+        let cancelled_calls: u64 = now.iter().zip(&before).map(|(a, b)| a.1 - b.1).sum();
+        assert!(
+            cancelled_calls * 3 < full_calls,
+            "{s}: the dropped stream cost {cancelled_calls} node calls, the whole request {full_calls}"
+        );
+    }
+    Ok(())
+}

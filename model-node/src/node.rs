@@ -116,6 +116,8 @@ pub fn load(args: &ModelArgs, limits: &LimitArgs) -> Result<Loaded> {
         parameters: files.config.parameter_count(),
         max_sessions: limits.max_sessions as u32,
         kv_cache_budget_bytes: engine_limits.kv_budget_bytes as u64,
+        // Load fields: filled in by the service from the engine's counters on every Info.
+        ..Default::default()
     };
     let ModelFiles {
         tokenizer,

@@ -2,6 +2,7 @@
 //! per RPC with numeric fields.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use ensemble_proto::v1 as pb;
 use ensemble_proto::v1::model_node_server::ModelNode;
@@ -83,7 +84,13 @@ async fn run(engine: &EngineHandle, job: Job, span: &Span) -> Result<Reply, Stat
 #[tonic::async_trait]
 impl ModelNode for NodeService {
     async fn info(&self, _req: Request<pb::InfoRequest>) -> Result<Response<pb::InfoResponse>, Status> {
-        Ok(Response::new((*self.info).clone()))
+        let t = self.engine.totals();
+        let mut info = (*self.info).clone();
+        info.active_sessions = t.sessions.load(Ordering::Relaxed) as u32;
+        info.kv_cache_bytes = t.kv_bytes.load(Ordering::Relaxed);
+        info.queued_calls = t.queued.load(Ordering::Relaxed) as u32;
+        info.calls_done = t.jobs.load(Ordering::Relaxed);
+        Ok(Response::new(info))
     }
 
     async fn propose_segment(

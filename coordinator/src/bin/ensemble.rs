@@ -231,10 +231,15 @@ async fn generate(
                     println!();
                 }
                 eprintln!(
-                    "[{} · {} steps · finish {:?}{}{}{}]",
+                    "[{} · {} steps · finish {:?}{}{}{}{}]",
                     d.strategy,
                     d.steps,
                     d.finish_reason(),
+                    if d.reasoning.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" · reasoning {:?}, answer {:?}", d.reasoning, d.text)
+                    },
                     if d.mean_active_nodes > 0.0 {
                         format!(" · mean active nodes {:.2}", d.mean_active_nodes)
                     } else {
@@ -426,14 +431,18 @@ fn main() -> anyhow::Result<()> {
                     for n in r.nodes {
                         match n.info {
                             Some(i) => println!(
-                                "{:<10} {:<28} weight {:<4} healthy  {} ({}, {} params, vocab {})",
+                                "{:<10} {:<28} weight {:<4} healthy  {} ({}, {} params, vocab {}); \
+                                 {} sessions, {:.1} MiB KV, {} queued",
                                 n.name,
                                 n.url,
                                 n.weight,
                                 i.model_id,
                                 i.architecture,
                                 i.parameters,
-                                i.vocab_size
+                                i.vocab_size,
+                                i.active_sessions,
+                                i.kv_cache_bytes as f64 / (1u64 << 20) as f64,
+                                i.queued_calls
                             ),
                             None => println!(
                                 "{:<10} {:<28} weight {:<4} DOWN     {}",
