@@ -246,6 +246,7 @@ impl Coordinator {
                     mean_active_nodes: a.mean_active,
                     exited_nodes: a.rounds.iter().flat_map(|o| o.exited()).map(name_of).collect(),
                     failed_nodes: a.failed.iter().map(|(i, _)| name_of(*i)).collect(),
+                    reasoning: String::new(),
                 }
             }
             "chared" => {
@@ -265,6 +266,7 @@ impl Coordinator {
                     mean_active_nodes: 0.0,
                     exited_nodes: vec![],
                     failed_nodes: a.failed.iter().map(|(i, _)| name_of(*i)).collect(),
+                    reasoning: String::new(),
                 }
             }
             s => {
@@ -311,11 +313,31 @@ impl Coordinator {
                     mean_active_nodes: 1.0,
                     exited_nodes: vec![],
                     failed_nodes: vec![],
+                    reasoning: String::new(),
                 }
             }
         };
+        let mut resp = resp;
+        if let Some((reasoning, answer)) = split_reasoning(&resp.text) {
+            (resp.reasoning, resp.text) = (reasoning, answer);
+        }
         Ok(resp)
     }
+}
+
+/// Opens a reasoning block at the start of an answer.
+pub const THINK_START: &str = "<think>";
+/// Closes it.
+pub const THINK_END: &str = "</think>";
+
+/// (reasoning, answer) of a text that opens with a reasoning block; `None` when it does not. An
+/// unclosed block (the length limit hit while thinking) is all reasoning and no answer.
+pub fn split_reasoning(text: &str) -> Option<(String, String)> {
+    let rest = text.trim_start().strip_prefix(THINK_START)?;
+    Some(match rest.find(THINK_END) {
+        Some(i) => (rest[..i].to_owned(), rest[i + THINK_END.len()..].to_owned()),
+        None => (rest.to_owned(), String::new()),
+    })
 }
 
 /// The gRPC face of a [`Coordinator`] (shared with the tasks that run streamed requests).
@@ -482,5 +504,21 @@ fn char_trace(c: &CharStep, names: &[String]) -> pb::CharTrace {
                 share: s.share,
             })
             .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_reasoning;
+
+    #[test]
+    fn a_leading_reasoning_block_is_split_off() {
+        assert_eq!(
+            split_reasoning("<think>504</think>405"),
+            Some(("504".into(), "405".into()))
+        );
+        assert_eq!(split_reasoning("Tarn"), None);
+        assert_eq!(split_reasoning("The <think> tag"), None);
+        assert_eq!(split_reasoning("<think>50"), Some(("50".into(), String::new())));
     }
 }
