@@ -31,6 +31,19 @@ async fn serve(
     Ok((EnsembleClient::connect(url).await?, tx))
 }
 
+/// The nodes as members n0, n1, ... of weight 1.
+fn specs(nodes: &[common::Node]) -> Vec<NodeSpec> {
+    nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| NodeSpec {
+            name: format!("n{i}"),
+            url: n.url.clone(),
+            weight: 1.0,
+        })
+        .collect()
+}
+
 fn request(strategy: &str) -> pb::GenerateRequest {
     pb::GenerateRequest {
         prompt: Some(pb::Prompt {
@@ -45,16 +58,7 @@ fn request(strategy: &str) -> pb::GenerateRequest {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_strategy_answers_and_bad_requests_are_invalid_argument() -> anyhow::Result<()> {
     let nodes = common::three_nodes().await?;
-    let specs = nodes
-        .iter()
-        .enumerate()
-        .map(|(i, n)| NodeSpec {
-            name: format!("n{i}"),
-            url: n.url.clone(),
-            weight: 1.0,
-        })
-        .collect();
-    let (mut c, _stop) = serve(specs).await?;
+    let (mut c, _stop) = serve(specs(&nodes)).await?;
     for s in ["specfuse", "chared", "single:n1", ""] {
         let r = c.generate(request(s)).await?.into_inner();
         assert!(
@@ -136,16 +140,7 @@ async fn all_nodes_down_is_unavailable_fast() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generate_stream_sends_deltas_and_a_trace_of_every_step() -> anyhow::Result<()> {
     let nodes = common::three_nodes().await?;
-    let specs = nodes
-        .iter()
-        .enumerate()
-        .map(|(i, n)| NodeSpec {
-            name: format!("n{i}"),
-            url: n.url.clone(),
-            weight: 1.0,
-        })
-        .collect();
-    let (mut c, _stop) = serve(specs).await?;
+    let (mut c, _stop) = serve(specs(&nodes)).await?;
     for s in ["specfuse", "chared"] {
         let mut stream = c.generate_stream(request(s)).await?.into_inner();
         let (mut deltas, mut traces, mut done) = (String::new(), 0u32, None);
@@ -192,16 +187,7 @@ async fn loads(nodes: &[common::Node]) -> anyhow::Result<Vec<(u32, u64)>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_stream_stops_node_work_and_frees_every_session() -> anyhow::Result<()> {
     let nodes = common::three_nodes().await?;
-    let specs = nodes
-        .iter()
-        .enumerate()
-        .map(|(i, n)| NodeSpec {
-            name: format!("n{i}"),
-            url: n.url.clone(),
-            weight: 1.0,
-        })
-        .collect();
-    let (mut c, _stop) = serve(specs).await?;
+    let (mut c, _stop) = serve(specs(&nodes)).await?;
     for s in ["specfuse", "chared"] {
         let mut req = request(s);
         req.max_chars = 400;
