@@ -15,7 +15,6 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -238,13 +237,9 @@ async fn fan_out() -> anyhow::Result<()> {
 }
 
 async fn active_nodes(quick: bool) -> anyhow::Result<()> {
-    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let root = std::env::temp_dir().join(format!("bench-rnd-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
-    let mut dirs: Vec<(String, PathBuf)> = ["arith", "atlas", "general"]
-        .iter()
-        .map(|n| (n.to_string(), repo.join("models").join(n)))
-        .collect();
+    let mut dirs = common::bundled_dirs();
     dirs.push((
         "random1".into(),
         model_node::fixtures::tiny_model_dir(&root, "llama", "byte_level", 5)?,
@@ -253,19 +248,9 @@ async fn active_nodes(quick: bool) -> anyhow::Result<()> {
         "random2".into(),
         model_node::fixtures::tiny_model_dir(&root, "qwen2", "sentencepiece", 6)?,
     ));
-    let mut specs = Vec::new();
-    let mut keep = Vec::new();
-    for (name, dir) in dirs {
-        let n = common::start(dir).await?;
-        specs.push(NodeSpec {
-            name,
-            url: n.url.clone(),
-            weight: 1.0,
-        });
-        keep.push(n);
-    }
+    let (_keep, specs) = common::start_members(dirs).await?;
     let c = Coordinator::new(specs, Duration::from_secs(30)).await?;
-    let items = load_set(&repo.join("eval/mixed.jsonl")).map_err(anyhow::Error::msg)?;
+    let items = load_set(&common::repo().join("eval/mixed.jsonl")).map_err(anyhow::Error::msg)?;
     let n = if quick { 6 } else { 30 };
     println!(
         "\n## Mean active nodes per SpecFuse round, five members (3 bundled + 2 random-weight), {n} mixed items, 2-token drafts\n"

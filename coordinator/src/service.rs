@@ -228,7 +228,7 @@ impl Coordinator {
             r.strategy.clone()
         };
         let name_of = |i: usize| self.nodes.get(i).map(|n| n.0.name.clone()).unwrap_or_default();
-        let resp = match strategy.as_str() {
+        let mut resp = match strategy.as_str() {
             "specfuse" => {
                 let sf = r.specfuse.clone();
                 let params = specfuse_params(
@@ -317,27 +317,11 @@ impl Coordinator {
                 }
             }
         };
-        let mut resp = resp;
-        if let Some((reasoning, answer)) = split_reasoning(&resp.text) {
-            (resp.reasoning, resp.text) = (reasoning, answer);
+        if let Some((reasoning, answer)) = ensemble_proto::reasoning::split(&resp.text) {
+            (resp.reasoning, resp.text) = (reasoning.to_owned(), answer.to_owned());
         }
         Ok(resp)
     }
-}
-
-/// Opens a reasoning block at the start of an answer.
-pub const THINK_START: &str = "<think>";
-/// Closes it.
-pub const THINK_END: &str = "</think>";
-
-/// (reasoning, answer) of a text that opens with a reasoning block; `None` when it does not. An
-/// unclosed block (the length limit hit while thinking) is all reasoning and no answer.
-pub fn split_reasoning(text: &str) -> Option<(String, String)> {
-    let rest = text.trim_start().strip_prefix(THINK_START)?;
-    Some(match rest.find(THINK_END) {
-        Some(i) => (rest[..i].to_owned(), rest[i + THINK_END.len()..].to_owned()),
-        None => (rest.to_owned(), String::new()),
-    })
 }
 
 /// The gRPC face of a [`Coordinator`] (shared with the tasks that run streamed requests).
@@ -504,21 +488,5 @@ fn char_trace(c: &CharStep, names: &[String]) -> pb::CharTrace {
                 share: s.share,
             })
             .collect(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::split_reasoning;
-
-    #[test]
-    fn a_leading_reasoning_block_is_split_off() {
-        assert_eq!(
-            split_reasoning("<think>504</think>405"),
-            Some(("504".into(), "405".into()))
-        );
-        assert_eq!(split_reasoning("Tarn"), None);
-        assert_eq!(split_reasoning("The <think> tag"), None);
-        assert_eq!(split_reasoning("<think>50"), Some(("50".into(), String::new())));
     }
 }

@@ -11,30 +11,10 @@ use coordinator::evaluate::{exact_match, load_set};
 use coordinator::service::{Coordinator, NodeSpec};
 use ensemble_proto::v1 as pb;
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
 async fn bundled(extra: Option<PathBuf>) -> anyhow::Result<(Vec<common::Node>, Vec<NodeSpec>)> {
-    let mut nodes = Vec::new();
-    let mut specs = Vec::new();
-    let mut dirs: Vec<(String, PathBuf)> = ["arith", "atlas", "general"]
-        .iter()
-        .map(|n| (n.to_string(), repo().join("models").join(n)))
-        .collect();
-    if let Some(d) = extra {
-        dirs.push(("random".into(), d));
-    }
-    for (name, dir) in dirs {
-        let node = common::start(dir).await?;
-        specs.push(NodeSpec {
-            name,
-            url: node.url.clone(),
-            weight: 1.0,
-        });
-        nodes.push(node);
-    }
-    Ok((nodes, specs))
+    let mut dirs = common::bundled_dirs();
+    dirs.extend(extra.map(|d| ("random".to_owned(), d)));
+    common::start_members(dirs).await
 }
 
 /// A request as `deploy/local.toml` sends it: SpecFuse drafts of 32 tokens, so that the
@@ -57,7 +37,7 @@ fn request(item: &coordinator::evaluate::EvalItem, strategy: &str) -> pb::Genera
 async fn both_strategies_answer_held_out_questions() -> anyhow::Result<()> {
     let (_nodes, specs) = bundled(None).await?;
     let c = Coordinator::new(specs, Duration::from_secs(30)).await?;
-    let items = load_set(&repo().join("eval/mixed.jsonl")).map_err(anyhow::Error::msg)?;
+    let items = load_set(&common::repo().join("eval/mixed.jsonl")).map_err(anyhow::Error::msg)?;
     let items = &items[..12];
     let mut correct = std::collections::BTreeMap::new();
     for strategy in [
@@ -76,7 +56,10 @@ async fn both_strategies_answer_held_out_questions() -> anyhow::Result<()> {
             ok += usize::from(hit);
             arith_ok += usize::from(hit && it.domain == "arithmetic");
             if it.domain == "arithmetic" {
-                assert!(r.reasoning.contains('='), "{strategy}: no worked reasoning in {r:?}");
+                assert!(
+                    r.reasoning.contains('='),
+                    "{strategy}: no worked reasoning in {r:?}"
+                );
             }
         }
         if !strategy.starts_with("single:") {
@@ -103,7 +86,7 @@ async fn a_random_weight_node_is_exited_within_three_rounds() -> anyhow::Result<
     let random = model_node::fixtures::tiny_model_dir(&root, "llama", "byte_level", 77)?;
     let (_nodes, specs) = bundled(Some(random)).await?;
     let c = Coordinator::new(specs, Duration::from_secs(30)).await?;
-    let items = load_set(&repo().join("eval/atlas.jsonl")).map_err(anyhow::Error::msg)?;
+    let items = load_set(&common::repo().join("eval/atlas.jsonl")).map_err(anyhow::Error::msg)?;
     for it in &items[..3] {
         let mut req = request(it, "specfuse");
         req.specfuse = Some(pb::SpecFuseOptions {
@@ -132,8 +115,17 @@ async fn a_random_weight_node_is_exited_within_three_rounds() -> anyhow::Result<
             rounds.len()
         );
         // Others may leave too (the arithmetic model is no help on the atlas), never the specialist.
-        assert_eq!(r.exited_nodes.first().map(String::as_str), Some("random"), "{:?}", r.exited_nodes);
-        assert!(!r.exited_nodes.iter().any(|n| n == "atlas"), "{:?}", r.exited_nodes);
+        assert_eq!(
+            r.exited_nodes.first().map(String::as_str),
+            Some("random"),
+            "{:?}",
+            r.exited_nodes
+        );
+        assert!(
+            !r.exited_nodes.iter().any(|n| n == "atlas"),
+            "{:?}",
+            r.exited_nodes
+        );
     }
     Ok(())
 }

@@ -197,8 +197,15 @@ async fn a_dropped_stream_stops_node_work_and_frees_every_session() -> anyhow::R
         let full = c.generate(req.clone()).await?.into_inner();
         let after = loads(&nodes).await?;
         let full_calls: u64 = after.iter().zip(&before).map(|(a, b)| a.1 - b.1).sum();
-        assert!(full.steps >= 12, "{s}: only {} steps; the test needs a long answer", full.steps);
-        assert!(after.iter().all(|l| l.0 == 0), "{s}: a finished request left sessions: {after:?}");
+        assert!(
+            full.steps >= 12,
+            "{s}: only {} steps; the test needs a long answer",
+            full.steps
+        );
+        assert!(
+            after.iter().all(|l| l.0 == 0),
+            "{s}: a finished request left sessions: {after:?}"
+        );
 
         // The same request streamed; the client reads one event and goes away.
         let before = loads(&nodes).await?;
@@ -218,7 +225,10 @@ async fn a_dropped_stream_stops_node_work_and_frees_every_session() -> anyhow::R
             tokio::time::sleep(Duration::from_millis(25)).await;
             now = loads(&nodes).await?;
         }
-        assert!(now.iter().all(|l| l.0 == 0), "{s}: sessions left after the client went away: {now:?}");
+        assert!(
+            now.iter().all(|l| l.0 == 0),
+            "{s}: sessions left after the client went away: {now:?}"
+        );
         let cancelled_calls: u64 = now.iter().zip(&before).map(|(a, b)| a.1 - b.1).sum();
         assert!(
             cancelled_calls * 3 < full_calls,

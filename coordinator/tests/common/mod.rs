@@ -13,6 +13,36 @@ pub struct Node {
     pub task: tokio::task::JoinHandle<model_node::Result<()>>,
 }
 
+/// The repository root.
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The bundled models' directories (`models/`), by name.
+pub fn bundled_dirs() -> Vec<(String, PathBuf)> {
+    ["arith", "atlas", "general"]
+        .iter()
+        .map(|n| (n.to_string(), repo().join("models").join(n)))
+        .collect()
+}
+
+/// One node per named model directory, and the members (weight 1) that name them.
+pub async fn start_members(
+    dirs: Vec<(String, PathBuf)>,
+) -> anyhow::Result<(Vec<Node>, Vec<coordinator::service::NodeSpec>)> {
+    let (mut nodes, mut specs) = (Vec::new(), Vec::new());
+    for (name, dir) in dirs {
+        let node = start(dir).await?;
+        specs.push(coordinator::service::NodeSpec {
+            name,
+            url: node.url.clone(),
+            weight: 1.0,
+        });
+        nodes.push(node);
+    }
+    Ok((nodes, specs))
+}
+
 pub async fn start(dir: PathBuf) -> anyhow::Result<Node> {
     let args = ModelArgs {
         model_dir: dir,

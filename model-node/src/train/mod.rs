@@ -282,8 +282,9 @@ pub fn train(
         };
         opt.set_learning_rate(lr);
         let domain = pick_domain(recipe, &mut rng);
+        let fraction = step as f64 / steps as f64;
         let items: Vec<Encoded> = (0..recipe.batch)
-            .map(|_| enc.item(&sample(&world, domain, &countries, step as f64 / steps as f64, &mut rng)))
+            .map(|_| enc.item(&sample(&world, domain, &countries, fraction, &mut rng)))
             .collect::<Result<_>>()?;
         let (ids, rows, targets) = batch(&items, enc.eos(), &device)?;
         let loss = model.loss(&ids, &rows, &targets)?;

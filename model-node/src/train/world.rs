@@ -8,6 +8,7 @@
 
 use std::collections::BTreeSet;
 
+use ensemble_proto::reasoning;
 use rand::rngs::StdRng;
 use rand::seq::{IndexedRandom, SliceRandom};
 use rand::{Rng, SeedableRng};
@@ -48,51 +49,32 @@ pub struct Item {
     pub question: String,
     /// The expected answer (exact match).
     pub answer: String,
+    /// Work the model shows before the answer (arithmetic), without the block's markers.
+    pub reasoning: Option<String>,
 }
 
-/// Opens the reasoning block of a response (the convention of DeepSeek-R1 and Qwen3); the
-/// coordinator returns the text after [`THINK_END`] as the answer and the block as `reasoning`.
-pub const THINK_START: &str = "<think>";
-/// Closes the reasoning block.
-pub const THINK_END: &str = "</think>";
-
 impl Item {
-    /// What a model is trained to write. Arithmetic shows its work first, as column arithmetic on
-    /// paper does: the operands copied right-aligned (zero-padded to 3 digits), then the result's
-    /// digits units first, each from one column and the carry just written, then the number:
-    /// `<think>347+058=504</think>405` for 347 + 58. Other domains answer directly.
+    /// What a model is trained to write: the reasoning block when there is one, then the answer.
     pub fn response(&self) -> String {
-        match self.domain {
-            Domain::Arithmetic => self.worked().unwrap_or_else(|| self.answer.clone()),
-            _ => self.answer.clone(),
+        match &self.reasoning {
+            Some(r) => format!("{}{r}{}{}", reasoning::START, reasoning::END, self.answer),
+            None => self.answer.clone(),
         }
     }
+}
 
-    /// The worked arithmetic answer (None when the question holds no `a op b`).
-    fn worked(&self) -> Option<String> {
-        let op = if self.question.contains(" + ") { '+' } else { '-' };
-        let mut nums = self
-            .question
-            .split(|c: char| !c.is_ascii_digit())
-            .filter(|s| !s.is_empty());
-        let (a, b) = (nums.next()?, nums.next()?);
-        let padded: String = format!("{:0>3}", self.answer);
-        let units_first: String = padded.chars().rev().collect();
-        Some(format!(
-            "{THINK_START}{a:0>3}{op}{b:0>3}={units_first}{THINK_END}{}",
-            self.answer
-        ))
-    }
+/// The worked form of `a op b = result`, as column arithmetic on paper: the operands right-aligned
+/// (zero-padded to 3 digits), then the result's digits units first, each from one column and the
+/// carry just written: `347+058=504` for 347 + 58 = 405.
+fn worked(a: u32, op: char, b: u32, result: u32) -> String {
+    let units_first: String = format!("{result:03}").chars().rev().collect();
+    format!("{a:03}{op}{b:03}={units_first}")
 }
 
 /// The answer part of a response: the text after a leading reasoning block (all of it when there
-/// is none). An unclosed block leaves no answer.
+/// is none; nothing when the block never closes).
 pub fn strip_reasoning(text: &str) -> &str {
-    let t = text.trim_start();
-    match t.strip_prefix(THINK_START) {
-        Some(rest) => rest.find(THINK_END).map_or("", |i| &rest[i + THINK_END.len()..]),
-        None => text,
-    }
+    reasoning::split(text).map_or(text, |(_, answer)| answer)
 }
 
 /// A fictional country and its facts.
@@ -310,6 +292,7 @@ impl World {
                 domain: Domain::Arithmetic,
                 question,
                 answer: answer.to_string(),
+                reasoning: Some(worked(a, op, b, answer)),
             };
         }
     }
@@ -376,6 +359,7 @@ impl World {
             domain: Domain::Atlas,
             question,
             answer,
+            reasoning: None,
         }
     }
 
@@ -404,6 +388,7 @@ impl World {
                 domain: Domain::Words,
                 question,
                 answer: plural(w),
+                reasoning: None,
             };
         }
     }
@@ -459,33 +444,31 @@ mod tests {
 
     #[test]
     fn arithmetic_shows_its_work_and_the_answer_is_what_follows() {
+        assert_eq!(worked(347, '+', 58, 405), "347+058=504");
+        assert_eq!(worked(58, '-', 47, 11), "058-047=110");
+        assert_eq!(worked(902, '+', 412, 1314), "902+412=4131");
         let it = Item {
             domain: Domain::Arithmetic,
             question: "What is 347 + 58?".into(),
             answer: "405".into(),
+            reasoning: Some(worked(347, '+', 58, 405)),
         };
         assert_eq!(it.response(), "<think>347+058=504</think>405");
-        let small = Item {
-            domain: Domain::Arithmetic,
-            question: "Compute 58 - 47.".into(),
-            answer: "11".into(),
-        };
-        assert_eq!(small.response(), "<think>058-047=110</think>11");
-        let big = Item {
-            domain: Domain::Arithmetic,
-            question: "902 + 412 = ?".into(),
-            answer: "1314".into(),
-        };
-        assert_eq!(big.response(), "<think>902+412=4131</think>1314");
-        assert_eq!(strip_reasoning(&it.response()), "405");
+        let w = World::new(5);
+        let mut rng = StdRng::seed_from_u64(2);
+        for _ in 0..50 {
+            let it = w.arithmetic(&mut rng, false);
+            let r = it.response();
+            assert!(
+                r.starts_with("<think>") && r.ends_with(&format!("</think>{}", it.answer)),
+                "{r}"
+            );
+            assert_eq!(strip_reasoning(&r), it.answer);
+        }
+        let atlas = w.atlas(&mut rng, &[0]);
+        assert_eq!(atlas.response(), atlas.answer);
         assert_eq!(strip_reasoning("Tarn"), "Tarn");
         assert_eq!(strip_reasoning("<think>50"), "");
-        let atlas = Item {
-            domain: Domain::Atlas,
-            question: "What is the capital of Veloria?".into(),
-            answer: "Tarn".into(),
-        };
-        assert_eq!(atlas.response(), "Tarn");
     }
 
     #[test]
