@@ -80,7 +80,11 @@ pub async fn start(dir: PathBuf) -> anyhow::Result<Node> {
 }
 
 pub async fn three_nodes() -> anyhow::Result<Vec<Node>> {
-    let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("sf-{}", std::process::id()));
+    // One directory per call: the tests of one binary run in parallel, and a shared directory that
+    // one test rewrites while another loads it is a race.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("sf-{}-{call}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
     let mut nodes = Vec::new();
     for (i, (arch, kind)) in [
