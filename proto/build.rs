@@ -13,6 +13,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out.join("ensemble_descriptor.bin"),
         prost::Message::encode_to_vec(&fds),
     )?;
-    tonic_prost_build::configure().compile_fds(fds)?;
+    // The per-strategy options double as the `ensemble` extension of the OpenAI-compatible HTTP API.
+    let json = "#[derive(serde::Deserialize)] #[serde(default, deny_unknown_fields)]";
+    tonic_prost_build::configure()
+        .type_attribute("ensemble.v1.SpecFuseOptions", json)
+        .type_attribute("ensemble.v1.CharEdOptions", json)
+        .compile_fds(fds)?;
     Ok(())
 }

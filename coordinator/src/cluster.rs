@@ -97,6 +97,8 @@ impl LocalCluster {
                 .arg(addr.to_string())
                 .arg("--shutdown-grace-secs")
                 .arg("5")
+                // Several nodes share this host: each picks a free metrics port (logged).
+                .args(["--metrics-listen", "127.0.0.1:0"])
                 .stdin(Stdio::null())
                 .stdout(Stdio::from(log))
                 .stderr(Stdio::from(err))

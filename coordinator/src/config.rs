@@ -21,6 +21,20 @@
 //! discovery = "dns"             # "static" (default) or "dns": every address of the host is a replica
 //! dns_refresh_ms = 5000
 //! model_dir = "models/arith"    # only for `ensemble up`, which starts the node itself
+//!
+//! http_listen = "0.0.0.0:8080"  # OpenAI-compatible HTTP API, /metrics, /health; "off" for none
+//! api_key_file = "/etc/ensemble/api-keys" # one bearer token per line; none: no authentication
+//!
+//! [tls]                         # TLS of the gRPC listener
+//! cert = "/etc/ensemble/tls/tls.crt"
+//! key = "/etc/ensemble/tls/tls.key"
+//! client_ca = "/etc/ensemble/tls/clients-ca.crt" # optional: require client certificates
+//!
+//! [node_tls]                    # TLS towards the nodes (their URLs use https://)
+//! ca = "/etc/ensemble/node-tls/ca.crt"
+//! cert = "/etc/ensemble/node-tls/tls.crt"        # optional, with key: mutual TLS
+//! key = "/etc/ensemble/node-tls/tls.key"
+//! domain = "model-node"                          # optional: name the certificates carry
 //! ```
 
 use std::net::SocketAddr;
@@ -29,6 +43,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::auth::ApiKeys;
 use crate::chared::CharedParams;
 use crate::error::{Error, Result};
 use crate::specfuse::{OnlineWeights, SpecFuseParams};
@@ -134,6 +149,61 @@ pub struct FileConfig {
     /// The members.
     #[serde(default)]
     pub nodes: Vec<NodeConfig>,
+    /// HTTP listen address (OpenAI API, metrics, health), or `off`.
+    pub http_listen: Option<String>,
+    /// Bearer tokens, one per line.
+    pub api_key_file: Option<PathBuf>,
+    /// TLS of the gRPC listener.
+    pub tls: Option<ServerTlsFile>,
+    /// TLS towards the nodes.
+    pub node_tls: Option<NodeTlsFile>,
+}
+
+/// `[tls]`: the gRPC listener's certificate, and the CA of required client certificates.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerTlsFile {
+    /// Certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Private key (PEM).
+    pub key: PathBuf,
+    /// CA of client certificates (PEM): when set, clients must present one.
+    pub client_ca: Option<PathBuf>,
+}
+
+impl From<&ServerTlsFile> for ensemble_proto::tls::ServerTls {
+    fn from(t: &ServerTlsFile) -> Self {
+        Self {
+            cert: t.cert.clone(),
+            key: t.key.clone(),
+            client_ca: t.client_ca.clone(),
+        }
+    }
+}
+
+/// `[node_tls]`: how the coordinator reaches `https://` nodes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeTlsFile {
+    /// CA of the nodes' certificates (PEM).
+    pub ca: PathBuf,
+    /// Client certificate for mutual TLS (PEM).
+    pub cert: Option<PathBuf>,
+    /// Its key (PEM).
+    pub key: Option<PathBuf>,
+    /// Server name to verify (default: the URL's host).
+    pub domain: Option<String>,
+}
+
+impl From<&NodeTlsFile> for ensemble_proto::tls::ClientTls {
+    fn from(t: &NodeTlsFile) -> Self {
+        Self {
+            ca: t.ca.clone(),
+            cert: t.cert.clone(),
+            key: t.key.clone(),
+            domain: t.domain.clone(),
+        }
+    }
 }
 
 impl FileConfig {
@@ -161,6 +231,10 @@ pub struct Settings {
     pub specfuse: SpecFuseParams,
     /// CharED defaults.
     pub chared: CharedParams,
+    /// TLS towards `https://` nodes.
+    pub node_tls: Option<ensemble_proto::tls::ClientTls>,
+    /// Bearer tokens clients must present (empty: no authentication).
+    pub api_keys: ApiKeys,
 }
 
 impl Settings {
@@ -174,6 +248,8 @@ impl Settings {
             max_chars: 256,
             specfuse: SpecFuseParams::default(),
             chared: CharedParams::default(),
+            node_tls: None,
+            api_keys: ApiKeys::default(),
         }
     }
 
@@ -191,6 +267,14 @@ impl Settings {
         }
         if let Some(m) = file.max_chars {
             s.max_chars = m;
+        }
+        s.node_tls = file.node_tls.as_ref().map(Into::into);
+        if let Some(p) = &file.api_key_file {
+            s.api_keys = ApiKeys::from_file(p).map_err(|e| Error::InvalidParameter {
+                name: "api_key_file".into(),
+                value: e,
+                allowed: "a readable file with one key per line",
+            })?;
         }
         let f = &file.specfuse;
         let p = &mut s.specfuse;
@@ -288,6 +372,16 @@ impl Settings {
         ch.validate()?;
         Ok(())
     }
+}
+
+/// `HOST:PORT`, or `off` for none.
+pub fn listen_or_off(s: &str) -> std::result::Result<Option<SocketAddr>, String> {
+    if s.eq_ignore_ascii_case("off") || s.is_empty() {
+        return Ok(None);
+    }
+    s.parse()
+        .map(Some)
+        .map_err(|e| format!("{s:?}: expected HOST:PORT or `off` ({e})"))
 }
 
 /// Parses `NAME=URL[@WEIGHT]` (the `--node` flag).

@@ -1,9 +1,12 @@
 //! The async edge of the strategies: fan the calls out to the nodes in parallel, feed the answers to
 //! the state machines ([`SpecFuse`], [`CharEd`]), broadcast what was accepted, and drop nodes that fail
-//! (the request goes on with the others).
+//! (the request goes on with the others). Each SpecFuse round and each CharED character is one span
+//! (`round`, `char_step`) that parents the node calls made for it.
 
 use ensemble_proto::v1 as pb;
 use futures::future::join_all;
+use tracing::Instrument as _;
+use tracing::field::Empty;
 
 use crate::chared::{CharEd, CharOutcome, CharStep, CharedParams, NodeCharDist};
 use crate::error::{Error, Result};
@@ -65,13 +68,23 @@ pub async fn specfuse(
             if active.is_empty() {
                 return Err(Error::NoActiveNode);
             }
+            let span = tracing::info_span!(
+                "round",
+                round = rounds.len() as u64 + 1,
+                active = active.len() as u64,
+                candidates = Empty,
+                winner_node = Empty,
+                winner_score = Empty,
+                winner_chars = Empty,
+                exited = Empty
+            );
             let calls = nodes
                 .iter_mut()
                 .enumerate()
                 .filter(|(i, _)| active.contains(i))
                 .map(|(i, n)| async move { (i, n.propose(segment, &limits.stop, sampling).await) });
             let mut raw = Vec::new();
-            for (i, r) in join_all(calls).await {
+            for (i, r) in join_all(calls).instrument(span.clone()).await {
                 match r {
                     Ok(p) => {
                         let ended =
@@ -104,7 +117,7 @@ pub async fn specfuse(
                         let texts = &texts;
                         async move { (i, n.score(texts).await) }
                     });
-                for (i, r) in join_all(calls).await {
+                for (i, r) in join_all(calls).instrument(span.clone()).await {
                     match r {
                         Ok(s) => scores.push((i, s.scores.iter().map(|c| c.mean_logprob).collect())),
                         Err(e) => {
@@ -115,6 +128,13 @@ pub async fn specfuse(
                 }
             }
             let outcome = sf.combine(&drafts, &scores)?;
+            span.record("candidates", outcome.candidates.len() as u64);
+            span.record("winner_node", outcome.winner.node as u64);
+            span.record("winner_chars", outcome.winner.text.chars().count() as u64);
+            if let Some(best) = outcome.combined.iter().copied().reduce(f64::max) {
+                span.record("winner_score", best);
+            }
+            span.record("exited", outcome.exited().len() as u64);
             // BROADCAST the winner.
             answer.push_str(&outcome.winner.text);
             let ends = outcome.winner.ends_answer;
@@ -187,6 +207,13 @@ pub async fn chared(
             if !live.iter().any(|&l| l) {
                 return Err(Error::NoActiveNode);
             }
+            let span = tracing::info_span!(
+                "char_step",
+                step = steps.len() as u64 + 1,
+                nodes = live.iter().filter(|&&l| l).count() as u64,
+                prob = Empty,
+                eos = Empty
+            );
             let calls = nodes
                 .iter_mut()
                 .enumerate()
@@ -199,7 +226,7 @@ pub async fn chared(
                     )
                 });
             let mut dists = Vec::new();
-            for (i, r) in join_all(calls).await {
+            for (i, r) in join_all(calls).instrument(span.clone()).await {
                 match r {
                     Ok(d) => {
                         let chars = d
@@ -224,6 +251,8 @@ pub async fn chared(
             }
             let step = ce.combine(&dists)?;
             let chosen = step.chosen;
+            span.record("prob", step.prob);
+            span.record("eos", chosen == CharOutcome::Eos);
             if !observe(&step) {
                 return Err(Error::Cancelled);
             }

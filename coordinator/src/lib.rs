@@ -16,6 +16,10 @@
 //!   node lost the session, per-call deadlines ([`NodeClient`]).
 //! - [`service`]: the `Ensemble` gRPC service ([`service::Coordinator`]) and the one mapping of
 //!   [`Error`] to gRPC status codes.
+//! - [`http`]: the HTTP face: OpenAI-compatible `/v1` API (with `http/openai.rs`, the wire format,
+//!   and `http/stream.rs`, what a stream may show yet), `/metrics`, `/health`.
+//! - [`metrics`]: the coordinator's Prometheus metrics.
+//! - [`auth`]: bearer-token checks of clients (gRPC and HTTP), keys redacted everywhere.
 //! - [`replicas`]: the replicas of one member: a static address or DNS discovery (headless
 //!   Services), round-robin per request, fail-over on retries.
 //! - [`config`]: the TOML configuration shared by both binaries, with defaults and checks.
@@ -28,13 +32,16 @@
 //! The algorithms follow `ALGORITHMS.md`; every choice marked **ours** there is a documented option
 //! with its default on the params structs.
 
+pub mod auth;
 pub mod chared;
 pub mod cluster;
 pub mod config;
 pub mod drive;
 pub mod error;
 pub mod evaluate;
+pub mod http;
 mod math;
+pub mod metrics;
 pub mod node_client;
 pub mod replicas;
 pub mod server;

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
+use coordinator::auth::ApiKeys;
 use coordinator::config::{FileConfig, Settings, parse_node};
 use coordinator::replicas::SystemResolver;
 use coordinator::service::Coordinator;
@@ -47,17 +48,40 @@ struct ServeArgs {
     /// Strategy for requests that name none: specfuse, chared or single:NAME (default specfuse).
     #[arg(long, env = "COORDINATOR_DEFAULT_STRATEGY")]
     default_strategy: Option<String>,
+    /// HTTP address of the OpenAI-compatible API, /metrics and /health, or `off` (default
+    /// 0.0.0.0:8080).
+    #[arg(long, env = "COORDINATOR_HTTP_LISTEN")]
+    http_listen: Option<String>,
+    /// Bearer tokens clients must present, comma-separated (prefer --api-key-file).
+    #[arg(
+        long,
+        env = "COORDINATOR_API_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    api_keys: Vec<String>,
+    /// File with one bearer token per line.
+    #[arg(long, env = "COORDINATOR_API_KEY_FILE")]
+    api_key_file: Option<PathBuf>,
+    /// Certificate chain (PEM) of the gRPC listener; with --tls-key, gRPC is served over TLS only.
+    #[arg(long, env = "COORDINATOR_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of the gRPC listener.
+    #[arg(long, env = "COORDINATOR_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// CA (PEM) of client certificates: clients must present one (mutual TLS).
+    #[arg(long, env = "COORDINATOR_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let Command::Serve(args) = Cli::parse().command;
+    let rt = tokio::runtime::Runtime::new()?;
+    // Trace export (when OTEL_* asks for it) lives on the runtime; the guard flushes on return.
+    let _telemetry = {
+        let _enter = rt.enter();
+        ensemble_proto::telemetry::init("ensemble-coordinator").map_err(anyhow::Error::msg)?
+    };
     let mut file = match &args.config {
         Some(p) => FileConfig::load(p).map_err(anyhow::Error::msg)?,
         None => FileConfig::default(),
@@ -77,21 +101,61 @@ fn main() -> anyhow::Result<()> {
     file.deadline_ms = args.deadline_ms.or(file.deadline_ms);
     file.retries = args.retries.or(file.retries);
     file.default_strategy = args.default_strategy.clone().or(file.default_strategy);
-    let settings: Settings = Settings::from_file(&file).context("invalid configuration")?;
+    if args.api_key_file.is_some() {
+        file.api_key_file = args.api_key_file.clone();
+    }
+    let mut settings: Settings = Settings::from_file(&file).context("invalid configuration")?;
+    settings.api_keys = settings.api_keys.merged(&ApiKeys::new(&args.api_keys));
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(ensemble_proto::tls::ServerTls {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: args.tls_client_ca.clone(),
+        }),
+        _ => file.tls.as_ref().map(Into::into),
+    };
+    let http_listen = coordinator::config::listen_or_off(
+        args.http_listen
+            .as_deref()
+            .or(file.http_listen.as_deref())
+            .unwrap_or("0.0.0.0:8080"),
+    )
+    .map_err(anyhow::Error::msg)?;
     let listen = args
         .listen
         .or(file.listen)
         .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 50050)));
-    let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
+        let auth = settings.api_keys.enabled();
         let coordinator = Coordinator::start(settings, Arc::new(SystemResolver)).await?;
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("binding {listen}"))?;
-        tracing::info!(%listen, deadline = ?Duration::from_millis(file.deadline_ms.unwrap_or(30_000)), "serving");
-        coordinator::server::serve(coordinator, listener, coordinator::server::shutdown_signal())
-            .await
-            .map_err(|e| anyhow::anyhow!(e))?;
+        let http = match http_listen {
+            Some(a) => Some(
+                tokio::net::TcpListener::bind(a)
+                    .await
+                    .with_context(|| format!("binding the HTTP API {a}"))?,
+            ),
+            None => None,
+        };
+        tracing::info!(
+            %listen,
+            http = ?http.as_ref().and_then(|l| l.local_addr().ok()),
+            tls = tls.is_some(),
+            auth,
+            deadline = ?Duration::from_millis(file.deadline_ms.unwrap_or(30_000)),
+            "serving"
+        );
+        let opts = coordinator::server::ServeOptions { tls, http };
+        coordinator::server::serve_with(
+            coordinator,
+            listener,
+            coordinator::server::shutdown_signal(),
+            opts,
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
         Ok(())
     })
 }

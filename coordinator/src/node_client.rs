@@ -1,16 +1,21 @@
 //! A client for one model node within one request: it keeps the node's session in step with the
 //! request's answer by sending only what was appended since the last call (`ContextDelta`), resends
 //! the full context when the node lost the session (`NOT_FOUND`, `FAILED_PRECONDITION`), and bounds
-//! every call by a deadline.
+//! every call by a deadline. Each call is one `node_rpc` span (a child of the request's round or
+//! character step) whose W3C trace context travels to the node in the gRPC metadata, and one sample
+//! of the coordinator's node-RPC metrics.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ensemble_proto::v1 as pb;
 use ensemble_proto::v1::model_node_client::ModelNodeClient;
 use tonic::transport::Channel;
+use tracing::Instrument as _;
+use tracing::field::Empty;
 
 use crate::error::{Error, Result};
+use crate::metrics::Metrics;
 use crate::replicas::Replicas;
 
 /// One node, as one request sees it.
@@ -31,6 +36,7 @@ pub struct NodeClient {
     resends: u64,
     /// Calls made: propose, score, next-character.
     calls: [u64; 3],
+    metrics: Option<Arc<Metrics>>,
 }
 
 fn is_lost_session(code: tonic::Code) -> bool {
@@ -43,14 +49,36 @@ fn is_retryable(code: tonic::Code) -> bool {
     matches!(code, tonic::Code::Unavailable | tonic::Code::ResourceExhausted)
 }
 
+/// The gRPC code a failed call counts under.
+fn error_code(e: &Error) -> tonic::Code {
+    match e {
+        Error::Timeout { .. } => tonic::Code::DeadlineExceeded,
+        Error::Node { code, .. } => *code,
+        _ => tonic::Code::Unknown,
+    }
+}
+
 macro_rules! call_with_context {
-    ($self:ident, $method:ident, |$ctx:ident| $req:expr) => {{
+    ($self:ident, $method:ident, $rpc:literal, |$ctx:ident| $req:expr) => {{
+        let span = tracing::info_span!(
+            "node_rpc",
+            node = %$self.name,
+            rpc = $rpc,
+            full_context = Empty,
+            retries = Empty,
+            code = Empty
+        );
+        let started = Instant::now();
+        let result = async {
         let mut full = $self.synced.is_none();
         let mut attempts = 0u32;
         loop {
             let $ctx = Some($self.context(full));
             let mut request = tonic::Request::new($req);
             request.set_timeout($self.deadline);
+            ensemble_proto::telemetry::inject(&span, request.metadata_mut());
+            span.record("full_context", full);
+            span.record("retries", attempts);
             let outcome = tokio::time::timeout($self.deadline, $self.client.$method(request)).await;
             match outcome {
                 Err(_) => {
@@ -96,6 +124,15 @@ macro_rules! call_with_context {
                 }
             }
         }
+        }
+        .instrument(span.clone())
+        .await;
+        let code = result.as_ref().map_or_else(error_code, |_| tonic::Code::Ok);
+        span.record("code", ensemble_proto::status_name(code));
+        if let Some(m) = &$self.metrics {
+            m.node_rpc(&$self.name, $rpc, code, started.elapsed());
+        }
+        result
     }};
 }
 
@@ -116,7 +153,14 @@ impl NodeClient {
             synced: None,
             resends: 0,
             calls: [0; 3],
+            metrics: None,
         }
+    }
+
+    /// Counts every call in `metrics`.
+    pub fn metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// A client on the next replica of a member (round-robin); a member with no replica yet gets a
@@ -228,20 +272,24 @@ impl NodeClient {
         sampling: pb::Sampling,
     ) -> Result<pb::ProposeResponse> {
         self.calls[0] += 1;
-        call_with_context!(self, propose_segment, |context| pb::ProposeRequest {
-            context,
-            max_new_tokens,
-            stop: stop.to_vec(),
-            sampling: Some(sampling),
+        call_with_context!(self, propose_segment, "ProposeSegment", |context| {
+            pb::ProposeRequest {
+                context,
+                max_new_tokens,
+                stop: stop.to_vec(),
+                sampling: Some(sampling),
+            }
         })
     }
 
     /// Scores candidate continuations.
     pub async fn score(&mut self, candidates: &[String]) -> Result<pb::ScoreResponse> {
         self.calls[1] += 1;
-        call_with_context!(self, score_candidates, |context| pb::ScoreRequest {
-            context,
-            candidates: candidates.to_vec(),
+        call_with_context!(self, score_candidates, "ScoreCandidates", |context| {
+            pb::ScoreRequest {
+                context,
+                candidates: candidates.to_vec(),
+            }
         })
     }
 
@@ -253,11 +301,13 @@ impl NodeClient {
         lookahead: Option<bool>,
     ) -> Result<pb::NextCharResponse> {
         self.calls[2] += 1;
-        call_with_context!(self, next_char_distribution, |context| pb::NextCharRequest {
-            context,
-            top_k,
-            max_hypotheses,
-            lookahead,
+        call_with_context!(self, next_char_distribution, "NextCharDistribution", |context| {
+            pb::NextCharRequest {
+                context,
+                top_k,
+                max_hypotheses,
+                lookahead,
+            }
         })
     }
 
@@ -270,7 +320,11 @@ impl NodeClient {
             session_id: self.session.clone(),
         });
         request.set_timeout(self.deadline);
-        let _ = tokio::time::timeout(self.deadline, self.client.close_session(request)).await;
+        let span = tracing::info_span!("node_rpc", node = %self.name, rpc = "CloseSession");
+        ensemble_proto::telemetry::inject(&span, request.metadata_mut());
+        let _ = tokio::time::timeout(self.deadline, self.client.close_session(request))
+            .instrument(span)
+            .await;
         self.synced = None;
     }
 }

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::config::{Discovery, NodeConfig};
 use crate::error::{Error, Result};
@@ -51,6 +51,7 @@ pub struct Replicas {
     list: RwLock<Vec<Replica>>,
     next: AtomicUsize,
     connect_timeout: Duration,
+    tls: Option<ClientTlsConfig>,
 }
 
 fn invalid(name: &str, url: &str) -> Error {
@@ -61,8 +62,27 @@ fn invalid(name: &str, url: &str) -> Error {
     }
 }
 
-fn channel(url: &str, name: &str, connect_timeout: Duration) -> Result<Channel> {
-    let endpoint = Endpoint::from_shared(url.to_owned()).map_err(|_| invalid(name, url))?;
+fn channel(
+    url: &str,
+    name: &str,
+    connect_timeout: Duration,
+    tls: Option<&ClientTlsConfig>,
+) -> Result<Channel> {
+    let mut endpoint = Endpoint::from_shared(url.to_owned()).map_err(|_| invalid(name, url))?;
+    if url.starts_with("https://") {
+        let tls = tls.ok_or_else(|| Error::InvalidParameter {
+            name: format!("node {name} url"),
+            value: url.to_owned(),
+            allowed: "http:// URLs, or https:// with a [node_tls] section (the CA to trust)",
+        })?;
+        endpoint = endpoint
+            .tls_config(tls.clone())
+            .map_err(|e| Error::InvalidParameter {
+                name: format!("node {name} TLS"),
+                value: e.to_string(),
+                allowed: "a valid [node_tls] configuration",
+            })?;
+    }
     Ok(endpoint.connect_timeout(connect_timeout).connect_lazy())
 }
 
@@ -84,15 +104,26 @@ impl Replicas {
         connect_timeout: Duration,
         resolver: Arc<dyn Resolve>,
     ) -> Result<Arc<Self>> {
+        Self::start_with(node, connect_timeout, None, resolver).await
+    }
+
+    /// [`Replicas::start`] with TLS for `https://` URLs.
+    pub async fn start_with(
+        node: &NodeConfig,
+        connect_timeout: Duration,
+        tls: Option<ClientTlsConfig>,
+        resolver: Arc<dyn Resolve>,
+    ) -> Result<Arc<Self>> {
         let this = Arc::new(Self {
             name: node.name.clone(),
             list: RwLock::new(Vec::new()),
             next: AtomicUsize::new(0),
             connect_timeout,
+            tls,
         });
         match node.discovery {
             Discovery::Static => {
-                let ch = channel(&node.url, &node.name, connect_timeout)?;
+                let ch = channel(&node.url, &node.name, connect_timeout, this.tls.as_ref())?;
                 this.set(vec![Replica {
                     url: node.url.clone(),
                     channel: ch,
@@ -128,7 +159,7 @@ impl Replicas {
                     let url = format!("{scheme}://{a}");
                     match old.iter().find(|r| r.url == url) {
                         Some(r) => new.push(r.clone()),
-                        None => match channel(&url, &self.name, self.connect_timeout) {
+                        None => match channel(&url, &self.name, self.connect_timeout, self.tls.as_ref()) {
                             Ok(channel) => new.push(Replica { url, channel }),
                             Err(e) => tracing::warn!(node = %self.name, %url, error = %e, "skipping address"),
                         },

@@ -1,13 +1,25 @@
 //! Serving the `Ensemble` API: health (`grpc.health.v1`), reflection (v1 and v1alpha) and the
-//! service, with a drain on shutdown (health turns NOT_SERVING, in-flight requests finish).
+//! service (behind the bearer-token check when API keys are configured), optionally over TLS, with
+//! the HTTP face ([`crate::http`]) beside it, and a drain on shutdown (health turns NOT_SERVING,
+//! in-flight requests finish).
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ensemble_proto::v1::ensemble_server::EnsembleServer;
 use tokio::net::TcpListener;
 
 use crate::service::{Coordinator, EnsembleService};
+
+/// How the coordinator serves, beyond its gRPC listener.
+#[derive(Default)]
+pub struct ServeOptions {
+    /// TLS of the gRPC listener (with `client_ca`: client certificates required).
+    pub tls: Option<ensemble_proto::tls::ServerTls>,
+    /// Where the HTTP face (OpenAI API, `/metrics`, `/health`) listens; none: not served.
+    pub http: Option<TcpListener>,
+}
 
 /// How long in-flight requests may run after shutdown starts.
 pub const DRAIN_GRACE: Duration = Duration::from_secs(60);
@@ -19,6 +31,47 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    serve_with(coordinator, listener, shutdown, ServeOptions::default()).await
+}
+
+/// [`serve`] with TLS and the HTTP face.
+pub async fn serve_with(
+    coordinator: Coordinator,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    opts: ServeOptions,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let coordinator = Arc::new(coordinator);
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &opts.tls {
+        builder = builder.tls_config(tls.config()?)?;
+    }
+    let (http_stop, http_stopped) = tokio::sync::watch::channel(false);
+    if let Some(l) = opts.http {
+        let c = coordinator.clone();
+        let mut stopped = http_stopped.clone();
+        tokio::spawn(async move {
+            let stop = async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            };
+            if let Err(e) = crate::http::serve(c, l, stop).await {
+                tracing::error!(error = %e, "HTTP API stopped");
+            }
+        });
+    }
+    let keys = coordinator.settings().api_keys.clone();
+    let metrics = coordinator.metrics().clone();
+    let check = move |req: tonic::Request<()>| {
+        let auth = req.metadata().get("authorization").map(|v| v.as_bytes());
+        match keys.check(auth) {
+            Ok(()) => Ok(req),
+            Err(refusal) => {
+                metrics.auth_failed("grpc");
+                tracing::info!(api = "grpc", reason = %refusal, "request refused");
+                Err(tonic::Status::unauthenticated(refusal.to_string()))
+            }
+        }
+    };
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<EnsembleServer<EnsembleService>>().await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -31,11 +84,14 @@ pub async fn serve(
         .build_v1alpha()?;
     let reporter = health.clone();
     let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tonic::transport::Server::builder()
+    let server = builder
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(EnsembleServer::new(EnsembleService::new(coordinator)))
+        .add_service(EnsembleServer::with_interceptor(
+            EnsembleService::shared(coordinator),
+            check,
+        ))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             async move {
@@ -49,6 +105,7 @@ pub async fn serve(
                     .set_service_status("", tonic_health::ServingStatus::NotServing)
                     .await;
                 let _ = draining_tx.send(());
+                let _ = http_stop.send(true);
             },
         );
     tokio::select! {

@@ -5,16 +5,19 @@
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ensemble_proto::v1 as pb;
 use ensemble_proto::v1::ensemble_server::Ensemble;
 use tonic::{Request, Response, Status};
+use tracing::Instrument as _;
+use tracing::field::Empty;
 
 use crate::chared::{CharOutcome, CharStep, CharedParams};
 use crate::config::{Discovery, NodeConfig, Settings};
 use crate::drive::{self, Finish, Limits};
 use crate::error::Error;
+use crate::metrics::Metrics;
 use crate::node_client::NodeClient;
 use crate::replicas::{Replicas, Resolve, SystemResolver};
 use crate::specfuse::{OnlineWeights, RoundOutcome, SpecFuseParams};
@@ -70,6 +73,21 @@ pub struct Coordinator {
     nodes: Vec<(NodeConfig, Arc<Replicas>)>,
     settings: Settings,
     requests: AtomicU64,
+    metrics: Arc<Metrics>,
+}
+
+/// The span of one ensemble request; its fields are filled in as the request runs.
+pub fn request_span(api: &'static str) -> tracing::Span {
+    tracing::info_span!(
+        "generate",
+        api,
+        strategy = Empty,
+        max_chars = Empty,
+        chars = Empty,
+        steps = Empty,
+        finish = Empty,
+        code = Empty
+    )
 }
 
 impl Coordinator {
@@ -84,16 +102,35 @@ impl Coordinator {
     /// here, then in the background).
     pub async fn start(settings: Settings, resolver: Arc<dyn Resolve>) -> Result<Self, Error> {
         settings.check()?;
+        let tls = match &settings.node_tls {
+            Some(t) => Some(t.config().map_err(|e| Error::InvalidParameter {
+                name: "node_tls".into(),
+                value: e,
+                allowed: "readable PEM files: ca, and cert with key for mutual TLS",
+            })?),
+            None => None,
+        };
         let mut nodes = Vec::with_capacity(settings.nodes.len());
         for n in &settings.nodes {
-            let replicas = Replicas::start(n, settings.deadline, resolver.clone()).await?;
+            let replicas = Replicas::start_with(n, settings.deadline, tls.clone(), resolver.clone()).await?;
             nodes.push((n.clone(), replicas));
         }
         Ok(Self {
             nodes,
             settings,
             requests: AtomicU64::new(0),
+            metrics: Arc::new(Metrics::new()),
         })
+    }
+
+    /// The coordinator's metrics (served on `/metrics`).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The members' names, in configuration order.
+    pub fn node_names(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.0.name.clone()).collect()
     }
 
     /// The settings in force.
@@ -107,7 +144,8 @@ impl Coordinator {
             .map(|(cfg, replicas)| {
                 let mut c =
                     NodeClient::with_replicas(cfg.name.clone(), replicas.clone(), self.settings.deadline)
-                        .retries(self.settings.retries);
+                        .retries(self.settings.retries)
+                        .metrics(self.metrics.clone());
                 c.begin(session, prompt.clone());
                 c
             })
@@ -201,6 +239,87 @@ impl Coordinator {
         on_round: &mut (dyn FnMut(&RoundOutcome) -> bool + Send),
         on_char: &mut (dyn FnMut(&CharStep) -> bool + Send),
     ) -> Result<pb::GenerateResponse, Status> {
+        self.run_in(request_span("library"), "library", r, on_round, on_char)
+            .await
+    }
+
+    /// [`Coordinator::run`] within `span` (see [`request_span`]), counted under `api` in the metrics.
+    pub async fn run_in(
+        &self,
+        span: tracing::Span,
+        api: &str,
+        r: pb::GenerateRequest,
+        on_round: &mut (dyn FnMut(&RoundOutcome) -> bool + Send),
+        on_char: &mut (dyn FnMut(&CharStep) -> bool + Send),
+    ) -> Result<pb::GenerateResponse, Status> {
+        let _in_flight = self.metrics.request_started();
+        let started = Instant::now();
+        let strategy = if r.strategy.is_empty() {
+            self.settings.default_strategy.clone()
+        } else {
+            r.strategy.clone()
+        };
+        let known = match strategy.as_str() {
+            "specfuse" | "chared" => true,
+            s => s
+                .strip_prefix("single:")
+                .is_some_and(|n| self.nodes.iter().any(|m| m.0.name == n)),
+        };
+        let label = if known { strategy.as_str() } else { "invalid" };
+        span.record("strategy", label);
+        span.record("max_chars", r.max_chars);
+        let names = self.node_names();
+        let metrics = &self.metrics;
+        // (first text seen yet, when the previous step ended): shared by the two step callbacks.
+        let clock = std::sync::Mutex::new((false, started));
+        let step = |text: bool| -> Duration {
+            let now = Instant::now();
+            let Ok(mut c) = clock.lock() else {
+                return Duration::ZERO;
+            };
+            if text && !c.0 {
+                c.0 = true;
+                metrics.first_token(label, now - started);
+            }
+            now - std::mem::replace(&mut c.1, now)
+        };
+        let out = {
+            let mut on_round = |o: &RoundOutcome| {
+                metrics.round(o, step(!o.winner.text.is_empty()), &names);
+                on_round(o)
+            };
+            let mut on_char = |c: &CharStep| {
+                metrics.char_step(step(c.chosen != CharOutcome::Eos));
+                on_char(c)
+            };
+            self.run_strategy(r, strategy.clone(), &mut on_round, &mut on_char)
+                .instrument(span.clone())
+                .await
+        };
+        let code = out.as_ref().map_or_else(|s| s.code(), |_| tonic::Code::Ok);
+        let chars = out
+            .as_ref()
+            .map_or(0, |r| r.text.chars().count() + r.reasoning.chars().count());
+        span.record("code", ensemble_proto::status_name(code));
+        if let Ok(resp) = &out {
+            span.record("chars", chars as u64);
+            span.record("steps", resp.steps);
+            span.record("finish", resp.finish_reason().as_str_name());
+            for n in &resp.failed_nodes {
+                metrics.node_failed(n);
+            }
+        }
+        metrics.request_done(label, api, code, started.elapsed(), chars);
+        out
+    }
+
+    async fn run_strategy(
+        &self,
+        r: pb::GenerateRequest,
+        strategy: String,
+        on_round: &mut (dyn FnMut(&RoundOutcome) -> bool + Send),
+        on_char: &mut (dyn FnMut(&CharStep) -> bool + Send),
+    ) -> Result<pb::GenerateResponse, Status> {
         let prompt = r
             .prompt
             .filter(|p| p.kind.is_some())
@@ -222,11 +341,6 @@ impl Coordinator {
         let session = format!("ens-{}-{n}", std::process::id());
         let mut clients = self.clients(&session, &prompt);
         let sampling = r.sampling.unwrap_or_default();
-        let strategy = if r.strategy.is_empty() {
-            self.settings.default_strategy.clone()
-        } else {
-            r.strategy.clone()
-        };
         let name_of = |i: usize| self.nodes.get(i).map(|n| n.0.name.clone()).unwrap_or_default();
         let mut resp = match strategy.as_str() {
             "specfuse" => {
@@ -282,11 +396,16 @@ impl Coordinator {
                     )));
                 };
                 let node = &mut clients[i];
+                let first_started = Instant::now();
                 let mut text = String::new();
                 let mut steps = 0;
                 let f = loop {
                     let p = node.propose(64, &limits.stop, sampling).await?;
                     steps += 1;
+                    self.metrics.single_step();
+                    if steps == 1 && !p.text.is_empty() {
+                        self.metrics.first_token(&strategy, first_started.elapsed());
+                    }
                     node.accept(&p.text);
                     text.push_str(&p.text);
                     if let Some(cut) = limits.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
@@ -333,6 +452,18 @@ impl EnsembleService {
     pub fn new(coordinator: Coordinator) -> Self {
         Self(Arc::new(coordinator))
     }
+
+    /// Serves a coordinator shared with other faces (the HTTP API).
+    pub fn shared(coordinator: Arc<Coordinator>) -> Self {
+        Self(coordinator)
+    }
+}
+
+/// The request's span, a child of the caller's trace when its metadata carries one.
+fn grpc_span<T>(req: &Request<T>) -> tracing::Span {
+    let span = request_span("grpc");
+    ensemble_proto::telemetry::set_parent(&span, req.metadata());
+    span
 }
 
 #[tonic::async_trait]
@@ -341,7 +472,11 @@ impl Ensemble for EnsembleService {
         &self,
         req: Request<pb::GenerateRequest>,
     ) -> Result<Response<pb::GenerateResponse>, Status> {
-        let resp = self.0.run(req.into_inner(), &mut |_| true, &mut |_| true).await?;
+        let span = grpc_span(&req);
+        let resp = self
+            .0
+            .run_in(span, "grpc", req.into_inner(), &mut |_| true, &mut |_| true)
+            .await?;
         Ok(Response::new(resp))
     }
 
@@ -357,6 +492,7 @@ impl Ensemble for EnsembleService {
         // gone) makes the next step's send fail, which cancels the request and frees node sessions.
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Result<pb::GenerateEvent, Status>>();
         let coordinator = self.0.clone();
+        let span = grpc_span(&req);
         let r = req.into_inner();
         tokio::spawn(async move {
             let names: Vec<String> = coordinator.nodes.iter().map(|n| n.0.name.clone()).collect();
@@ -376,7 +512,9 @@ impl Ensemble for EnsembleService {
                 tx_c.send(Ok(event(pb::generate_event::Event::Char(char_trace(c, &names)))))
                     .is_ok()
             };
-            let out = coordinator.run(r, &mut on_round, &mut on_char).await;
+            let out = coordinator
+                .run_in(span, "grpc", r, &mut on_round, &mut on_char)
+                .await;
             let _ = tx.send(out.map(|d| event(pb::generate_event::Event::Done(d))));
         });
         Ok(Response::new(Box::pin(

@@ -97,6 +97,47 @@ pub struct ServeArgs {
     /// Seconds in-flight calls get to finish after SIGTERM.
     #[arg(long, env = "MODEL_NODE_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     pub shutdown_grace_secs: u64,
+    /// Address of the Prometheus `/metrics` endpoint (HTTP), or `off`.
+    #[arg(long, env = "MODEL_NODE_METRICS_LISTEN", default_value = "0.0.0.0:9090", value_parser = listen_or_off)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// TLS.
+    #[command(flatten)]
+    pub tls: TlsArgs,
+}
+
+/// TLS of the gRPC listener.
+#[derive(Debug, Clone, Default, Args)]
+pub struct TlsArgs {
+    /// Server certificate chain (PEM); with --tls-key, the node serves gRPC over TLS only.
+    #[arg(long, env = "MODEL_NODE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Server private key (PEM).
+    #[arg(long, env = "MODEL_NODE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// CA of the client certificates (PEM): clients (the coordinator) must present one (mutual TLS).
+    #[arg(long, env = "MODEL_NODE_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    /// The server TLS files, when TLS is on.
+    pub fn server(&self) -> Option<ensemble_proto::tls::ServerTls> {
+        Some(ensemble_proto::tls::ServerTls {
+            cert: self.tls_cert.clone()?,
+            key: self.tls_key.clone()?,
+            client_ca: self.tls_client_ca.clone(),
+        })
+    }
+}
+
+/// `HOST:PORT`, or `off` for none.
+pub fn listen_or_off(s: &str) -> Result<Option<SocketAddr>, String> {
+    if s.eq_ignore_ascii_case("off") || s.is_empty() {
+        return Ok(None);
+    }
+    s.parse()
+        .map(Some)
+        .map_err(|e| format!("{s:?}: expected HOST:PORT or `off` ({e})"))
 }
 
 /// `model-node generate`.

@@ -8,6 +8,9 @@ pub enum Error {
     /// The model directory is missing a file or holds an invalid one (start-up only).
     #[error("model directory: {0}")]
     ModelDir(String),
+    /// The server could not start: TLS files, listener, reflection.
+    #[error("server: {0}")]
+    Server(String),
     /// A tensor operation failed.
     #[error("model computation failed: {0}")]
     Candle(#[from] candle_core::Error),
@@ -79,7 +82,7 @@ impl From<Error> for Status {
             Error::Busy { .. } => Code::ResourceExhausted,
             Error::ShuttingDown => Code::Unavailable,
             Error::Cancelled => Code::Cancelled,
-            Error::ModelDir(_) | Error::Candle(_) | Error::Vocab(_) => Code::Internal,
+            Error::ModelDir(_) | Error::Server(_) | Error::Candle(_) | Error::Vocab(_) => Code::Internal,
         };
         Status::new(code, e.to_string())
     }

@@ -13,7 +13,8 @@
 //! - [`sampling`]: greedy / temperature / top-k / top-p.
 //! - [`engine`]: the engine thread, its bounded queue, sessions and the three operations.
 //! - [`validate`]: request validation (protobuf → typed jobs).
-//! - [`service`], [`server`]: the gRPC service and the server with health, reflection and drain.
+//! - [`service`], [`server`]: the gRPC service and the server with health, reflection, TLS and drain.
+//! - [`metrics`]: the node's Prometheus metrics and its `/metrics` endpoint.
 //! - [`node`]: loading a node from configuration.
 //! - [`bench`]: the `model-node bench` tables.
 //! - [`fixtures`]: tiny tokenizers of each kind, for tests and training.
@@ -25,6 +26,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod fixtures;
+pub mod metrics;
 pub mod model;
 pub mod modeldir;
 pub mod node;

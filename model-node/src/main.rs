@@ -13,11 +13,16 @@ use tracing_subscriber::EnvFilter;
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let command = match cli.command {
+        // `serve` sets up its own logging and trace export.
+        Command::Serve(args) => return serve(args),
+        c => c,
+    };
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(std::io::stderr)
         .init();
-    match cli.command {
+    match command {
         Command::Serve(args) => serve(args),
         Command::Generate(args) => generate(args),
         Command::Bench(args) => model_node::bench::run(&args).map_err(Into::into),
@@ -25,6 +30,12 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Runtime::new()?;
+    // Trace export (when OTEL_* asks for it) lives on the runtime; the guard flushes on return.
+    let _telemetry = {
+        let _enter = rt.enter();
+        ensemble_proto::telemetry::init("model-node").map_err(anyhow::Error::msg)?
+    };
     let node = model_node::node::load(&args.model, &args.limits).context("loading the model")?;
     tracing::info!(model = %node.info.model_id, arch = %node.info.architecture, listen = %args.listen, "model loaded");
     let char_defaults = CharOptions {
@@ -32,14 +43,32 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         min_mass: args.limits.char_min_mass,
         ..CharOptions::default()
     };
-    let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("binding {}", args.listen))?;
-        tracing::info!(addr = %listener.local_addr()?, "serving");
-        let grace = Duration::from_secs(args.shutdown_grace_secs);
-        model_node::server::run(listener, node, char_defaults, shutdown_signal(), grace).await?;
+        let metrics = match args.metrics_listen {
+            Some(a) => Some(
+                tokio::net::TcpListener::bind(a)
+                    .await
+                    .with_context(|| format!("binding the metrics endpoint {a}"))?,
+            ),
+            None => None,
+        };
+        let tls = args.tls.server();
+        tracing::info!(
+            addr = %listener.local_addr()?,
+            tls = tls.is_some(),
+            mutual_tls = args.tls.tls_client_ca.is_some(),
+            metrics = ?metrics.as_ref().and_then(|l| l.local_addr().ok()),
+            "serving"
+        );
+        let opts = model_node::server::ServeOptions {
+            grace: Duration::from_secs(args.shutdown_grace_secs),
+            tls,
+            metrics,
+        };
+        model_node::server::run_with(listener, node, char_defaults, shutdown_signal(), opts).await?;
         tracing::info!("stopped");
         Ok(())
     })

@@ -1,6 +1,7 @@
 //! The gRPC server: the `ModelNode` service, `grpc.health.v1` and server reflection (v1 and v1alpha)
-//! on one listener, with a drain on shutdown: health goes NOT_SERVING, in-flight calls finish, then
-//! the engine thread stops.
+//! on one listener (TLS, optionally requiring client certificates), Prometheus `/metrics` on another,
+//! with a drain on shutdown: health goes NOT_SERVING, in-flight calls finish, then the engine thread
+//! stops.
 
 use std::future::Future;
 use std::time::Duration;
@@ -21,6 +22,17 @@ pub const SERVICE_NAME: &str = "ensemble.v1.ModelNode";
 /// Largest request message accepted (bytes).
 pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
 
+/// How a node serves, beyond the model and its listener.
+#[derive(Default)]
+pub struct ServeOptions {
+    /// How long in-flight calls may run after shutdown starts.
+    pub grace: Duration,
+    /// TLS for the gRPC listener (with `client_ca`: mutual TLS, client certificates required).
+    pub tls: Option<ensemble_proto::tls::ServerTls>,
+    /// Where `/metrics` is served (none: not served).
+    pub metrics: Option<TcpListener>,
+}
+
 /// Serves `node` on `listener` until `shutdown` resolves, then drains for at most `grace`.
 pub async fn run(
     listener: TcpListener,
@@ -29,6 +41,29 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
 ) -> Result<()> {
+    let opts = ServeOptions {
+        grace,
+        ..ServeOptions::default()
+    };
+    run_with(listener, node, char_defaults, shutdown, opts).await
+}
+
+/// [`run`] with every option.
+pub async fn run_with(
+    listener: TcpListener,
+    node: Loaded,
+    char_defaults: CharOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    opts: ServeOptions,
+) -> Result<()> {
+    let grace = opts.grace;
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &opts.tls {
+        let config = tls.config().map_err(Error::Server)?;
+        builder = builder
+            .tls_config(config)
+            .map_err(|e| Error::Server(format!("TLS: {e}")))?;
+    }
     let (engine, engine_thread) = node.engine.spawn()?;
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<ModelNodeServer<NodeService>>().await;
@@ -38,11 +73,24 @@ pub async fn run(
             .register_encoded_file_descriptor_set(ensemble_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
-    let reflection_err = |e: tonic_reflection::server::Error| Error::ModelDir(format!("reflection: {e}"));
+    let reflection_err = |e: tonic_reflection::server::Error| Error::Server(format!("reflection: {e}"));
     let refl_v1 = reflection().build_v1().map_err(reflection_err)?;
     let refl_v1a = reflection().build_v1alpha().map_err(reflection_err)?;
 
     let service = NodeService::new(engine, node.info, char_defaults);
+    let (metrics_stop, metrics_stopped) = tokio::sync::watch::channel(false);
+    if let Some(l) = opts.metrics {
+        let m = service.metrics().clone();
+        let mut stopped = metrics_stopped.clone();
+        tokio::spawn(async move {
+            let stop = async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            };
+            if let Err(e) = crate::metrics::serve(m, l, stop).await {
+                tracing::error!(error = %e, "metrics endpoint stopped");
+            }
+        });
+    }
     let svc = ModelNodeServer::new(service)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -59,7 +107,7 @@ pub async fn run(
         tokio::time::sleep(grace).await;
         let _ = force_tx.send(());
     });
-    let server = tonic::transport::Server::builder()
+    let server = builder
         .add_service(health_service)
         .add_service(refl_v1)
         .add_service(refl_v1a)
@@ -68,12 +116,13 @@ pub async fn run(
             let _ = drain_rx.await;
         });
     let outcome = tokio::select! {
-        r = server => r.map_err(|e| Error::ModelDir(format!("server: {e}"))),
+        r = server => r.map_err(|e| Error::Server(e.to_string())),
         Ok(()) = force_rx => {
             tracing::warn!(grace_secs = grace.as_secs(), "grace period over: dropping unfinished calls");
             Ok(())
         }
     };
+    let _ = metrics_stop.send(true);
     // Dropping the last engine handle ends the engine thread once its current job is done.
     drop(engine_thread);
     outcome

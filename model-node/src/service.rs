@@ -1,8 +1,10 @@
 //! The `ModelNode` gRPC service: validate, hand the job to the engine, map the reply. One tracing span
-//! per RPC with numeric fields.
+//! per RPC with numeric fields, parented on the caller's W3C trace context when it sends one; every
+//! RPC is counted in the node's [`NodeMetrics`].
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use ensemble_proto::v1 as pb;
 use ensemble_proto::v1::model_node_server::ModelNode;
@@ -12,6 +14,7 @@ use tracing::{Instrument, Span, field::Empty, info_span};
 use crate::chars::CharOptions;
 use crate::engine::{EngineHandle, Finish, Job, Reply, Usage};
 use crate::error::Error;
+use crate::metrics::NodeMetrics;
 use crate::validate;
 
 /// The service: a handle to the engine plus the static description.
@@ -20,16 +23,38 @@ pub struct NodeService {
     engine: EngineHandle,
     info: Arc<pb::InfoResponse>,
     char_defaults: CharOptions,
+    metrics: Arc<NodeMetrics>,
 }
 
 impl NodeService {
     /// A service over a running engine.
     pub fn new(engine: EngineHandle, info: pb::InfoResponse, char_defaults: CharOptions) -> Self {
+        let metrics = Arc::new(NodeMetrics::new(engine.totals().clone(), &info));
         Self {
             engine,
             info: Arc::new(info),
             char_defaults,
+            metrics,
         }
+    }
+
+    /// The node's metrics (served on `/metrics`).
+    pub fn metrics(&self) -> &Arc<NodeMetrics> {
+        &self.metrics
+    }
+
+    /// Counts a finished RPC and records its status code on its span.
+    fn observed<T>(
+        &self,
+        rpc: &str,
+        started: Instant,
+        span: &Span,
+        r: Result<Response<T>, Status>,
+    ) -> Result<Response<T>, Status> {
+        let code = r.as_ref().map_or_else(|s| s.code(), |_| tonic::Code::Ok);
+        span.record("code", code as i32 as i64);
+        self.metrics.rpc(rpc, code, started.elapsed());
+        r
     }
 }
 
@@ -75,15 +100,22 @@ macro_rules! rpc_span {
 async fn run(engine: &EngineHandle, job: Job, span: &Span) -> Result<Reply, Status> {
     engine.call(job).await.map_err(|e: Error| {
         let status = Status::from(e);
-        span.record("code", status.code() as i32 as i64);
         tracing::debug!(parent: span, error = %status.message(), "rpc failed");
         status
     })
 }
 
+/// The RPC's span, a child of the caller's trace when the metadata carries one.
+fn span_for<T>(span: Span, req: &Request<T>) -> Span {
+    ensemble_proto::telemetry::set_parent(&span, req.metadata());
+    span
+}
+
 #[tonic::async_trait]
 impl ModelNode for NodeService {
     async fn info(&self, _req: Request<pb::InfoRequest>) -> Result<Response<pb::InfoResponse>, Status> {
+        self.metrics
+            .rpc("Info", tonic::Code::Ok, std::time::Duration::ZERO);
         let t = self.engine.totals();
         let mut info = (*self.info).clone();
         info.active_sessions = t.sessions.load(Ordering::Relaxed) as u32;
@@ -97,14 +129,17 @@ impl ModelNode for NodeService {
         &self,
         req: Request<pb::ProposeRequest>,
     ) -> Result<Response<pb::ProposeResponse>, Status> {
-        let span = rpc_span!("ProposeSegment");
-        async {
+        let started = Instant::now();
+        let span = span_for(rpc_span!("ProposeSegment"), &req);
+        let r = async {
             let (ctx, params) = validate::propose(req.into_inner())?;
             let Reply::Proposal(p) = run(&self.engine, Job::Propose(ctx, params), &span).await? else {
                 return Err(unexpected());
             };
             record(&span, &p.usage);
             span.record("items", p.token_logprobs.len() as u64);
+            self.metrics.usage("ProposeSegment", &p.usage);
+            self.metrics.drafted(p.token_logprobs.len(), p.usage.compute_ms);
             let finish = match p.finish {
                 Finish::Eos => pb::FinishReason::Eos,
                 Finish::Length => pb::FinishReason::Length,
@@ -118,21 +153,25 @@ impl ModelNode for NodeService {
             }))
         }
         .instrument(span.clone())
-        .await
+        .await;
+        self.observed("ProposeSegment", started, &span, r)
     }
 
     async fn score_candidates(
         &self,
         req: Request<pb::ScoreRequest>,
     ) -> Result<Response<pb::ScoreResponse>, Status> {
-        let span = rpc_span!("ScoreCandidates");
-        async {
+        let started = Instant::now();
+        let span = span_for(rpc_span!("ScoreCandidates"), &req);
+        let r = async {
             let (ctx, cands) = validate::score(req.into_inner())?;
             span.record("items", cands.len() as u64);
             let Reply::Scores(s) = run(&self.engine, Job::Score(ctx, cands), &span).await? else {
                 return Err(unexpected());
             };
             record(&span, &s.usage);
+            self.metrics.usage("ScoreCandidates", &s.usage);
+            self.metrics.scored(s.scores.len());
             let scores = s
                 .scores
                 .iter()
@@ -149,21 +188,24 @@ impl ModelNode for NodeService {
             }))
         }
         .instrument(span.clone())
-        .await
+        .await;
+        self.observed("ScoreCandidates", started, &span, r)
     }
 
     async fn next_char_distribution(
         &self,
         req: Request<pb::NextCharRequest>,
     ) -> Result<Response<pb::NextCharResponse>, Status> {
-        let span = rpc_span!("NextCharDistribution");
-        async {
+        let started = Instant::now();
+        let span = span_for(rpc_span!("NextCharDistribution"), &req);
+        let r = async {
             let (ctx, k, opts) = validate::next_char(req.into_inner(), &self.char_defaults)?;
             let Reply::Chars(c) = run(&self.engine, Job::NextChar(ctx, k, opts), &span).await? else {
                 return Err(unexpected());
             };
             record(&span, &c.usage);
             span.record("items", c.hypotheses as u64);
+            self.metrics.usage("NextCharDistribution", &c.usage);
             Ok(Response::new(pb::NextCharResponse {
                 chars: c
                     .dist
@@ -181,21 +223,28 @@ impl ModelNode for NodeService {
             }))
         }
         .instrument(span.clone())
-        .await
+        .await;
+        self.observed("NextCharDistribution", started, &span, r)
     }
 
     async fn close_session(
         &self,
         req: Request<pb::CloseSessionRequest>,
     ) -> Result<Response<pb::CloseSessionResponse>, Status> {
-        let id = req.into_inner().session_id;
-        if id.is_empty() {
-            return Err(Status::invalid_argument("session_id is required"));
+        let started = Instant::now();
+        let span = span_for(rpc_span!("CloseSession"), &req);
+        let r = async {
+            let id = req.into_inner().session_id;
+            if id.is_empty() {
+                return Err(Status::invalid_argument("session_id is required"));
+            }
+            let Reply::Closed(existed) = run(&self.engine, Job::Close(id), &span).await? else {
+                return Err(unexpected());
+            };
+            Ok(Response::new(pb::CloseSessionResponse { existed }))
         }
-        let span = rpc_span!("CloseSession");
-        let Reply::Closed(existed) = run(&self.engine, Job::Close(id), &span).await? else {
-            return Err(unexpected());
-        };
-        Ok(Response::new(pb::CloseSessionResponse { existed }))
+        .instrument(span.clone())
+        .await;
+        self.observed("CloseSession", started, &span, r)
     }
 }

@@ -15,6 +15,7 @@ async fn serve_answers_then_sigterm_drains_and_exits_zero() -> anyhow::Result<()
     let dir = common::model_dir(&root, "mistral", "byte_level", 4)?;
     let mut child = Command::new(env!("CARGO_BIN_EXE_model-node"))
         .args(["serve", "--listen", "127.0.0.1:0", "--shutdown-grace-secs", "20"])
+        .args(["--metrics-listen", "127.0.0.1:0"])
         .env("MODEL_NODE_MODEL_DIR", &dir)
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
@@ -65,7 +66,14 @@ fn broken_model_dir_fails_at_start_naming_the_file() -> anyhow::Result<()> {
     let root = common::temp_dir("binary-broken");
     std::fs::create_dir_all(&root)?;
     let out = Command::new(env!("CARGO_BIN_EXE_model-node"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--model-dir"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "off",
+            "--model-dir",
+        ])
         .arg(&root)
         .output()?;
     assert!(!out.status.success());

@@ -1,0 +1,374 @@
+//! The coordinator's HTTP face (axum): an OpenAI-compatible API, Prometheus metrics and a health
+//! probe.
+//!
+//! - `POST /v1/chat/completions`, `POST /v1/completions`: unary, or streamed as Server-Sent Events
+//!   (`"stream": true`, ending with `data: [DONE]`); see [`openai`] for the mapping.
+//! - `GET /v1/models`, `GET /v1/models/{id}`: the ensemble, its strategies and each member.
+//! - `GET /metrics`: [`crate::metrics::Metrics`] in the Prometheus text format.
+//! - `GET /health`: 200 while the process serves.
+//!
+//! `/v1` requires a bearer token when API keys are configured ([`crate::auth`]); errors use OpenAI's
+//! `{"error": {...}}` shape. A W3C `traceparent` header makes the request part of the caller's trace.
+
+pub mod openai;
+mod stream;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use ensemble_proto::v1 as pb;
+use futures::StreamExt as _;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+
+use crate::chared::{CharOutcome, CharStep};
+use crate::service::{Coordinator, request_span};
+use crate::specfuse::RoundOutcome;
+use openai::{ApiError, Common};
+use stream::StreamText;
+
+#[derive(Clone)]
+struct App {
+    coordinator: Arc<Coordinator>,
+    next_id: Arc<AtomicU64>,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(self.body())).into_response()
+    }
+}
+
+/// The router over `coordinator`.
+pub fn router(coordinator: Arc<Coordinator>) -> Router {
+    let app = App {
+        coordinator,
+        next_id: Arc::new(AtomicU64::new(0)),
+    };
+    let v1 = Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(models))
+        .route("/v1/models/{id}", get(model))
+        .fallback(|| async {
+            ApiError {
+                status: StatusCode::NOT_FOUND,
+                kind: "invalid_request_error",
+                code: "unknown_url",
+                param: None,
+                message: "unknown endpoint: see /v1/chat/completions, /v1/completions, /v1/models".into(),
+            }
+        })
+        .layer(axum::middleware::from_fn_with_state(app.clone(), authenticate));
+    Router::new()
+        .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/metrics", get(metrics))
+        .merge(v1)
+        .with_state(app)
+}
+
+/// Serves [`router`] on `listener` until `shutdown` resolves (in-flight requests then finish).
+pub async fn serve(
+    coordinator: Arc<Coordinator>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(coordinator))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+async fn authenticate(State(app): State<App>, req: Request, next: Next) -> Response {
+    let auth = req.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes());
+    match app.coordinator.settings().api_keys.check(auth) {
+        Ok(()) => next.run(req).await,
+        Err(refusal) => {
+            app.coordinator.metrics().auth_failed("http");
+            tracing::info!(api = "http", reason = %refusal, "request refused");
+            let mut r = ApiError {
+                status: StatusCode::UNAUTHORIZED,
+                kind: "authentication_error",
+                code: "invalid_api_key",
+                param: None,
+                message: refusal.to_string(),
+            }
+            .into_response();
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+            r
+        }
+    }
+}
+
+async fn metrics(State(app): State<App>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        app.coordinator.metrics().render(),
+    )
+}
+
+fn model_card(id: &str, owner: &str) -> Value {
+    json!({"id": id, "object": "model", "created": 0, "owned_by": owner})
+}
+
+async fn models(State(app): State<App>) -> Json<Value> {
+    let data: Vec<Value> = openai::model_ids(&app.coordinator.node_names())
+        .iter()
+        .map(|(id, owner)| model_card(id, owner))
+        .collect();
+    Json(json!({"object": "list", "data": data}))
+}
+
+async fn model(State(app): State<App>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    openai::model_ids(&app.coordinator.node_names())
+        .iter()
+        .find(|(m, _)| *m == id)
+        .map(|(m, owner)| Json(model_card(m, owner)))
+        .ok_or_else(|| ApiError {
+            status: StatusCode::NOT_FOUND,
+            kind: "invalid_request_error",
+            code: "model_not_found",
+            param: Some("model"),
+            message: format!("model {id:?} does not exist"),
+        })
+}
+
+fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::invalid(None, format!("invalid request body: {e}")))
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Which endpoint: they differ in object names and in where the text goes.
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Chat,
+    Completion,
+}
+
+struct Call {
+    kind: Kind,
+    id: String,
+    model: String,
+    created: u64,
+    include_usage: bool,
+    prompt_chars: usize,
+}
+
+async fn chat(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    let r: openai::ChatRequest = parse(&body)?;
+    let prompt = openai::chat_prompt(r.messages)?;
+    run(app, headers, Kind::Chat, prompt, r.common).await
+}
+
+async fn completions(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    let r: openai::CompletionRequest = parse(&body)?;
+    let prompt = openai::completion_prompt(r.prompt)?;
+    run(app, headers, Kind::Completion, prompt, r.common).await
+}
+
+async fn run(
+    app: App,
+    headers: HeaderMap,
+    kind: Kind,
+    prompt: pb::Prompt,
+    c: Common,
+) -> Result<Response, ApiError> {
+    let n = app.next_id.fetch_add(1, Ordering::Relaxed);
+    let call = Call {
+        kind,
+        id: match kind {
+            Kind::Chat => format!("chatcmpl-{}-{n}", std::process::id()),
+            Kind::Completion => format!("cmpl-{}-{n}", std::process::id()),
+        },
+        model: c.model.clone(),
+        created: now(),
+        include_usage: c.stream_options.as_ref().is_some_and(|o| o.include_usage),
+        prompt_chars: openai::prompt_chars(&prompt),
+    };
+    let stream = c.stream;
+    let coordinator = app.coordinator.clone();
+    let req = openai::generate_request(
+        prompt,
+        c,
+        &coordinator.node_names(),
+        coordinator.settings().max_chars,
+    )?;
+    let span = request_span("http");
+    ensemble_proto::telemetry::set_parent(&span, &tonic::metadata::MetadataMap::from_headers(headers));
+    if stream {
+        return Ok(streamed(coordinator, span, call, req).into_response());
+    }
+    let resp = coordinator
+        .run_in(span, "http", req, &mut |_| true, &mut |_| true)
+        .await?;
+    Ok(Json(whole(&call, &resp)).into_response())
+}
+
+fn whole(call: &Call, r: &pb::GenerateResponse) -> Value {
+    let finish = openai::finish_reason(r.finish_reason());
+    let choice = match call.kind {
+        Kind::Chat => {
+            let mut message = json!({"role": "assistant", "content": r.text});
+            if !r.reasoning.is_empty() {
+                message["reasoning_content"] = json!(r.reasoning);
+            }
+            json!({"index": 0, "message": message, "logprobs": null, "finish_reason": finish})
+        }
+        Kind::Completion => json!({"index": 0, "text": r.text, "logprobs": null, "finish_reason": finish}),
+    };
+    json!({
+        "id": call.id,
+        "object": if call.kind == Kind::Chat { "chat.completion" } else { "text_completion" },
+        "created": call.created,
+        "model": call.model,
+        "choices": [choice],
+        "usage": openai::usage(call.prompt_chars, r.text.chars().count() + r.reasoning.chars().count()),
+        "ensemble": openai::ensemble_report(r),
+    })
+}
+
+impl Call {
+    fn chunk(&self, choices: Value) -> Value {
+        json!({
+            "id": self.id,
+            "object": if self.kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" },
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        })
+    }
+
+    /// Chunks for released text.
+    fn pieces(&self, (reasoning, answer): (String, String)) -> Vec<Value> {
+        let mut out = Vec::new();
+        match self.kind {
+            Kind::Chat => {
+                if !reasoning.is_empty() {
+                    out.push(self.chunk(json!([{"index": 0, "delta": {"reasoning_content": reasoning}, "finish_reason": null}])));
+                }
+                if !answer.is_empty() {
+                    out.push(
+                        self.chunk(
+                            json!([{"index": 0, "delta": {"content": answer}, "finish_reason": null}]),
+                        ),
+                    );
+                }
+            }
+            // A completion's text is the answer; its reasoning comes in the last chunk's report.
+            Kind::Completion if !answer.is_empty() => {
+                out.push(
+                    self.chunk(
+                        json!([{"index": 0, "text": answer, "logprobs": null, "finish_reason": null}]),
+                    ),
+                );
+            }
+            Kind::Completion => {}
+        }
+        out
+    }
+
+    fn last(&self, r: &pb::GenerateResponse) -> Vec<Value> {
+        let finish = openai::finish_reason(r.finish_reason());
+        let choice = match self.kind {
+            Kind::Chat => json!({"index": 0, "delta": {}, "finish_reason": finish}),
+            Kind::Completion => json!({"index": 0, "text": "", "logprobs": null, "finish_reason": finish}),
+        };
+        let mut last = self.chunk(json!([choice]));
+        last["ensemble"] = openai::ensemble_report(r);
+        let mut out = vec![last];
+        if self.include_usage {
+            let mut u = self.chunk(json!([]));
+            u["usage"] = openai::usage(
+                self.prompt_chars,
+                r.text.chars().count() + r.reasoning.chars().count(),
+            );
+            out.push(u);
+        }
+        out
+    }
+}
+
+enum Piece {
+    Text(String),
+    Done(Result<pb::GenerateResponse, tonic::Status>),
+}
+
+/// Runs the request in a task and streams its text as it is accepted. A client that goes away
+/// closes the channel: the next step's send fails and the request is cancelled.
+fn streamed(
+    coordinator: Arc<Coordinator>,
+    span: tracing::Span,
+    call: Call,
+    req: pb::GenerateRequest,
+) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Piece>();
+    let mut text = StreamText::new(req.stop.clone(), req.max_chars as usize);
+    tokio::spawn(async move {
+        let (tx_r, tx_c) = (tx.clone(), tx.clone());
+        let mut on_round = move |o: &RoundOutcome| tx_r.send(Piece::Text(o.winner.text.clone())).is_ok();
+        let mut on_char = move |c: &CharStep| match c.chosen {
+            CharOutcome::Char(ch) => tx_c.send(Piece::Text(ch.to_string())).is_ok(),
+            CharOutcome::Eos => !tx_c.is_closed(),
+        };
+        let out = coordinator
+            .run_in(span, "http", req, &mut on_round, &mut on_char)
+            .await;
+        let _ = tx.send(Piece::Done(out));
+    });
+    let mut first = call.kind == Kind::Chat;
+    let events = tokio_stream::wrappers::UnboundedReceiverStream::new(rx).flat_map(move |piece| {
+        let mut out: Vec<Value> = Vec::new();
+        if first {
+            first = false;
+            out.push(call.chunk(
+                json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]),
+            ));
+        }
+        let mut done = false;
+        match piece {
+            Piece::Text(t) => out.extend(call.pieces(text.push(&t))),
+            Piece::Done(Ok(r)) => {
+                // A strategy without steps (one node alone) streams its whole answer here.
+                let rest = if text.is_empty() {
+                    (r.reasoning.clone(), r.text.clone())
+                } else {
+                    text.finish()
+                };
+                out.extend(call.pieces(rest));
+                out.extend(call.last(&r));
+                done = true;
+            }
+            Piece::Done(Err(s)) => {
+                out.push(ApiError::from(s).body());
+                done = true;
+            }
+        }
+        let mut events: Vec<Result<Event, Infallible>> = out
+            .into_iter()
+            .map(|v| Ok(Event::default().data(v.to_string())))
+            .collect();
+        if done {
+            events.push(Ok(Event::default().data("[DONE]")));
+        }
+        futures::stream::iter(events)
+    });
+    Sse::new(events).keep_alive(KeepAlive::default())
+}
