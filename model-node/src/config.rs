@@ -99,7 +99,7 @@ pub struct ServeArgs {
     pub shutdown_grace_secs: u64,
     /// Address of the Prometheus `/metrics` endpoint (HTTP), or `off`.
     #[arg(long, env = "MODEL_NODE_METRICS_LISTEN", default_value = "0.0.0.0:9090", value_parser = listen_or_off)]
-    pub metrics_listen: Option<SocketAddr>,
+    pub metrics_listen: Listen,
     /// TLS.
     #[command(flatten)]
     pub tls: TlsArgs,
@@ -130,13 +130,17 @@ impl TlsArgs {
     }
 }
 
+/// A listen address that can be switched off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listen(pub Option<SocketAddr>);
+
 /// `HOST:PORT`, or `off` for none.
-pub fn listen_or_off(s: &str) -> Result<Option<SocketAddr>, String> {
+pub fn listen_or_off(s: &str) -> Result<Listen, String> {
     if s.eq_ignore_ascii_case("off") || s.is_empty() {
-        return Ok(None);
+        return Ok(Listen(None));
     }
     s.parse()
-        .map(Some)
+        .map(|a| Listen(Some(a)))
         .map_err(|e| format!("{s:?}: expected HOST:PORT or `off` ({e})"))
 }
 

@@ -47,7 +47,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("binding {}", args.listen))?;
-        let metrics = match args.metrics_listen {
+        let metrics = match args.metrics_listen.0 {
             Some(a) => Some(
                 tokio::net::TcpListener::bind(a)
                     .await

@@ -44,6 +44,15 @@ pub async fn start_members(
 }
 
 pub async fn start(dir: PathBuf) -> anyhow::Result<Node> {
+    let opts = model_node::server::ServeOptions {
+        grace: Duration::from_secs(1),
+        ..Default::default()
+    };
+    start_with(dir, opts).await
+}
+
+/// A node with serving options (TLS: the URL is `https://`).
+pub async fn start_with(dir: PathBuf, opts: model_node::server::ServeOptions) -> anyhow::Result<Node> {
     let args = ModelArgs {
         model_dir: dir,
         model_id: None,
@@ -61,16 +70,17 @@ pub async fn start(dir: PathBuf) -> anyhow::Result<Node> {
     };
     let loaded = model_node::node::load(&args, &limits)?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}", listener.local_addr()?);
+    let scheme = if opts.tls.is_some() { "https" } else { "http" };
+    let url = format!("{scheme}://{}", listener.local_addr()?);
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(model_node::server::run(
+    let task = tokio::spawn(model_node::server::run_with(
         listener,
         loaded,
         CharOptions::default(),
         async {
             let _ = rx.await;
         },
-        Duration::from_secs(1),
+        opts,
     ));
     Ok(Node {
         url,
@@ -107,3 +117,9 @@ pub async fn three_nodes() -> anyhow::Result<Vec<Node>> {
     }
     Ok(nodes)
 }
+
+/// Prometheus text parsing, shared with the node's tests.
+#[path = "../../../model-node/tests/common/prom.rs"]
+pub mod prom;
+#[allow(unused_imports)]
+pub use prom::{sample, samples};

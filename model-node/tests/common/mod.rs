@@ -56,6 +56,18 @@ pub struct TestNode {
 
 impl TestNode {
     pub async fn start(args: ModelArgs, limits: LimitArgs) -> anyhow::Result<Self> {
+        let opts = model_node::server::ServeOptions {
+            grace: Duration::from_secs(10),
+            ..Default::default()
+        };
+        Self::start_with(args, limits, opts).await
+    }
+
+    pub async fn start_with(
+        args: ModelArgs,
+        limits: LimitArgs,
+        opts: model_node::server::ServeOptions,
+    ) -> anyhow::Result<Self> {
         let loaded = model_node::node::load(&args, &limits)?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
@@ -63,12 +75,12 @@ impl TestNode {
         let shutdown = async {
             let _ = rx.await;
         };
-        let task = tokio::spawn(model_node::server::run(
+        let task = tokio::spawn(model_node::server::run_with(
             listener,
             loaded,
             CharOptions::default(),
             shutdown,
-            Duration::from_secs(10),
+            opts,
         ));
         Ok(Self {
             addr,
@@ -150,3 +162,7 @@ pub fn greedy(ctx: Option<pb::Context>, n: u32) -> pb::ProposeRequest {
         sampling: Some(pb::Sampling::default()),
     }
 }
+
+pub mod prom;
+#[allow(unused_imports)]
+pub use prom::sample;
