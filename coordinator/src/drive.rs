@@ -70,8 +70,8 @@ pub async fn specfuse(
             }
             let span = tracing::info_span!(
                 "round",
-                round = rounds.len() as u64 + 1,
-                active = active.len() as u64,
+                round = rounds.len() as i64 + 1,
+                active = active.len() as i64,
                 candidates = Empty,
                 winner_node = Empty,
                 winner_score = Empty,
@@ -128,13 +128,13 @@ pub async fn specfuse(
                 }
             }
             let outcome = sf.combine(&drafts, &scores)?;
-            span.record("candidates", outcome.candidates.len() as u64);
-            span.record("winner_node", outcome.winner.node as u64);
-            span.record("winner_chars", outcome.winner.text.chars().count() as u64);
+            span.record("candidates", outcome.candidates.len() as i64);
+            span.record("winner_node", outcome.winner.node as i64);
+            span.record("winner_chars", outcome.winner.text.chars().count() as i64);
             if let Some(best) = outcome.combined.iter().copied().reduce(f64::max) {
                 span.record("winner_score", best);
             }
-            span.record("exited", outcome.exited().len() as u64);
+            span.record("exited", outcome.exited().len() as i64);
             // BROADCAST the winner.
             answer.push_str(&outcome.winner.text);
             let ends = outcome.winner.ends_answer;
@@ -209,8 +209,8 @@ pub async fn chared(
             }
             let span = tracing::info_span!(
                 "char_step",
-                step = steps.len() as u64 + 1,
-                nodes = live.iter().filter(|&&l| l).count() as u64,
+                step = steps.len() as i64 + 1,
+                nodes = live.iter().filter(|&&l| l).count() as i64,
                 prob = Empty,
                 eos = Empty
             );

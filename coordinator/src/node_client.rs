@@ -78,7 +78,7 @@ macro_rules! call_with_context {
             request.set_timeout($self.deadline);
             ensemble_proto::telemetry::inject(&span, request.metadata_mut());
             span.record("full_context", full);
-            span.record("retries", attempts);
+            span.record("retries", i64::from(attempts));
             let outcome = tokio::time::timeout($self.deadline, $self.client.$method(request)).await;
             match outcome {
                 Err(_) => {

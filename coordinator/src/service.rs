@@ -267,7 +267,7 @@ impl Coordinator {
         };
         let label = if known { strategy.as_str() } else { "invalid" };
         span.record("strategy", label);
-        span.record("max_chars", r.max_chars);
+        span.record("max_chars", i64::from(r.max_chars));
         let names = self.node_names();
         let metrics = &self.metrics;
         // (first text seen yet, when the previous step ended): shared by the two step callbacks.
@@ -302,8 +302,8 @@ impl Coordinator {
             .map_or(0, |r| r.text.chars().count() + r.reasoning.chars().count());
         span.record("code", ensemble_proto::status_name(code));
         if let Ok(resp) = &out {
-            span.record("chars", chars as u64);
-            span.record("steps", resp.steps);
+            span.record("chars", chars as i64);
+            span.record("steps", i64::from(resp.steps));
             span.record("finish", resp.finish_reason().as_str_name());
             for n in &resp.failed_nodes {
                 metrics.node_failed(n);

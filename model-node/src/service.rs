@@ -52,7 +52,7 @@ impl NodeService {
         r: Result<Response<T>, Status>,
     ) -> Result<Response<T>, Status> {
         let code = r.as_ref().map_or_else(|s| s.code(), |_| tonic::Code::Ok);
-        span.record("code", code as i32 as i64);
+        span.record("code", ensemble_proto::status_name(code));
         self.metrics.rpc(rpc, code, started.elapsed());
         r
     }
@@ -70,9 +70,9 @@ fn usage(u: &Usage) -> pb::Usage {
 }
 
 fn record(span: &Span, u: &Usage) {
-    span.record("context_tokens", u.context_tokens as u64);
-    span.record("computed_positions", u.computed_positions as u64);
-    span.record("forward_passes", u.forward_passes as u64);
+    span.record("context_tokens", u.context_tokens as i64);
+    span.record("computed_positions", u.computed_positions as i64);
+    span.record("forward_passes", u.forward_passes as i64);
     span.record("queue_ms", u.queue_ms);
     span.record("compute_ms", u.compute_ms);
 }
@@ -137,7 +137,7 @@ impl ModelNode for NodeService {
                 return Err(unexpected());
             };
             record(&span, &p.usage);
-            span.record("items", p.token_logprobs.len() as u64);
+            span.record("items", p.token_logprobs.len() as i64);
             self.metrics.usage("ProposeSegment", &p.usage);
             self.metrics.drafted(p.token_logprobs.len(), p.usage.compute_ms);
             let finish = match p.finish {
@@ -165,7 +165,7 @@ impl ModelNode for NodeService {
         let span = span_for(rpc_span!("ScoreCandidates"), &req);
         let r = async {
             let (ctx, cands) = validate::score(req.into_inner())?;
-            span.record("items", cands.len() as u64);
+            span.record("items", cands.len() as i64);
             let Reply::Scores(s) = run(&self.engine, Job::Score(ctx, cands), &span).await? else {
                 return Err(unexpected());
             };
@@ -204,7 +204,7 @@ impl ModelNode for NodeService {
                 return Err(unexpected());
             };
             record(&span, &c.usage);
-            span.record("items", c.hypotheses as u64);
+            span.record("items", c.hypotheses as i64);
             self.metrics.usage("NextCharDistribution", &c.usage);
             Ok(Response::new(pb::NextCharResponse {
                 chars: c

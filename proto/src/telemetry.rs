@@ -10,6 +10,9 @@
 //!
 //! The trace context crosses every gRPC hop as W3C `traceparent` / `tracestate` metadata: the
 //! coordinator [`inject`]s it into each node call, the node [`set_parent`]s its RPC span from it.
+//!
+//! Numeric span fields are recorded as `i64` (or `f64`): OpenTelemetry has no unsigned integers,
+//! and the bridge exports a `u64` field as a string.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
