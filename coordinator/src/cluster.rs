@@ -23,6 +23,7 @@ pub type ClusterError = String;
 pub struct LocalCluster {
     nodes: Vec<(String, Child)>,
     url: String,
+    http_url: Option<String>,
     logs: PathBuf,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<()>>,
@@ -51,8 +52,14 @@ fn listen_addr(url: &str) -> Option<SocketAddr> {
 
 impl LocalCluster {
     /// Starts every node of `file` that has a `model_dir` (relative paths are relative to the config
-    /// file's directory `base`) and the coordinator on `listen` (port 0: any free port).
-    pub async fn start(file: &FileConfig, base: &Path, listen: SocketAddr) -> Result<Self, ClusterError> {
+    /// file's directory `base`) and the coordinator on `listen` (port 0: any free port), with its
+    /// HTTP face on `http` when given.
+    pub async fn start(
+        file: &FileConfig,
+        base: &Path,
+        listen: SocketAddr,
+        http: Option<SocketAddr>,
+    ) -> Result<Self, ClusterError> {
         let settings = Settings::from_file(file).map_err(|e| format!("invalid configuration: {e}"))?;
         let bin = model_node_binary()?;
         let logs = std::env::temp_dir().join(format!("ensemble-up-{}", std::process::id()));
@@ -60,6 +67,7 @@ impl LocalCluster {
         let mut cluster = Self {
             nodes: Vec::new(),
             url: String::new(),
+            http_url: None,
             logs: logs.clone(),
             stop: None,
             server: None,
@@ -116,12 +124,28 @@ impl LocalCluster {
             .map_err(|e| format!("binding {listen}: {e}"))?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
         cluster.url = format!("http://{addr}");
+        let http = match http {
+            Some(a) => {
+                let l = tokio::net::TcpListener::bind(a)
+                    .await
+                    .map_err(|e| format!("binding the HTTP API {a}: {e}"))?;
+                cluster.http_url = Some(format!("http://{}", l.local_addr().map_err(|e| e.to_string())?));
+                Some(l)
+            }
+            None => None,
+        };
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         cluster.stop = Some(tx);
+        let opts = crate::server::ServeOptions { tls: None, http };
         cluster.server = Some(tokio::spawn(async move {
-            if let Err(e) = crate::server::serve(coordinator, listener, async {
-                let _ = rx.await;
-            })
+            if let Err(e) = crate::server::serve_with(
+                coordinator,
+                listener,
+                async {
+                    let _ = rx.await;
+                },
+                opts,
+            )
             .await
             {
                 tracing::error!(error = %e, "coordinator stopped");
@@ -184,6 +208,11 @@ impl LocalCluster {
     /// The coordinator's URL.
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// The HTTP API's URL, when served.
+    pub fn http_url(&self) -> Option<&str> {
+        self.http_url.as_deref()
     }
 
     /// Where the nodes' logs are.

@@ -109,14 +109,18 @@ fn load_config(path: &Path) -> anyhow::Result<(FileConfig, PathBuf)> {
     Ok((file, base))
 }
 
-async fn start_local(config: &Path, listen: SocketAddr) -> anyhow::Result<LocalCluster> {
+async fn start_local(
+    config: &Path,
+    listen: SocketAddr,
+    http: Option<SocketAddr>,
+) -> anyhow::Result<LocalCluster> {
     let (file, base) = load_config(config)?;
     eprintln!(
         "starting {} model nodes from {} ...",
         file.nodes.iter().filter(|n| n.model_dir.is_some()).count(),
         config.display()
     );
-    let cluster = LocalCluster::start(&file, &base, listen)
+    let cluster = LocalCluster::start(&file, &base, listen, http)
         .await
         .map_err(anyhow::Error::msg)?;
     eprintln!(
@@ -124,6 +128,9 @@ async fn start_local(config: &Path, listen: SocketAddr) -> anyhow::Result<LocalC
         cluster.url(),
         cluster.logs().display()
     );
+    if let Some(h) = cluster.http_url() {
+        eprintln!("  OpenAI-compatible API {h}/v1, metrics {h}/metrics");
+    }
     Ok(cluster)
 }
 
@@ -133,7 +140,7 @@ async fn with_target<T>(
     f: impl AsyncFnOnce(EnsembleClient<Channel>) -> anyhow::Result<T>,
 ) -> anyhow::Result<T> {
     let cluster = if target.local {
-        Some(start_local(&target.config, SocketAddr::from(([127, 0, 0, 1], 0))).await?)
+        Some(start_local(&target.config, SocketAddr::from(([127, 0, 0, 1], 0)), None).await?)
     } else {
         None
     };
@@ -358,7 +365,9 @@ fn main() -> anyhow::Result<()> {
                 let listen = file
                     .listen
                     .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 50050)));
-                let cluster = start_local(&config, listen).await?;
+                let http = coordinator::config::listen_or_off(file.http_listen.as_deref().unwrap_or("off"))
+                    .map_err(anyhow::Error::msg)?;
+                let cluster = start_local(&config, listen, http).await?;
                 for (name, pid) in cluster.nodes() {
                     eprintln!(
                         "  node {name} (pid {})",
