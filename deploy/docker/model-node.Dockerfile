@@ -24,7 +24,7 @@ LABEL org.opencontainers.image.title="ensemble model-node" \
       org.opencontainers.image.description="Serves one HuggingFace model over gRPC (CPU); mount the model read-only at /models" \
       org.opencontainers.image.licenses="Apache-2.0"
 USER 10001:10001
-EXPOSE 50051
+EXPOSE 50051 9090
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["model-node"]
 CMD ["serve"]

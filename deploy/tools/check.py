@@ -42,7 +42,8 @@ CHART = DEPLOY / "helm" / "ensemble"
 KUBE_VERSIONS = ["1.30.0", "1.37.0"]  # oldest supported (preStop sleep, grpc probes) and newest known
 RELEASE = "ensemble"
 NAMESPACE = "ensemble"
-EXAMPLES = ["three-models.yaml", "bundled-cpu.yaml"]
+# Values files rendered and checked; "a+b" is `-f a -f b`.
+EXAMPLES = ["three-models.yaml", "bundled-cpu.yaml", "bundled-cpu.yaml+secure.yaml"]
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$")
 
@@ -165,12 +166,12 @@ DOCKERFILES = {
     "model-node.Dockerfile": {
         "build": "rust:1.95-bookworm", "runtime": "debian:bookworm-slim",
         "cargo": ["cargo build", "--release", "--workspace", "--locked"],
-        "ports": {"50051"}, "entrypoint": ["model-node"],
+        "ports": {"50051", "9090"}, "entrypoint": ["model-node"],
     },
     "model-node-cuda.Dockerfile": {
         "build": "nvidia/cuda:12.4.1-devel-ubuntu22.04", "runtime": "nvidia/cuda:12.4.1-runtime-ubuntu22.04",
         "cargo": ["cargo build", "--release", "-p model-node", "--features cuda", "--locked"],
-        "ports": {"50051"}, "entrypoint": ["model-node"],
+        "ports": {"50051", "9090"}, "entrypoint": ["model-node"],
     },
     "coordinator.Dockerfile": {
         "build": "rust:1.95-bookworm", "runtime": "debian:bookworm-slim",
@@ -302,9 +303,16 @@ def pod_problems(kind: str, name: str, pod: dict[str, Any]) -> list[str]:
     return bad
 
 
-def probe_problems(where: str, c: dict[str, Any], port: int, service: str, probes: list[str]) -> list[str]:
+def probe_problems(where: str, c: dict[str, Any], port: int, service: str, probes: list[str],
+                   http_port: str | None = None) -> list[str]:
+    """gRPC health probes; with `http_port` (TLS on the gRPC port), /health on that named port."""
     bad = []
     for p in probes:
+        if http_port:
+            h = c.get(p, {}).get("httpGet", {})
+            if h.get("path") != "/health" or h.get("port") != http_port:
+                bad.append(f"{where}: {p} is not /health on port {http_port} (gRPC port speaks TLS): {c.get(p)}")
+            continue
         g = c.get(p, {}).get("grpc")
         if not g:
             bad.append(f"{where}: {p} is not a gRPC probe")
@@ -323,8 +331,19 @@ def merged_models(values: dict[str, Any]) -> list[dict[str, Any]]:
     return [{**defaults, "modelId": m["name"], "weight": 1.0, **m} for m in values["models"]]
 
 
+def secret_mount(pod: dict[str, Any], c: dict[str, Any], path: str, secret: str) -> bool:
+    """Whether `path` is a read-only mount of Secret `secret`."""
+    vm = next((m for m in c["volumeMounts"] if m["mountPath"] == path), None)
+    vol = next((v for v in pod["volumes"] if vm and v["name"] == vm["name"]), {})
+    return bool(vm and vm.get("readOnly") and vol.get("secret", {}).get("secretName") == secret)
+
+
 def check_render(r: Report, f: Facts, example: str) -> dict[str, Any] | None:
-    values = chart_render.load_values([DEPLOY / "examples" / example])
+    values = chart_render.load_values([DEPLOY / "examples" / e for e in example.split("+")])
+    tls = values.get("tls", {}).get("secretName", "")
+    grpc_tls = values.get("coordinator", {}).get("tlsSecretName", "")
+    api_keys = values.get("apiKeys", {}).get("secretName", "")
+    otel = values.get("otel", {}).get("endpoint", "")
     rendered = chart_render.render(values, release=RELEASE, namespace=NAMESPACE)
     objs = docs_of(rendered)
     r.check(f"{example}: renders ({len(objs)} objects)", len(objs) > 0)
@@ -377,7 +396,22 @@ def check_render(r: Report, f: Facts, example: str) -> dict[str, Any] | None:
             problems.append(f"{n}: ports: container {ports}, MODEL_NODE_LISTEN {listen_port}, Service "
                             f"{svc['spec']['ports']}")
         problems += probe_problems(n, c, ports.get("grpc", -1), f.node_health or "",
-                                   ["startupProbe", "readinessProbe", "livenessProbe"])
+                                   ["startupProbe", "readinessProbe", "livenessProbe"],
+                                   "metrics" if tls else None)
+        metrics_port = int(env.get("MODEL_NODE_METRICS_LISTEN", ":0").rsplit(":", 1)[1])
+        svc_metrics = {p["name"]: p for p in svc["spec"]["ports"]}.get("metrics", {})
+        if not (ports.get("metrics") == metrics_port and svc_metrics.get("targetPort") == "metrics"):
+            problems.append(f"{n}: metrics port: container {ports}, MODEL_NODE_METRICS_LISTEN {metrics_port}")
+        if tls:
+            want = {"MODEL_NODE_TLS_CERT": "tls.crt", "MODEL_NODE_TLS_KEY": "tls.key", "MODEL_NODE_TLS_CLIENT_CA": "ca.crt"}
+            dirs = {str(Path(env.get(k, "/")).parent) for k in want}
+            if any(Path(env.get(k, "")).name != v for k, v in want.items()) or len(dirs) != 1 \
+                    or not secret_mount(pod, c, dirs.pop(), tls):
+                problems.append(f"{n}: TLS files are not the Secret {tls} mounted read-only: {env}")
+        elif any(k.startswith("MODEL_NODE_TLS_") for k in env):
+            problems.append(f"{n}: TLS variables without tls.secretName")
+        if bool(otel) != (env.get("OTEL_EXPORTER_OTLP_ENDPOINT") == otel and env.get("OTEL_SERVICE_NAME") == n):
+            problems.append(f"{n}: OTEL_EXPORTER_OTLP_ENDPOINT / OTEL_SERVICE_NAME {env}")
         grace = int(env.get("MODEL_NODE_SHUTDOWN_GRACE_SECS", f.node_grace or 0))
         pre = c.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
         if pod["terminationGracePeriodSeconds"] < pre + grace + 5:
@@ -435,8 +469,9 @@ def check_render(r: Report, f: Facts, example: str) -> dict[str, Any] | None:
     for node, m in zip(cfg.get("nodes", []), models):
         want_host = f"{prefix}-node-{m['name']}.{NAMESPACE}.svc.cluster.local"
         hs = by.get(("Service", f"{prefix}-node-{m['name']}"))
-        u = re.match(r"^http://([^:/]+):(\d+)$", node.get("url", ""))
-        if not (u and u.group(1) == want_host and hs and int(u.group(2)) == hs["spec"]["ports"][0]["port"]):
+        u = re.match(r"^(https?)://([^:/]+):(\d+)$", node.get("url", ""))
+        if not (u and u.group(1) == ("https" if tls else "http") and u.group(2) == want_host and hs
+                and int(u.group(3)) == hs["spec"]["ports"][0]["port"]):
             problems.append(f"node {m['name']}: url {node.get('url')} is not its headless Service {want_host}")
         if node.get("discovery") != "dns" or node.get("dns_refresh_ms", 0) <= 0:
             problems.append(f"node {m['name']}: discovery {node.get('discovery')}, refresh {node.get('dns_refresh_ms')}")
@@ -462,7 +497,27 @@ def check_render(r: Report, f: Facts, example: str) -> dict[str, Any] | None:
     if not (ports.get("grpc") == listen == f.coord_port and "http" in ports
             and svc_ports.get("grpc", (0, ""))[1] == "grpc" and svc_ports.get("http", (0, ""))[1] == "http"):
         problems.append(f"{cn}: ports: container {ports}, listen {listen}, Service {svc_ports}")
-    problems += probe_problems(cn, c, ports.get("grpc", -1), f.coord_health or "", ["readinessProbe", "livenessProbe"])
+    problems += probe_problems(cn, c, ports.get("grpc", -1), f.coord_health or "", ["readinessProbe", "livenessProbe"],
+                               "http" if grpc_tls else None)
+    if int(str(cfg.get("http_listen", ":0")).rsplit(":", 1)[1]) != ports.get("http"):
+        problems.append(f"{cn}: http_listen {cfg.get('http_listen')} is not the container's http port {ports}")
+    nt = cfg.get("node_tls")
+    if tls:
+        if not (nt and {"ca", "cert", "key", "domain"} <= set(nt) and nt["domain"] == values["tls"]["serverName"]
+                and len({str(Path(nt[k]).parent) for k in ("ca", "cert", "key")}) == 1
+                and secret_mount(pod, c, str(Path(nt["ca"]).parent), tls)):
+            problems.append(f"{cn}: [node_tls] {nt} is not the Secret {tls} mounted read-only")
+    elif nt:
+        problems.append(f"{cn}: [node_tls] without tls.secretName")
+    st = cfg.get("tls")
+    if grpc_tls and not (st and secret_mount(pod, c, str(Path(st.get("cert", "/")).parent), grpc_tls)):
+        problems.append(f"{cn}: [tls] {st} is not the Secret {grpc_tls} mounted read-only")
+    keyfile = cfg.get("api_key_file")
+    if api_keys and not (keyfile and secret_mount(pod, c, str(Path(keyfile).parent), api_keys)
+                         and Path(keyfile).name == "api-keys"):
+        problems.append(f"{cn}: api_key_file {keyfile} is not key api-keys of the Secret {api_keys}")
+    if bool(otel) != (env.get("OTEL_EXPORTER_OTLP_ENDPOINT") == otel and env.get("OTEL_SERVICE_NAME") == cn):
+        problems.append(f"{cn}: OTEL_EXPORTER_OTLP_ENDPOINT / OTEL_SERVICE_NAME {env}")
     if dep["spec"]["strategy"]["rollingUpdate"] != {"maxUnavailable": 0, "maxSurge": 1}:
         problems.append(f"{cn}: rollingUpdate {dep['spec']['strategy']['rollingUpdate']}")
     sel = dep["spec"]["selector"]["matchLabels"]

@@ -193,13 +193,16 @@ impl NodeMetrics {
     }
 }
 
-/// Serves `GET /metrics` (and `GET /health`, always 200 while the process runs) on `listener` until
-/// `shutdown` resolves.
+/// Serves `GET /metrics` and `GET /health` on `listener` until `shutdown` resolves. `/health` is the
+/// HTTP twin of `grpc.health.v1` for probes that cannot speak gRPC over TLS: 200 `SERVING` while
+/// `serving` is set, 503 `NOT_SERVING` once the drain has started.
 pub async fn serve(
     metrics: Arc<NodeMetrics>,
+    serving: Arc<std::sync::atomic::AtomicBool>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    use axum::http::StatusCode;
     use axum::routing::get;
     let app = axum::Router::new()
         .route(
@@ -217,6 +220,15 @@ pub async fn serve(
                 }
             }),
         )
-        .route("/health", get(|| async { "ok" }));
+        .route(
+            "/health",
+            get(move || async move {
+                if serving.load(Ordering::Relaxed) {
+                    (StatusCode::OK, "SERVING")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "NOT_SERVING")
+                }
+            }),
+        );
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await
 }

@@ -4,6 +4,8 @@
 //! stops.
 
 use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use ensemble_proto::v1::model_node_server::ModelNodeServer;
@@ -79,14 +81,16 @@ pub async fn run_with(
 
     let service = NodeService::new(engine, node.info, char_defaults);
     let (metrics_stop, metrics_stopped) = tokio::sync::watch::channel(false);
+    let serving = Arc::new(AtomicBool::new(true));
     if let Some(l) = opts.metrics {
         let m = service.metrics().clone();
+        let serving = serving.clone();
         let mut stopped = metrics_stopped.clone();
         tokio::spawn(async move {
             let stop = async move {
                 let _ = stopped.wait_for(|s| *s).await;
             };
-            if let Err(e) = crate::metrics::serve(m, l, stop).await {
+            if let Err(e) = crate::metrics::serve(m, serving, l, stop).await {
                 tracing::error!(error = %e, "metrics endpoint stopped");
             }
         });
@@ -98,9 +102,11 @@ pub async fn run_with(
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
     let (force_tx, force_rx) = tokio::sync::oneshot::channel::<()>();
     let reporter = health.clone();
+    let draining = serving.clone();
     tokio::spawn(async move {
         shutdown.await;
         tracing::info!("shutdown requested: health NOT_SERVING, draining in-flight calls");
+        draining.store(false, Ordering::Relaxed);
         reporter.set_not_serving::<ModelNodeServer<NodeService>>().await;
         reporter.set_service_status("", ServingStatus::NotServing).await;
         let _ = drain_tx.send(());

@@ -78,6 +78,10 @@ listen = {{ printf "0.0.0.0:%d" (int $c.grpcPort) | toJson }}
 deadline_ms = {{ int64 $c.deadlineMs }}
 retries = {{ int64 $c.retries }}
 default_strategy = {{ $c.defaultStrategy | toJson }}
+http_listen = {{ printf "0.0.0.0:%d" (int $c.httpPort) | toJson }}
+{{- if .Values.apiKeys.secretName }}
+api_key_file = "/etc/ensemble/api-keys/api-keys"
+{{- end }}
 {{- if $c.maxChars }}
 max_chars = {{ int64 $c.maxChars }}
 {{- end }}
@@ -95,13 +99,62 @@ max_chars = {{ int64 $c.maxChars }}
 {{ $k }} = {{ include "ensemble.tomlValue" $v }}
 {{- end }}
 {{- end }}
+{{- if $c.tlsSecretName }}
+
+[tls]
+cert = "/etc/ensemble/tls/tls.crt"
+key = "/etc/ensemble/tls/tls.key"
+{{- end }}
+{{- if .Values.tls.secretName }}
+
+[node_tls]
+ca = "/etc/ensemble/node-tls/ca.crt"
+cert = "/etc/ensemble/node-tls/tls.crt"
+key = "/etc/ensemble/node-tls/tls.key"
+domain = {{ .Values.tls.serverName | toJson }}
+{{- end }}
+{{- $scheme := ternary "https" "http" (not (empty .Values.tls.secretName)) }}
 {{- range $m := $models }}
 
 [[nodes]]
 name = {{ $m.name | toJson }}
-url = {{ printf "http://%s.%s.svc.%s:50051" (include "ensemble.nodeName" (list $ $m.name)) $.Release.Namespace $.Values.clusterDomain | toJson }}
+url = {{ printf "%s://%s.%s.svc.%s:50051" $scheme (include "ensemble.nodeName" (list $ $m.name)) $.Release.Namespace $.Values.clusterDomain | toJson }}
 weight = {{ include "ensemble.tomlFloat" $m.weight }}
 discovery = "dns"
 dns_refresh_ms = {{ int64 $c.dnsRefreshMs }}
 {{- end }}
 {{ end -}}
+
+{{- /* A node probe: grpc.health.v1 on the gRPC port, or /health on the metrics port when the gRPC
+port speaks TLS (kubelet gRPC probes cannot). Args: (list TLS-SECRET SERVICE). */ -}}
+{{- define "ensemble.nodeProbe" -}}
+{{- $tls := index . 0 -}}
+{{- $service := index . 1 -}}
+{{- if $tls -}}
+httpGet:
+  path: /health
+  port: metrics
+{{- else -}}
+grpc:
+  port: 50051
+  {{- with $service }}
+  service: {{ . }}
+  {{- end }}
+{{- end -}}
+{{- end }}
+
+{{- /* OTEL_* environment of a pod when traces are on. Args: (list ROOT SERVICE-NAME). */ -}}
+{{- define "ensemble.otelEnv" -}}
+{{- $root := index . 0 -}}
+{{- $o := $root.Values.otel -}}
+{{- if $o.endpoint -}}
+- name: OTEL_EXPORTER_OTLP_ENDPOINT
+  value: {{ $o.endpoint | quote }}
+- name: OTEL_SERVICE_NAME
+  value: {{ index . 1 | quote }}
+{{- range $k, $v := $o.env }}
+- name: {{ $k }}
+  value: {{ $v | toString | quote }}
+{{- end }}
+{{- end -}}
+{{- end }}
