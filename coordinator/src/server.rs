@@ -47,18 +47,21 @@ pub async fn serve_with(
         builder = builder.tls_config(tls.config()?)?;
     }
     let (http_stop, http_stopped) = tokio::sync::watch::channel(false);
+    let http_stop = Arc::new(http_stop);
+    let mut http_task = None;
     if let Some(l) = opts.http {
         let c = coordinator.clone();
         let mut stopped = http_stopped.clone();
-        tokio::spawn(async move {
+        http_task = Some(tokio::spawn(async move {
             let stop = async move {
                 let _ = stopped.wait_for(|s| *s).await;
             };
             if let Err(e) = crate::http::serve(c, l, stop).await {
                 tracing::error!(error = %e, "HTTP API stopped");
             }
-        });
+        }));
     }
+    let http_stop_on_drain = http_stop.clone();
     let keys = coordinator.settings().api_keys.clone();
     let metrics = coordinator.metrics().clone();
     let check = move |req: tonic::Request<()>| {
@@ -105,11 +108,20 @@ pub async fn serve_with(
                     .set_service_status("", tonic_health::ServingStatus::NotServing)
                     .await;
                 let _ = draining_tx.send(());
-                let _ = http_stop.send(true);
+                let _ = http_stop_on_drain.send(true);
             },
         );
+    // Both faces drain: the gRPC server finishes its requests, the HTTP server its own.
+    let both = async {
+        let r = server.await;
+        let _ = http_stop.send(true);
+        if let Some(h) = http_task {
+            let _ = h.await;
+        }
+        r
+    };
     tokio::select! {
-        r = server => r?,
+        r = both => r?,
         _ = async {
             if draining_rx.await.is_ok() {
                 tokio::time::sleep(DRAIN_GRACE).await;

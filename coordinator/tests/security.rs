@@ -214,14 +214,10 @@ async fn the_coordinator_serves_tls_and_refuses_wrong_tokens() -> anyhow::Result
     Ok(())
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn no_key_appears_in_the_coordinators_logs() -> anyhow::Result<()> {
     let node = common::start(tiny_dir("logs")?).await?;
-    let (grpc, http) = (free_port()?, free_port()?);
+    let (grpc, http) = (common::free_port()?, common::free_port()?);
     let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_coordinator"))
         .args(["serve", "--node", &format!("a={}", node.url)])
         .args([

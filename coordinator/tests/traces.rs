@@ -19,7 +19,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
-use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+use opentelemetry_proto::tonic::common::v1::{KeyValue, any_value};
 use opentelemetry_proto::tonic::trace::v1::Span;
 
 /// What the receiver got: (service.name, span).
@@ -70,15 +70,8 @@ fn attr(kvs: &[KeyValue], key: &str) -> Option<Attr> {
     Some(match &v.value {
         Some(any_value::Value::IntValue(i)) => Attr::Int(*i),
         Some(any_value::Value::StringValue(s)) => Attr::Str(s.clone()),
-        _ => {
-            let _ = AnyValue::default();
-            Attr::Other
-        }
+        _ => Attr::Other,
     })
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 fn model_node_binary() -> anyhow::Result<PathBuf> {
@@ -122,20 +115,10 @@ async fn one_request_is_one_trace_across_the_coordinator_and_every_node() -> any
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
 
-    let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("traces-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&root);
     let mut children = Vec::new();
     let mut members = Vec::new();
-    for (i, (arch, kind)) in [
-        ("llama", "byte_level"),
-        ("qwen2", "sentencepiece"),
-        ("phi3", "char"),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let dir = model_node::fixtures::tiny_model_dir(&root, arch, kind, 40 + i as u64)?;
-        let port = free_port()?;
+    for (i, dir) in common::three_model_dirs()?.into_iter().enumerate() {
+        let port = common::free_port()?;
         let mut cmd = tokio::process::Command::new(model_node_binary()?);
         cmd.arg("serve").arg("--model-dir").arg(&dir).args([
             "--listen",
@@ -147,7 +130,7 @@ async fn one_request_is_one_trace_across_the_coordinator_and_every_node() -> any
         children.push(cmd.spawn()?);
         members.push(format!("n{i}=http://127.0.0.1:{port}"));
     }
-    let port = free_port()?;
+    let port = common::free_port()?;
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_coordinator"));
     cmd.args(["serve", "--node", &members.join(",")]).args([
         "--listen",

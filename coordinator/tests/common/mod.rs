@@ -89,33 +89,44 @@ pub async fn start_with(dir: PathBuf, opts: model_node::server::ServeOptions) ->
     })
 }
 
-pub async fn three_nodes() -> anyhow::Result<Vec<Node>> {
-    // One directory per call: the tests of one binary run in parallel, and a shared directory that
-    // one test rewrites while another loads it is a race.
+/// Three tiny models with different tokenizers (byte-level BPE Llama, SentencePiece Qwen2,
+/// character-level Phi-3), written to a fresh directory per call: the tests of one binary run in
+/// parallel, and a shared directory that one test rewrites while another loads it is a race.
+pub fn three_model_dirs() -> anyhow::Result<Vec<PathBuf>> {
     static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("sf-{}-{call}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
-    let mut nodes = Vec::new();
-    for (i, (arch, kind)) in [
+    [
         ("llama", "byte_level"),
         ("qwen2", "sentencepiece"),
         ("phi3", "char"),
     ]
     .into_iter()
     .enumerate()
-    {
-        nodes.push(
-            start(model_node::fixtures::tiny_model_dir(
-                &root,
-                arch,
-                kind,
-                30 + i as u64,
-            )?)
-            .await?,
-        );
+    .map(|(i, (arch, kind))| {
+        Ok(model_node::fixtures::tiny_model_dir(
+            &root,
+            arch,
+            kind,
+            30 + i as u64,
+        )?)
+    })
+    .collect()
+}
+
+/// A node on each of [`three_model_dirs`].
+pub async fn three_nodes() -> anyhow::Result<Vec<Node>> {
+    let mut nodes = Vec::new();
+    for dir in three_model_dirs()? {
+        nodes.push(start(dir).await?);
     }
     Ok(nodes)
+}
+
+/// A port that was free a moment ago (for child processes that take an address, not a listener).
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// Prometheus text parsing, shared with the node's tests.
