@@ -250,18 +250,14 @@ async fn errors_have_openai_shape_and_metrics_count_exactly() -> anyhow::Result<
         "{t}"
     );
     // A value the coordinator refuses: its gRPC INVALID_ARGUMENT becomes a 400 with its message.
-    let (s, t) = post(
-        &api,
-        "/v1/completions",
-        json!({"model": "ensemble", "prompt": "x", "max_tokens": 0}),
-        None,
-    )
-    .await?;
+    let body = json!({"model": "ensemble", "prompt": "x", "ensemble": {"specfuse": {"exit_tau": -1.0}}});
+    let (s, t) = post(&api, "/v1/completions", body, None).await?;
     assert_eq!(s, 400);
-    assert!(
-        err(&t)?["message"].as_str().unwrap_or("").contains("max_chars"),
-        "{t}"
-    );
+    assert!(err(&t)?["message"].as_str().unwrap_or("").contains("tau"), "{t}");
+    // A stream with a bad limit fails before it starts, as a plain 400.
+    let body = json!({"model": "ensemble", "prompt": "x", "max_tokens": 0, "stream": true});
+    let (s, t) = post(&api, "/v1/completions", body, None).await?;
+    assert_eq!((s, err(&t)?["param"].clone()), (400, json!("max_tokens")));
 
     // Metrics: two SpecFuse requests without exit; every active node proposes once per round.
     let mut rounds = 0.0;
@@ -286,7 +282,7 @@ async fn errors_have_openai_shape_and_metrics_count_exactly() -> anyhow::Result<
             &[("strategy", "specfuse"), ("code", "INVALID_ARGUMENT")]
         ),
         Some(1.0),
-        "the max_tokens = 0 request"
+        "the exit_tau = -1 request"
     );
     assert_eq!(
         common::sample(&text, "ensemble_requests_in_flight", &[]),

@@ -196,6 +196,18 @@ pub fn model_ids(nodes: &[String]) -> Vec<(String, &'static str)> {
 /// The strategy `model` names (an explicit `ensemble.strategy` wins); `""` is the default one.
 fn strategy_for(model: &str, ext: &Extension, nodes: &[String]) -> Result<String, ApiError> {
     if let Some(s) = &ext.strategy {
+        let known = matches!(s.as_str(), "specfuse" | "chared")
+            || s.strip_prefix("single:")
+                .is_some_and(|n| nodes.iter().any(|m| m == n));
+        if !known {
+            return Err(ApiError::invalid(
+                Some("ensemble.strategy"),
+                format!(
+                    "unknown strategy {s:?}: use \"specfuse\", \"chared\" or \"single:NAME\" with NAME one of {}",
+                    nodes.join(", ")
+                ),
+            ));
+        }
         return Ok(s.clone());
     }
     match model {
@@ -305,6 +317,23 @@ pub fn generate_request(
         .or(c.max_completion_tokens)
         .or(c.max_tokens)
         .unwrap_or(default_max_chars);
+    // Checked here as well as by the coordinator, so that a stream fails with a 400 before it starts.
+    if !(1..=crate::service::MAX_CHARS).contains(&max_chars) {
+        return Err(ApiError::invalid(
+            Some("max_tokens"),
+            format!(
+                "max_tokens (characters) must be in 1..={}, got {max_chars}",
+                crate::service::MAX_CHARS
+            ),
+        ));
+    }
+    let stop = c.stop.map(OneOrMany::into_vec).unwrap_or_default();
+    if stop.len() > 16 || stop.iter().any(String::is_empty) {
+        return Err(ApiError::invalid(
+            Some("stop"),
+            "stop: at most 16 non-empty strings",
+        ));
+    }
     if let Some(t) = c.temperature.filter(|t| !(0.0..=2.0).contains(t)) {
         return Err(ApiError::invalid(
             Some("temperature"),
@@ -326,7 +355,7 @@ pub fn generate_request(
         prompt: Some(prompt),
         strategy,
         max_chars,
-        stop: c.stop.map(OneOrMany::into_vec).unwrap_or_default(),
+        stop,
         specfuse: c.ensemble.specfuse,
         chared: Some(chared),
         sampling: Some(sampling),
@@ -429,6 +458,20 @@ mod tests {
         .expect_err("n");
         assert_eq!(e.param, Some("n"));
         assert!(serde_json::from_value::<Common>(json!({"model": "x", "ensemble": {"segment": 1}})).is_err());
+        let refused = |body: Value| {
+            generate_request(p.clone(), common(body), &nodes, 256)
+                .expect_err("refused")
+                .param
+        };
+        assert_eq!(
+            refused(json!({"model": "ensemble", "max_tokens": 0})),
+            Some("max_tokens")
+        );
+        assert_eq!(refused(json!({"model": "ensemble", "stop": [""]})), Some("stop"));
+        assert_eq!(
+            refused(json!({"model": "ensemble", "ensemble": {"strategy": "single:gpt"}})),
+            Some("ensemble.strategy")
+        );
         assert!(completion_prompt(OneOrMany::Many(vec![])).is_err());
     }
 
