@@ -210,6 +210,81 @@ async fn the_coordinator_serves_tls_and_refuses_wrong_tokens() -> anyhow::Result
         h.into_inner().status,
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
+    // The CLI reaches it with the CA and the key, and says why when the key is wrong.
+    let cli = |key: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_ensemble"))
+            .args(["nodes", "--coordinator", &url, "--api-key", key])
+            .arg("--ca-cert")
+            .arg(&pki.ca)
+            .output()
+    };
+    let ok = cli("right-token")?;
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let refused = cli("wrong-token")?;
+    let err = String::from_utf8_lossy(&refused.stderr).into_owned();
+    assert!(
+        !refused.status.success() && err.contains("invalid API key"),
+        "{err}"
+    );
+    let _ = stop.send(());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_coordinator_with_a_client_ca_requires_client_certificates() -> anyhow::Result<()> {
+    let pki = pki::make(
+        &std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("pki-cmtls-{}", std::process::id())),
+    )?;
+    let node = common::start(tiny_dir("cmtls")?).await?;
+    let settings = Settings::new(vec![
+        NodeSpec {
+            name: "a".into(),
+            url: node.url.clone(),
+            weight: 1.0,
+        }
+        .into(),
+    ]);
+    let c = Coordinator::start(settings, Arc::new(SystemResolver)).await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("https://{}", listener.local_addr()?);
+    let opts = coordinator::server::ServeOptions {
+        tls: Some(ServerTls {
+            cert: pki.server_cert.clone(),
+            key: pki.server_key.clone(),
+            client_ca: Some(pki.ca.clone()),
+        }),
+        http: None,
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(coordinator::server::serve_with(
+        c,
+        listener,
+        async {
+            let _ = stopped.await;
+        },
+        opts,
+    ));
+    let no_cert = ClientTls {
+        ca: pki.ca.clone(),
+        ..Default::default()
+    };
+    let refused = match tls_channel(&url, &no_cert).await {
+        Ok(ch) => pb::ensemble_client::EnsembleClient::new(ch)
+            .generate(request(4))
+            .await
+            .is_err(),
+        Err(_) => true,
+    };
+    assert!(refused, "a client without a certificate is refused");
+    let with_cert = ClientTls {
+        ca: pki.ca.clone(),
+        cert: Some(pki.client_cert.clone()),
+        key: Some(pki.client_key.clone()),
+        domain: None,
+    };
+    let mut client = pb::ensemble_client::EnsembleClient::new(tls_channel(&url, &with_cert).await?);
+    assert!(client.generate(request(4)).await?.into_inner().steps >= 1);
     let _ = stop.send(());
     Ok(())
 }

@@ -20,7 +20,24 @@ use coordinator::config::FileConfig;
 use coordinator::evaluate::{self, Outcome, Report};
 use ensemble_proto::v1 as pb;
 use ensemble_proto::v1::ensemble_client::EnsembleClient;
-use tonic::transport::Channel;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+
+/// A client of the coordinator that sends the API key, if any, with every call.
+type Client = EnsembleClient<InterceptedService<Channel, Bearer>>;
+
+/// Adds `authorization: Bearer KEY` to every call.
+#[derive(Clone)]
+struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
 
 /// Several language models answering together.
 #[derive(Debug, Parser)]
@@ -35,6 +52,12 @@ struct Target {
     /// The coordinator's URL.
     #[arg(long, env = "ENSEMBLE_COORDINATOR", default_value = "http://127.0.0.1:50050")]
     coordinator: String,
+    /// Bearer token for a coordinator that requires one.
+    #[arg(long, env = "ENSEMBLE_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// CA certificate (PEM) of an https:// coordinator.
+    #[arg(long, env = "ENSEMBLE_CA_CERT")]
+    ca_cert: Option<PathBuf>,
     /// Start a local cluster from --config for this command (and stop it after).
     #[arg(long)]
     local: bool,
@@ -134,10 +157,36 @@ async fn start_local(
     Ok(cluster)
 }
 
+/// A channel to `url` (TLS with --ca-cert for https://) and the API key interceptor.
+async fn connect(target: &Target, url: &str) -> anyhow::Result<Client> {
+    let mut endpoint = Endpoint::from_shared(url.to_owned())?.connect_timeout(Duration::from_secs(10));
+    if url.starts_with("https://") {
+        let ca = target
+            .ca_cert
+            .clone()
+            .context("an https:// coordinator needs --ca-cert (or ENSEMBLE_CA_CERT)")?;
+        let tls = ensemble_proto::tls::ClientTls {
+            ca,
+            ..Default::default()
+        };
+        endpoint = endpoint.tls_config(tls.config().map_err(anyhow::Error::msg)?)?;
+    }
+    let key = match &target.api_key {
+        Some(k) => Some(
+            format!("Bearer {}", k.trim())
+                .parse()
+                .map_err(|_| anyhow::anyhow!("the API key must be printable ASCII"))?,
+        ),
+        None => None,
+    };
+    let channel = endpoint.connect().await?;
+    Ok(EnsembleClient::with_interceptor(channel, Bearer(key)))
+}
+
 /// Runs `f` against the target: a started local cluster or the given coordinator.
 async fn with_target<T>(
     target: &Target,
-    f: impl AsyncFnOnce(EnsembleClient<Channel>) -> anyhow::Result<T>,
+    f: impl AsyncFnOnce(Client) -> anyhow::Result<T>,
 ) -> anyhow::Result<T> {
     let cluster = if target.local {
         Some(start_local(&target.config, SocketAddr::from(([127, 0, 0, 1], 0)), None).await?)
@@ -147,7 +196,7 @@ async fn with_target<T>(
     let url = cluster
         .as_ref()
         .map_or(target.coordinator.clone(), |c| c.url().to_owned());
-    let out = match EnsembleClient::connect(url.clone()).await {
+    let out = match connect(target, &url).await {
         Ok(client) => f(client).await,
         Err(e) => Err(anyhow::anyhow!(
             "cannot reach the coordinator at {url}: {e} (start one with `ensemble up`, or pass --local)"
@@ -216,11 +265,7 @@ fn print_char(c: &pb::CharTrace) {
     );
 }
 
-async fn generate(
-    mut client: EnsembleClient<Channel>,
-    req: pb::GenerateRequest,
-    trace: bool,
-) -> anyhow::Result<()> {
+async fn generate(mut client: Client, req: pb::GenerateRequest, trace: bool) -> anyhow::Result<()> {
     let mut stream = client.generate_stream(req).await.map_err(status)?.into_inner();
     let mut out = std::io::stdout();
     while let Some(ev) = stream.message().await.map_err(status)? {
@@ -275,7 +320,7 @@ fn status(s: tonic::Status) -> anyhow::Error {
 }
 
 async fn eval(
-    mut client: EnsembleClient<Channel>,
+    mut client: Client,
     set: &Path,
     strategies: Vec<String>,
     limit: Option<usize>,
