@@ -11,6 +11,8 @@
 //!    the slowest node's time, not the sum.
 //! 4. Mean active nodes per SpecFuse round with and without model exit, over the three bundled models
 //!    plus two random-weight nodes (five members, as in the SpecFuse paper's 5 → 2.4).
+//! 5. Section 1 again with OTLP trace export on, to an OTLP receiver in this process (last: the
+//!    tracing subscriber is global), and the spans it received per request.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -152,11 +154,13 @@ fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
-async fn overhead(quick: bool) -> anyhow::Result<()> {
+async fn overhead(quick: bool, what: &str) -> anyhow::Result<()> {
     let (specs, _nodes) = trivial_nodes(&[0, 0, 0]).await?;
     let c = Coordinator::new(specs, Duration::from_secs(10)).await?;
     let reps = if quick { 5 } else { 30 };
-    println!("\n## Coordinator overhead, three trivial nodes on loopback (median of {reps} requests)\n");
+    println!(
+        "\n## Coordinator overhead, three trivial nodes on loopback, {what} (median of {reps} requests)\n"
+    );
     println!("| strategy | steps per request | µs per step |\n|---|---:|---:|");
     for (strategy, max_chars) in [("specfuse", 60u32), ("chared", 60)] {
         let mut per_step = Vec::new();
@@ -288,9 +292,57 @@ fn main() -> anyhow::Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async {
-        overhead(quick).await?;
+        overhead(quick, "trace export off").await?;
         bytes_per_char().await?;
         fan_out().await?;
-        active_nodes(quick).await
+        active_nodes(quick).await?;
+        with_export(quick).await
     })
+}
+
+/// Counts the spans an OTLP exporter sends.
+#[derive(Clone, Default)]
+struct SpanCounter(Arc<AtomicU64>);
+
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService for SpanCounter {
+    async fn export(
+        &self,
+        req: Request<opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest>,
+    ) -> Result<Response<opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse>, Status>
+    {
+        let n: usize = req
+            .into_inner()
+            .resource_spans
+            .iter()
+            .flat_map(|r| &r.scope_spans)
+            .map(|s| s.spans.len())
+            .sum();
+        self.0.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(Response::new(Default::default()))
+    }
+}
+
+async fn with_export(quick: bool) -> anyhow::Result<()> {
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
+    let spans = SpanCounter::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let endpoint = format!("http://{}", listener.local_addr()?);
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(spans.clone()))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let mut telemetry =
+        ensemble_proto::telemetry::init_with("bench", ensemble_proto::telemetry::Export::To(&endpoint))
+            .map_err(anyhow::Error::msg)?;
+    overhead(quick, "trace export on (OTLP to a receiver in this process)").await?;
+    tokio::task::spawn_blocking(move || telemetry.shutdown()).await?;
+    let requests = 2 * if quick { 5 } else { 30 };
+    println!(
+        "\nspans received: {} for {requests} requests ({:.1} per request: generate, rounds or characters, node calls)",
+        spans.0.load(Ordering::Relaxed),
+        spans.0.load(Ordering::Relaxed) as f64 / f64::from(requests)
+    );
+    Ok(())
 }

@@ -114,14 +114,14 @@ fn span_for<T>(span: Span, req: &Request<T>) -> Span {
 #[tonic::async_trait]
 impl ModelNode for NodeService {
     async fn info(&self, _req: Request<pb::InfoRequest>) -> Result<Response<pb::InfoResponse>, Status> {
-        self.metrics
-            .rpc("Info", tonic::Code::Ok, std::time::Duration::ZERO);
+        let started = Instant::now();
         let t = self.engine.totals();
         let mut info = (*self.info).clone();
         info.active_sessions = t.sessions.load(Ordering::Relaxed) as u32;
         info.kv_cache_bytes = t.kv_bytes.load(Ordering::Relaxed);
         info.queued_calls = t.queued.load(Ordering::Relaxed) as u32;
         info.calls_done = t.jobs.load(Ordering::Relaxed);
+        self.metrics.rpc("Info", tonic::Code::Ok, started.elapsed());
         Ok(Response::new(info))
     }
 

@@ -69,20 +69,47 @@ impl Drop for Telemetry {
 /// `service` is the `service.name` unless `OTEL_SERVICE_NAME` says otherwise. Must run inside a
 /// Tokio runtime when export is on (the gRPC exporter's connection lives there).
 pub fn init(service: &str) -> Result<Telemetry, String> {
+    let export = if otlp_requested() {
+        Export::FromEnv
+    } else {
+        Export::Off
+    };
+    init_with(service, export)
+}
+
+/// Where [`init_with`] sends spans.
+#[derive(Debug, Clone, Copy)]
+pub enum Export<'a> {
+    /// Nowhere: logs only.
+    Off,
+    /// To the endpoint the `OTEL_*` variables give.
+    FromEnv,
+    /// To this OTLP/gRPC endpoint (the other `OTEL_*` variables still apply).
+    To(&'a str),
+}
+
+/// [`init`] with the export decided by the caller (benchmarks, embedding programs).
+pub fn init_with(service: &str, export: Export<'_>) -> Result<Telemetry, String> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
-    if !otlp_requested() {
-        tracing_subscriber::registry()
-            .with(filter)
-            .with(fmt)
-            .try_init()
-            .map_err(|e| e.to_string())?;
-        return Ok(Telemetry { provider: None });
+    let endpoint = match export {
+        Export::To(e) => Some(e),
+        Export::FromEnv => None,
+        Export::Off => {
+            tracing_subscriber::registry()
+                .with(filter)
+                .with(fmt)
+                .try_init()
+                .map_err(|e| e.to_string())?;
+            return Ok(Telemetry { provider: None });
+        }
+    };
+    let mut builder = opentelemetry_otlp::SpanExporter::builder().with_tonic();
+    if let Some(e) = endpoint {
+        use opentelemetry_otlp::WithExportConfig as _;
+        builder = builder.with_endpoint(e.to_owned());
     }
-    let exporter = opentelemetry_otlp::SpanExporter::builder()
-        .with_tonic()
-        .build()
-        .map_err(|e| format!("OTLP exporter: {e}"))?;
+    let exporter = builder.build().map_err(|e| format!("OTLP exporter: {e}"))?;
     let mut resource = opentelemetry_sdk::Resource::builder();
     if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
         resource = resource.with_service_name(service.to_owned());
