@@ -75,7 +75,21 @@ pub fn router(coordinator: Arc<Coordinator>) -> Router {
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/metrics", get(metrics))
         .merge(v1)
+        .layer(axum::middleware::from_fn_with_state(app.clone(), count))
         .with_state(app)
+}
+
+/// Counts every response by route template (bounded: unknown paths are `other`) and status.
+async fn count(State(app): State<App>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "other".to_owned(), |p| p.as_str().to_owned());
+    let resp = next.run(req).await;
+    app.coordinator
+        .metrics()
+        .http_request(&route, resp.status().as_u16());
+    resp
 }
 
 /// Serves [`router`] on `listener` until `shutdown` resolves (in-flight requests then finish).

@@ -32,6 +32,7 @@ pub struct Metrics {
     node_exits: IntCounterVec,
     node_failures: IntCounterVec,
     auth_failures: IntCounterVec,
+    http_requests: IntCounterVec,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -134,6 +135,11 @@ impl Metrics {
                 "Requests that went on without the node after it failed.",
                 &["node"],
             ),
+            http_requests: counter(
+                "ensemble_http_requests_total",
+                "HTTP requests answered, by route (`other` for unknown paths) and status code.",
+                &["route", "status"],
+            ),
             auth_failures: counter(
                 "ensemble_auth_failures_total",
                 "Requests refused for a missing or wrong bearer token, by API.",
@@ -219,6 +225,13 @@ impl Metrics {
         self.node_rpc_duration
             .with_label_values(&[node, rpc])
             .observe(elapsed.as_secs_f64());
+    }
+
+    /// Records one HTTP response.
+    pub fn http_request(&self, route: &str, status: u16) {
+        self.http_requests
+            .with_label_values(&[route, &status.to_string()])
+            .inc();
     }
 
     /// Records a refused token.

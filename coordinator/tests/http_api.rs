@@ -288,6 +288,17 @@ async fn errors_have_openai_shape_and_metrics_count_exactly() -> anyhow::Result<
         common::sample(&text, "ensemble_requests_in_flight", &[]),
         Some(0.0)
     );
+    let http = |route, status| {
+        common::sample(
+            &text,
+            "ensemble_http_requests_total",
+            &[("route", route), ("status", status)],
+        )
+    };
+    assert_eq!(http("/v1/completions", "404"), Some(1.0), "the unknown model");
+    assert_eq!(http("/v1/completions", "200"), Some(2.0));
+    assert_eq!(http("/v1/completions", "400"), Some(4.0));
+    assert_eq!(http("/v1/chat/completions", "400"), Some(1.0));
     let proposes: f64 = common::samples(&text, "ensemble_node_rpcs_total", &[("rpc", "ProposeSegment")])
         .iter()
         .sum();
