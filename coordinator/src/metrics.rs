@@ -6,7 +6,7 @@
 //! One registry per coordinator (tests run several in one process); served on `/metrics` by
 //! [`crate::http`].
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, exponential_buckets};
 
@@ -149,22 +149,21 @@ impl Metrics {
         }
     }
 
-    /// A request started; the guard counts it out (and records it) when it ends.
-    pub fn request_started(&self) -> InFlight<'_> {
+    /// A request started. `strategy` must come from a bounded set (the caller maps unknown names to
+    /// `invalid`) so that clients cannot grow the label set. [`InFlight::finish`] records how it
+    /// ended; a request dropped before (its client went away) is recorded as `CANCELLED`.
+    pub fn request_started<'a>(&'a self, strategy: &'a str, api: &'a str) -> InFlight<'a> {
         self.in_flight.inc();
-        InFlight(&self.in_flight)
+        InFlight {
+            metrics: self,
+            strategy,
+            api,
+            started: Instant::now(),
+            done: false,
+        }
     }
 
-    /// Records a finished request. `strategy` must come from a bounded set (the caller maps unknown
-    /// names to `invalid`) so that clients cannot grow the label set.
-    pub fn request_done(
-        &self,
-        strategy: &str,
-        api: &str,
-        code: tonic::Code,
-        elapsed: Duration,
-        chars: usize,
-    ) {
+    fn request_done(&self, strategy: &str, api: &str, code: tonic::Code, elapsed: Duration, chars: usize) {
         self.requests
             .with_label_values(&[strategy, api, code_name(code)])
             .inc();
@@ -247,11 +246,35 @@ impl Metrics {
     }
 }
 
-/// Counts a request out of `ensemble_requests_in_flight` when dropped.
-pub struct InFlight<'a>(&'a IntGauge);
+/// A running request: counted in `ensemble_requests_in_flight` until dropped.
+pub struct InFlight<'a> {
+    metrics: &'a Metrics,
+    strategy: &'a str,
+    api: &'a str,
+    started: Instant,
+    done: bool,
+}
+
+impl InFlight<'_> {
+    /// Records the request's end: its status code and the characters returned.
+    pub fn finish(mut self, code: tonic::Code, chars: usize) {
+        self.done = true;
+        self.metrics
+            .request_done(self.strategy, self.api, code, self.started.elapsed(), chars);
+    }
+}
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.0.dec();
+        self.metrics.in_flight.dec();
+        if !self.done {
+            self.metrics.request_done(
+                self.strategy,
+                self.api,
+                tonic::Code::Cancelled,
+                self.started.elapsed(),
+                0,
+            );
+        }
     }
 }

@@ -252,7 +252,6 @@ impl Coordinator {
         on_round: &mut (dyn FnMut(&RoundOutcome) -> bool + Send),
         on_char: &mut (dyn FnMut(&CharStep) -> bool + Send),
     ) -> Result<pb::GenerateResponse, Status> {
-        let _in_flight = self.metrics.request_started();
         let started = Instant::now();
         let strategy = if r.strategy.is_empty() {
             self.settings.default_strategy.clone()
@@ -266,6 +265,7 @@ impl Coordinator {
                 .is_some_and(|n| self.nodes.iter().any(|m| m.0.name == n)),
         };
         let label = if known { strategy.as_str() } else { "invalid" };
+        let in_flight = self.metrics.request_started(label, api);
         span.record("strategy", label);
         span.record("max_chars", i64::from(r.max_chars));
         let names = self.node_names();
@@ -309,7 +309,7 @@ impl Coordinator {
                 metrics.node_failed(n);
             }
         }
-        metrics.request_done(label, api, code, started.elapsed(), chars);
+        in_flight.finish(code, chars);
         out
     }
 
