@@ -11,7 +11,7 @@ use coordinator::auth::ApiKeys;
 use coordinator::config::Settings;
 use coordinator::replicas::SystemResolver;
 use coordinator::service::{Coordinator, NodeSpec};
-use ensemble_proto::tls::{ClientTls, ServerTls};
+use ensemble_proto::tls::ClientTls;
 use ensemble_proto::v1 as pb;
 use tonic::transport::{Channel, Endpoint};
 
@@ -27,6 +27,17 @@ fn request(max_chars: u32) -> pb::GenerateRequest {
         max_chars,
         ..Default::default()
     }
+}
+
+fn one_member(name: &str, url: &str) -> Settings {
+    Settings::new(vec![
+        NodeSpec {
+            name: name.into(),
+            url: url.into(),
+            weight: 1.0,
+        }
+        .into(),
+    ])
 }
 
 fn tiny_dir(tag: &str) -> anyhow::Result<std::path::PathBuf> {
@@ -57,17 +68,10 @@ async fn info(channel: Channel) -> Result<pb::InfoResponse, tonic::Status> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_node_with_mutual_tls_serves_only_clients_with_a_certificate() -> anyhow::Result<()> {
-    let pki = pki::make(
-        &std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("pki-node-{}", std::process::id())),
-    )?;
+    let pki = pki::fresh("node")?;
     let opts = model_node::server::ServeOptions {
         grace: Duration::from_secs(1),
-        tls: Some(ServerTls {
-            cert: pki.server_cert.clone(),
-            key: pki.server_key.clone(),
-            client_ca: Some(pki.ca.clone()),
-        }),
+        tls: Some(pki.server(true)),
         metrics: None,
     };
     let node = common::start_with(tiny_dir("mtls")?, opts).await?;
@@ -81,10 +85,7 @@ async fn a_node_with_mutual_tls_serves_only_clients_with_a_certificate() -> anyh
     assert!(info(plain).await.is_err(), "plain text is refused");
 
     // TLS without a client certificate: the handshake (or the first call) fails.
-    let no_cert = ClientTls {
-        ca: pki.ca.clone(),
-        ..Default::default()
-    };
+    let no_cert = pki.ca_only();
     let refused = match tls_channel(&node.url, &no_cert).await {
         Ok(ch) => info(ch).await.is_err(),
         Err(_) => true,
@@ -92,36 +93,17 @@ async fn a_node_with_mutual_tls_serves_only_clients_with_a_certificate() -> anyh
     assert!(refused, "a client without a certificate is refused");
 
     // With the client certificate: served, and the coordinator reaches the node the same way.
-    let mtls = ClientTls {
-        ca: pki.ca.clone(),
-        cert: Some(pki.client_cert.clone()),
-        key: Some(pki.client_key.clone()),
-        domain: None,
-    };
+    let mtls = pki.mutual();
     let i = info(tls_channel(&node.url, &mtls).await?).await?;
     assert_eq!(i.architecture, "llama");
-    let mut settings = Settings::new(vec![
-        NodeSpec {
-            name: "tls".into(),
-            url: node.url.clone(),
-            weight: 1.0,
-        }
-        .into(),
-    ]);
+    let mut settings = one_member("tls", &node.url);
     settings.node_tls = Some(mtls);
     let c = Coordinator::start(settings, Arc::new(SystemResolver)).await?;
     let r = c.run(request(8), &mut |_| true, &mut |_| true).await?;
     assert!(r.steps >= 1 && r.failed_nodes.is_empty(), "{r:?}");
 
     // An https:// member without [node_tls] is a configuration error named at start-up.
-    let bad = Settings::new(vec![
-        NodeSpec {
-            name: "tls".into(),
-            url: node.url.clone(),
-            weight: 1.0,
-        }
-        .into(),
-    ]);
+    let bad = one_member("tls", &node.url);
     let e = Coordinator::start(bad, Arc::new(SystemResolver))
         .await
         .err()
@@ -133,30 +115,16 @@ async fn a_node_with_mutual_tls_serves_only_clients_with_a_certificate() -> anyh
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_coordinator_serves_tls_and_refuses_wrong_tokens() -> anyhow::Result<()> {
-    let pki = pki::make(
-        &std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("pki-coord-{}", std::process::id())),
-    )?;
+    let pki = pki::fresh("coord")?;
     let node = common::start(tiny_dir("coord")?).await?;
-    let mut settings = Settings::new(vec![
-        NodeSpec {
-            name: "a".into(),
-            url: node.url.clone(),
-            weight: 1.0,
-        }
-        .into(),
-    ]);
+    let mut settings = one_member("a", &node.url);
     settings.api_keys = ApiKeys::new(["right-token"]);
     let c = Coordinator::start(settings, Arc::new(SystemResolver)).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("https://{}", listener.local_addr()?);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let opts = coordinator::server::ServeOptions {
-        tls: Some(ServerTls {
-            cert: pki.server_cert.clone(),
-            key: pki.server_key.clone(),
-            client_ca: None,
-        }),
+        tls: Some(pki.server(false)),
         http: None,
     };
     tokio::spawn(coordinator::server::serve_with(
@@ -175,10 +143,7 @@ async fn the_coordinator_serves_tls_and_refuses_wrong_tokens() -> anyhow::Result
         "plain text is refused"
     );
 
-    let tls = ClientTls {
-        ca: pki.ca.clone(),
-        ..Default::default()
-    };
+    let tls = pki.ca_only();
     let mut client = pb::ensemble_client::EnsembleClient::new(tls_channel(&url, &tls).await?);
     let with = |token: Option<&str>| {
         let mut r = tonic::Request::new(request(4));
@@ -232,28 +197,14 @@ async fn the_coordinator_serves_tls_and_refuses_wrong_tokens() -> anyhow::Result
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_coordinator_with_a_client_ca_requires_client_certificates() -> anyhow::Result<()> {
-    let pki = pki::make(
-        &std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("pki-cmtls-{}", std::process::id())),
-    )?;
+    let pki = pki::fresh("cmtls")?;
     let node = common::start(tiny_dir("cmtls")?).await?;
-    let settings = Settings::new(vec![
-        NodeSpec {
-            name: "a".into(),
-            url: node.url.clone(),
-            weight: 1.0,
-        }
-        .into(),
-    ]);
+    let settings = one_member("a", &node.url);
     let c = Coordinator::start(settings, Arc::new(SystemResolver)).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("https://{}", listener.local_addr()?);
     let opts = coordinator::server::ServeOptions {
-        tls: Some(ServerTls {
-            cert: pki.server_cert.clone(),
-            key: pki.server_key.clone(),
-            client_ca: Some(pki.ca.clone()),
-        }),
+        tls: Some(pki.server(true)),
         http: None,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -265,10 +216,7 @@ async fn a_coordinator_with_a_client_ca_requires_client_certificates() -> anyhow
         },
         opts,
     ));
-    let no_cert = ClientTls {
-        ca: pki.ca.clone(),
-        ..Default::default()
-    };
+    let no_cert = pki.ca_only();
     let refused = match tls_channel(&url, &no_cert).await {
         Ok(ch) => pb::ensemble_client::EnsembleClient::new(ch)
             .generate(request(4))
@@ -277,12 +225,7 @@ async fn a_coordinator_with_a_client_ca_requires_client_certificates() -> anyhow
         Err(_) => true,
     };
     assert!(refused, "a client without a certificate is refused");
-    let with_cert = ClientTls {
-        ca: pki.ca.clone(),
-        cert: Some(pki.client_cert.clone()),
-        key: Some(pki.client_key.clone()),
-        domain: None,
-    };
+    let with_cert = pki.mutual();
     let mut client = pb::ensemble_client::EnsembleClient::new(tls_channel(&url, &with_cert).await?);
     assert!(client.generate(request(4)).await?.into_inner().steps >= 1);
     let _ = stop.send(());

@@ -31,6 +31,40 @@ fn leaf(
     Ok((cert.pem(), key.serialize_pem()))
 }
 
+impl Pki {
+    /// A client that trusts the CA and presents no certificate.
+    pub fn ca_only(&self) -> ensemble_proto::tls::ClientTls {
+        ensemble_proto::tls::ClientTls {
+            ca: self.ca.clone(),
+            ..Default::default()
+        }
+    }
+
+    /// A client that trusts the CA and presents the client certificate (mutual TLS).
+    pub fn mutual(&self) -> ensemble_proto::tls::ClientTls {
+        ensemble_proto::tls::ClientTls {
+            ca: self.ca.clone(),
+            cert: Some(self.client_cert.clone()),
+            key: Some(self.client_key.clone()),
+            domain: None,
+        }
+    }
+
+    /// The server side: the server certificate, with `client_ca` when clients must present one.
+    pub fn server(&self, require_client_cert: bool) -> ensemble_proto::tls::ServerTls {
+        ensemble_proto::tls::ServerTls {
+            cert: self.server_cert.clone(),
+            key: self.server_key.clone(),
+            client_ca: require_client_cert.then(|| self.ca.clone()),
+        }
+    }
+}
+
+/// A fresh PKI in a directory of its own under the test target dir.
+pub fn fresh(tag: &str) -> anyhow::Result<Pki> {
+    make(&PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("pki-{tag}-{}", std::process::id())))
+}
+
 /// A fresh CA and its two leaves under `dir`.
 pub fn make(dir: &Path) -> anyhow::Result<Pki> {
     std::fs::create_dir_all(dir)?;
