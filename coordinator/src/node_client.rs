@@ -311,6 +311,11 @@ impl NodeClient {
         })
     }
 
+    /// What [`SessionsGuard`] needs to free this node's session later, without the client.
+    fn closer(&self) -> (ModelNodeClient<Channel>, String, Duration) {
+        (self.client.clone(), self.session.clone(), self.deadline)
+    }
+
     /// Frees the node's session (best effort: a node that is gone has nothing to free).
     pub async fn close(&mut self) {
         if self.session.is_empty() {
@@ -326,5 +331,49 @@ impl NodeClient {
             .instrument(span)
             .await;
         self.synced = None;
+    }
+}
+
+/// Frees the request's node sessions if the request is dropped before its driver could (the client
+/// went away during a unary call, so the future stopped being polled). A request that ends closes its
+/// sessions itself and [`SessionsGuard::disarm`]s this.
+pub struct SessionsGuard {
+    pending: Vec<(ModelNodeClient<Channel>, String, Duration)>,
+}
+
+impl SessionsGuard {
+    /// A guard over the sessions of `clients` (already `begin`-ed).
+    pub fn new(clients: &[NodeClient]) -> Self {
+        Self {
+            pending: clients
+                .iter()
+                .filter(|c| !c.session.is_empty())
+                .map(NodeClient::closer)
+                .collect(),
+        }
+    }
+
+    /// The request ended normally: its driver closed the sessions.
+    pub fn disarm(mut self) {
+        self.pending.clear();
+    }
+}
+
+impl Drop for SessionsGuard {
+    fn drop(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let pending = std::mem::take(&mut self.pending);
+        // Dropped outside a runtime (process exit): nothing to do, the node evicts the sessions.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                for (mut client, session, deadline) in pending {
+                    let mut request = tonic::Request::new(pb::CloseSessionRequest { session_id: session });
+                    request.set_timeout(deadline);
+                    let _ = tokio::time::timeout(deadline, client.close_session(request)).await;
+                }
+            });
+        }
     }
 }

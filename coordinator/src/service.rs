@@ -18,7 +18,7 @@ use crate::config::{Discovery, NodeConfig, Settings};
 use crate::drive::{self, Finish, Limits};
 use crate::error::Error;
 use crate::metrics::Metrics;
-use crate::node_client::NodeClient;
+use crate::node_client::{NodeClient, SessionsGuard};
 use crate::replicas::{Replicas, Resolve, SystemResolver};
 use crate::specfuse::{OnlineWeights, RoundOutcome, SpecFuseParams};
 
@@ -351,7 +351,11 @@ impl Coordinator {
                     self.weights(&r.specfuse.unwrap_or_default().weights),
                 );
                 params.validate()?;
-                let a = drive::specfuse(&mut clients, params, &limits, sampling, on_round).await?;
+                let guard = SessionsGuard::new(&clients);
+                let a = drive::specfuse(&mut clients, params, &limits, sampling, on_round).await;
+                // The driver closed the sessions, whatever the outcome.
+                guard.disarm();
+                let a = a?;
                 pb::GenerateResponse {
                     text: a.text,
                     finish_reason: finish(a.finish) as i32,
@@ -371,7 +375,10 @@ impl Coordinator {
                     self.weights(&r.chared.unwrap_or_default().weights),
                 );
                 params.validate()?;
-                let a = drive::chared(&mut clients, params, &limits, on_char).await?;
+                let guard = SessionsGuard::new(&clients);
+                let a = drive::chared(&mut clients, params, &limits, on_char).await;
+                guard.disarm();
+                let a = a?;
                 pb::GenerateResponse {
                     text: a.text,
                     finish_reason: finish(a.finish) as i32,
@@ -396,34 +403,40 @@ impl Coordinator {
                     )));
                 };
                 let node = &mut clients[i];
+                let guard = SessionsGuard::new(std::slice::from_ref(node));
                 let first_started = Instant::now();
                 let mut text = String::new();
                 let mut steps = 0;
-                let f = loop {
-                    let p = node.propose(64, &limits.stop, sampling).await?;
-                    steps += 1;
-                    self.metrics.single_step();
-                    if steps == 1 && !p.text.is_empty() {
-                        self.metrics.first_token(&strategy, first_started.elapsed());
-                    }
-                    node.accept(&p.text);
-                    text.push_str(&p.text);
-                    if let Some(cut) = limits.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
-                        text.truncate(cut);
-                        break Finish::Stop;
-                    }
-                    if matches!(p.finish_reason(), pb::FinishReason::Eos | pb::FinishReason::Stop) {
-                        break Finish::Eos;
-                    }
-                    if let Some((cut, _)) = text.char_indices().nth(limits.max_chars) {
-                        text.truncate(cut);
-                        break Finish::Length;
-                    }
-                    if text.chars().count() >= limits.max_chars || p.text.is_empty() {
-                        break Finish::Length;
-                    }
-                };
+                let f: Result<Finish, Error> = async {
+                    Ok(loop {
+                        let p = node.propose(64, &limits.stop, sampling).await?;
+                        steps += 1;
+                        self.metrics.single_step();
+                        if steps == 1 && !p.text.is_empty() {
+                            self.metrics.first_token(&strategy, first_started.elapsed());
+                        }
+                        node.accept(&p.text);
+                        text.push_str(&p.text);
+                        if let Some(cut) = limits.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+                            text.truncate(cut);
+                            break Finish::Stop;
+                        }
+                        if matches!(p.finish_reason(), pb::FinishReason::Eos | pb::FinishReason::Stop) {
+                            break Finish::Eos;
+                        }
+                        if let Some((cut, _)) = text.char_indices().nth(limits.max_chars) {
+                            text.truncate(cut);
+                            break Finish::Length;
+                        }
+                        if text.chars().count() >= limits.max_chars || p.text.is_empty() {
+                            break Finish::Length;
+                        }
+                    })
+                }
+                .await;
                 node.close().await;
+                guard.disarm();
+                let f = f?;
                 pb::GenerateResponse {
                     text,
                     finish_reason: finish(f) as i32,

@@ -352,3 +352,61 @@ async fn the_v1_api_needs_a_valid_bearer_token() -> anyhow::Result<()> {
     assert!(!text.contains("key-"), "no key in the metrics");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_request_whose_client_goes_away_counts_as_cancelled() -> anyhow::Result<()> {
+    let api = api(&[]).await?;
+    // The same coordinator behind gRPC: a unary call whose deadline passes mid-request.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(pb::ensemble_server::EnsembleServer::new(
+                coordinator::service::EnsembleService::shared(api.coordinator.clone()),
+            ))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let mut client = pb::ensemble_client::EnsembleClient::connect(url).await?;
+    let mut req = tonic::Request::new(library_request("The Tarn", "chared", 2000));
+    req.set_timeout(Duration::from_millis(300));
+    assert!(client.generate(req).await.is_err(), "the deadline passes first");
+    let mut text = String::new();
+    for _ in 0..100 {
+        text = reqwest::get(format!("{}/metrics", api.base))
+            .await?
+            .text()
+            .await?;
+        if common::sample(&text, "ensemble_requests_in_flight", &[]) == Some(0.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        common::sample(&text, "ensemble_requests_in_flight", &[]),
+        Some(0.0)
+    );
+    assert_eq!(
+        common::sample(
+            &text,
+            "ensemble_requests_total",
+            &[("strategy", "chared"), ("api", "grpc"), ("code", "CANCELLED")]
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    // The abandoned request's node sessions are freed, not left to eviction.
+    let mut held = Vec::new();
+    for _ in 0..100 {
+        held.clear();
+        for n in &api._nodes {
+            let mut c = pb::model_node_client::ModelNodeClient::connect(n.url.clone()).await?;
+            held.push(c.info(pb::InfoRequest {}).await?.into_inner().active_sessions);
+        }
+        if held.iter().all(|&h| h == 0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(held, [0, 0, 0], "sessions held after the client went away");
+    Ok(())
+}
