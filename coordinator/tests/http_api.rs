@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 struct Api {
     base: String,
     coordinator: Arc<Coordinator>,
-    _nodes: Vec<common::Node>,
+    nodes: Vec<common::Node>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
@@ -57,7 +57,7 @@ async fn api(keys: &[&str]) -> anyhow::Result<Api> {
     Ok(Api {
         base,
         coordinator,
-        _nodes: nodes,
+        nodes,
         stop: Some(tx),
     })
 }
@@ -398,7 +398,7 @@ async fn a_request_whose_client_goes_away_counts_as_cancelled() -> anyhow::Resul
     let mut held = Vec::new();
     for _ in 0..100 {
         held.clear();
-        for n in &api._nodes {
+        for n in &api.nodes {
             let mut c = pb::model_node_client::ModelNodeClient::connect(n.url.clone()).await?;
             held.push(c.info(pb::InfoRequest {}).await?.into_inner().active_sessions);
         }
