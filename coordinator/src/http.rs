@@ -8,10 +8,11 @@
 //! - `GET /health`: 200 while the process serves.
 //!
 //! `/v1` requires a bearer token when API keys are configured ([`crate::auth`]); errors use OpenAI's
-//! `{"error": {...}}` shape. A W3C `traceparent` header makes the request part of the caller's trace.
+//! `{"error": {...}}` shape. With the coordinator's `[tls]` the HTTP face speaks TLS too ([`tls`]). A W3C `traceparent` header makes the request part of the caller's trace.
 
 pub mod openai;
 mod stream;
+pub mod tls;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -98,6 +99,19 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    axum::serve(listener, router(coordinator))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// [`serve`] over TLS with `config` (see [`tls::server_config`]).
+pub async fn serve_tls(
+    coordinator: Arc<Coordinator>,
+    listener: TcpListener,
+    config: tokio_rustls::rustls::ServerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let listener = tls::TlsListener::new(listener, config)?;
     axum::serve(listener, router(coordinator))
         .with_graceful_shutdown(shutdown)
         .await

@@ -15,7 +15,8 @@ use crate::service::{Coordinator, EnsembleService};
 /// How the coordinator serves, beyond its gRPC listener.
 #[derive(Default)]
 pub struct ServeOptions {
-    /// TLS of the gRPC listener (with `client_ca`: client certificates required).
+    /// TLS of the gRPC listener (with `client_ca`: client certificates required) and, with the same
+    /// certificate but no client certificates, of the HTTP face.
     pub tls: Option<ensemble_proto::tls::ServerTls>,
     /// Where the HTTP face (OpenAI API, `/metrics`, `/health`) listens; none: not served.
     pub http: Option<TcpListener>,
@@ -51,12 +52,22 @@ pub async fn serve_with(
     let mut http_task = None;
     if let Some(l) = opts.http {
         let c = coordinator.clone();
+        // Built now, so that a certificate rustls refuses fails the start, not the HTTP task.
+        let http_tls = opts
+            .tls
+            .as_ref()
+            .map(crate::http::tls::server_config)
+            .transpose()?;
         let mut stopped = http_stopped.clone();
         http_task = Some(tokio::spawn(async move {
             let stop = async move {
                 let _ = stopped.wait_for(|s| *s).await;
             };
-            if let Err(e) = crate::http::serve(c, l, stop).await {
+            let served = match http_tls {
+                Some(t) => crate::http::serve_tls(c, l, t, stop).await,
+                None => crate::http::serve(c, l, stop).await,
+            };
+            if let Err(e) = served {
                 tracing::error!(error = %e, "HTTP API stopped");
             }
         }));

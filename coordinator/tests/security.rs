@@ -59,6 +59,43 @@ async fn tls_channel(url: &str, tls: &ClientTls) -> anyhow::Result<Channel> {
         .await?)
 }
 
+/// `GET path` over TLS (trusting `ca`), HTTP/1.1 by hand: the response head and body as text.
+async fn https_get(
+    addr: std::net::SocketAddr,
+    ca: &std::path::Path,
+    path: &str,
+    token: Option<&str>,
+) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::CertificateDer;
+    use tokio_rustls::rustls::pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca)? {
+        roots.add(c?)?;
+    }
+    let config =
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let name = rustls::pki_types::ServerName::try_from("localhost")?;
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await?;
+    let auth = token
+        .map(|t| format!("authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    tls.write_all(
+        format!("GET {path} HTTP/1.1\r\nhost: localhost\r\n{auth}connection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut out = String::new();
+    tls.read_to_string(&mut out).await?;
+    Ok(out)
+}
+
 async fn info(channel: Channel) -> Result<pb::InfoResponse, tonic::Status> {
     let mut c = pb::model_node_client::ModelNodeClient::new(channel);
     let mut req = tonic::Request::new(pb::InfoRequest {});
@@ -122,10 +159,12 @@ async fn the_coordinator_serves_tls_and_refuses_wrong_tokens() -> anyhow::Result
     let c = Coordinator::start(settings, Arc::new(SystemResolver)).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("https://{}", listener.local_addr()?);
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let http_addr = http.local_addr()?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let opts = coordinator::server::ServeOptions {
         tls: Some(pki.server(false)),
-        http: None,
+        http: Some(http),
     };
     tokio::spawn(coordinator::server::serve_with(
         c,
@@ -175,6 +214,23 @@ async fn the_coordinator_serves_tls_and_refuses_wrong_tokens() -> anyhow::Result
         h.into_inner().status,
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
+    // The HTTP face speaks TLS with the same certificate; plain HTTP gets no answer.
+    let health = https_get(http_addr, &pki.ca, "/health", None).await?;
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    let refused = https_get(http_addr, &pki.ca, "/v1/models", Some("wrong-token")).await?;
+    assert!(refused.starts_with("HTTP/1.1 401"), "{refused}");
+    let models = https_get(http_addr, &pki.ca, "/v1/models", Some("right-token")).await?;
+    assert!(
+        models.starts_with("HTTP/1.1 200") && models.contains("\"ensemble\""),
+        "{models}"
+    );
+    let plain = reqwest::Client::new()
+        .get(format!("http://{http_addr}/health"))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await;
+    assert!(plain.is_err(), "plain HTTP to the TLS face: {plain:?}");
+
     // The CLI reaches it with the CA and the key, and says why when the key is wrong.
     let cli = |key: &str| {
         std::process::Command::new(env!("CARGO_BIN_EXE_ensemble"))

@@ -304,14 +304,15 @@ def pod_problems(kind: str, name: str, pod: dict[str, Any]) -> list[str]:
 
 
 def probe_problems(where: str, c: dict[str, Any], port: int, service: str, probes: list[str],
-                   http_port: str | None = None) -> list[str]:
+                   http_port: str | None = None, scheme: str = "HTTP") -> list[str]:
     """gRPC health probes; with `http_port` (TLS on the gRPC port), /health on that named port."""
     bad = []
     for p in probes:
         if http_port:
             h = c.get(p, {}).get("httpGet", {})
-            if h.get("path") != "/health" or h.get("port") != http_port:
-                bad.append(f"{where}: {p} is not /health on port {http_port} (gRPC port speaks TLS): {c.get(p)}")
+            if h.get("path") != "/health" or h.get("port") != http_port or h.get("scheme", "HTTP") != scheme:
+                bad.append(f"{where}: {p} is not {scheme} /health on port {http_port} (gRPC port speaks TLS): "
+                           f"{c.get(p)}")
             continue
         g = c.get(p, {}).get("grpc")
         if not g:
@@ -497,8 +498,13 @@ def check_render(r: Report, f: Facts, example: str) -> dict[str, Any] | None:
     if not (ports.get("grpc") == listen == f.coord_port and "http" in ports
             and svc_ports.get("grpc", (0, ""))[1] == "grpc" and svc_ports.get("http", (0, ""))[1] == "http"):
         problems.append(f"{cn}: ports: container {ports}, listen {listen}, Service {svc_ports}")
+    # With [tls] the coordinator's HTTP face speaks TLS too (same certificate).
     problems += probe_problems(cn, c, ports.get("grpc", -1), f.coord_health or "", ["readinessProbe", "livenessProbe"],
-                               "http" if grpc_tls else None)
+                               "http" if grpc_tls else None, "HTTPS")
+    ann = dep["spec"]["template"]["metadata"].get("annotations", {})
+    if values.get("metrics", {}).get("podAnnotations", True) and \
+            ann.get("prometheus.io/scheme", "http") != ("https" if grpc_tls else "http"):
+        problems.append(f"{cn}: prometheus.io/scheme {ann.get('prometheus.io/scheme')} with TLS {bool(grpc_tls)}")
     if int(str(cfg.get("http_listen", ":0")).rsplit(":", 1)[1]) != ports.get("http"):
         problems.append(f"{cn}: http_listen {cfg.get('http_listen')} is not the container's http port {ports}")
     nt = cfg.get("node_tls")
