@@ -300,49 +300,18 @@ fn main() -> anyhow::Result<()> {
     })
 }
 
-/// Counts the spans an OTLP exporter sends.
-#[derive(Clone, Default)]
-struct SpanCounter(Arc<AtomicU64>);
-
-#[tonic::async_trait]
-impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService for SpanCounter {
-    async fn export(
-        &self,
-        req: Request<opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest>,
-    ) -> Result<Response<opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse>, Status>
-    {
-        let n: usize = req
-            .into_inner()
-            .resource_spans
-            .iter()
-            .flat_map(|r| &r.scope_spans)
-            .map(|s| s.spans.len())
-            .sum();
-        self.0.fetch_add(n as u64, Ordering::Relaxed);
-        Ok(Response::new(Default::default()))
-    }
-}
-
 async fn with_export(quick: bool) -> anyhow::Result<()> {
-    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
-    let spans = SpanCounter::default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let endpoint = format!("http://{}", listener.local_addr()?);
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(TraceServiceServer::new(spans.clone()))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
+    let (endpoint, received) = common::otlp::start().await?;
     let mut telemetry =
         ensemble_proto::telemetry::init_with("bench", ensemble_proto::telemetry::Export::To(&endpoint))
             .map_err(anyhow::Error::msg)?;
     overhead(quick, "trace export on (OTLP to a receiver in this process)").await?;
     tokio::task::spawn_blocking(move || telemetry.shutdown()).await?;
     let requests = 2 * if quick { 5 } else { 30 };
+    let spans = received.spans().len();
     println!(
-        "\nspans received: {} for {requests} requests ({:.1} per request: generate, rounds or characters, node calls)",
-        spans.0.load(Ordering::Relaxed),
-        spans.0.load(Ordering::Relaxed) as f64 / f64::from(requests)
+        "\nspans received: {spans} for {requests} requests ({:.1} per request: generate, rounds or characters, node calls)",
+        spans as f64 / f64::from(requests)
     );
     Ok(())
 }

@@ -374,16 +374,6 @@ impl Settings {
     }
 }
 
-/// `HOST:PORT`, or `off` for none.
-pub fn listen_or_off(s: &str) -> std::result::Result<Option<SocketAddr>, String> {
-    if s.eq_ignore_ascii_case("off") || s.is_empty() {
-        return Ok(None);
-    }
-    s.parse()
-        .map(Some)
-        .map_err(|e| format!("{s:?}: expected HOST:PORT or `off` ({e})"))
-}
-
 /// Parses `NAME=URL[@WEIGHT]` (the `--node` flag).
 pub fn parse_node(s: &str) -> std::result::Result<NodeConfig, String> {
     let (name, rest) = s

@@ -153,7 +153,7 @@ fn model_card(id: &str, owner: &str) -> Value {
 }
 
 async fn models(State(app): State<App>) -> Json<Value> {
-    let data: Vec<Value> = openai::model_ids(&app.coordinator.node_names())
+    let data: Vec<Value> = openai::model_ids(app.coordinator.node_names())
         .iter()
         .map(|(id, owner)| model_card(id, owner))
         .collect();
@@ -161,7 +161,7 @@ async fn models(State(app): State<App>) -> Json<Value> {
 }
 
 async fn model(State(app): State<App>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
-    openai::model_ids(&app.coordinator.node_names())
+    openai::model_ids(app.coordinator.node_names())
         .iter()
         .find(|(m, _)| *m == id)
         .map(|(m, owner)| Json(model_card(m, owner)))
@@ -236,7 +236,7 @@ async fn run(
     let req = openai::generate_request(
         prompt,
         c,
-        &coordinator.node_names(),
+        coordinator.node_names(),
         coordinator.settings().max_chars,
     )?;
     let span = request_span("http");

@@ -114,7 +114,7 @@ fn main() -> anyhow::Result<()> {
         }),
         _ => file.tls.as_ref().map(Into::into),
     };
-    let http_listen = coordinator::config::listen_or_off(
+    let http_listen = ensemble_proto::parse_listen(
         args.http_listen
             .as_deref()
             .or(file.http_listen.as_deref())

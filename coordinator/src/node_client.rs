@@ -1,7 +1,7 @@
 //! A client for one model node within one request: it keeps the node's session in step with the
 //! request's answer by sending only what was appended since the last call (`ContextDelta`), resends
 //! the full context when the node lost the session (`NOT_FOUND`, `FAILED_PRECONDITION`), and bounds
-//! every call by a deadline. Each call is one `node_rpc` span (a child of the request's round or
+//! every call by a deadline; a client dropped with its session open frees it. Each call is one `node_rpc` span (a child of the request's round or
 //! character step) whose W3C trace context travels to the node in the gRPC metadata, and one sample
 //! of the coordinator's node-RPC metrics.
 
@@ -37,6 +37,8 @@ pub struct NodeClient {
     /// Calls made: propose, score, next-character.
     calls: [u64; 3],
     metrics: Option<Arc<Metrics>>,
+    /// A call may have created the session on the node and `close` has not freed it yet.
+    open: bool,
 }
 
 fn is_lost_session(code: tonic::Code) -> bool {
@@ -77,6 +79,7 @@ macro_rules! call_with_context {
             let mut request = tonic::Request::new($req);
             request.set_timeout($self.deadline);
             ensemble_proto::telemetry::inject(&span, request.metadata_mut());
+            $self.open |= !$self.session.is_empty();
             span.record("full_context", full);
             span.record("retries", i64::from(attempts));
             let outcome = tokio::time::timeout($self.deadline, $self.client.$method(request)).await;
@@ -154,6 +157,7 @@ impl NodeClient {
             resends: 0,
             calls: [0; 3],
             metrics: None,
+            open: false,
         }
     }
 
@@ -311,11 +315,6 @@ impl NodeClient {
         })
     }
 
-    /// What [`SessionsGuard`] needs to free this node's session later, without the client.
-    fn closer(&self) -> (ModelNodeClient<Channel>, String, Duration) {
-        (self.client.clone(), self.session.clone(), self.deadline)
-    }
-
     /// Frees the node's session (best effort: a node that is gone has nothing to free).
     pub async fn close(&mut self) {
         if self.session.is_empty() {
@@ -331,49 +330,29 @@ impl NodeClient {
             .instrument(span)
             .await;
         self.synced = None;
+        self.open = false;
     }
 }
 
-/// Frees the request's node sessions if the request is dropped before its driver could (the client
-/// went away during a unary call, so the future stopped being polled). A request that ends closes its
-/// sessions itself and [`SessionsGuard::disarm`]s this.
-pub struct SessionsGuard {
-    pending: Vec<(ModelNodeClient<Channel>, String, Duration)>,
-}
-
-impl SessionsGuard {
-    /// A guard over the sessions of `clients` (already `begin`-ed).
-    pub fn new(clients: &[NodeClient]) -> Self {
-        Self {
-            pending: clients
-                .iter()
-                .filter(|c| !c.session.is_empty())
-                .map(NodeClient::closer)
-                .collect(),
-        }
-    }
-
-    /// The request ended normally: its driver closed the sessions.
-    pub fn disarm(mut self) {
-        self.pending.clear();
-    }
-}
-
-impl Drop for SessionsGuard {
+/// A client dropped with its session still open (the request was abandoned mid-await: a unary
+/// client went away, or a call failed past the point where the driver closes) frees it in the
+/// background, so the node does not hold the KV cache until LRU eviction.
+impl Drop for NodeClient {
     fn drop(&mut self) {
-        if self.pending.is_empty() {
+        if !self.open {
             return;
         }
-        let pending = std::mem::take(&mut self.pending);
-        // Dropped outside a runtime (process exit): nothing to do, the node evicts the sessions.
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
-                for (mut client, session, deadline) in pending {
-                    let mut request = tonic::Request::new(pb::CloseSessionRequest { session_id: session });
-                    request.set_timeout(deadline);
-                    let _ = tokio::time::timeout(deadline, client.close_session(request)).await;
-                }
-            });
-        }
+        // Dropped outside a runtime (process exit): the node evicts the session in time.
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (mut client, deadline) = (self.client.clone(), self.deadline);
+        let mut request = tonic::Request::new(pb::CloseSessionRequest {
+            session_id: std::mem::take(&mut self.session),
+        });
+        request.set_timeout(deadline);
+        rt.spawn(async move {
+            let _ = tokio::time::timeout(deadline, client.close_session(request)).await;
+        });
     }
 }

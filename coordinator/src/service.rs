@@ -18,7 +18,7 @@ use crate::config::{Discovery, NodeConfig, Settings};
 use crate::drive::{self, Finish, Limits};
 use crate::error::Error;
 use crate::metrics::Metrics;
-use crate::node_client::{NodeClient, SessionsGuard};
+use crate::node_client::NodeClient;
 use crate::replicas::{Replicas, Resolve, SystemResolver};
 use crate::specfuse::{OnlineWeights, RoundOutcome, SpecFuseParams};
 
@@ -49,6 +49,33 @@ impl From<NodeSpec> for NodeConfig {
 /// Most characters per answer.
 pub const MAX_CHARS: u32 = 65_536;
 
+/// Most stop strings per request.
+pub const MAX_STOPS: usize = 16;
+
+/// Whether `strategy` names one: `specfuse`, `chared` or `single:` a member of `nodes`.
+pub fn is_strategy(strategy: &str, nodes: &[String]) -> bool {
+    match strategy {
+        "specfuse" | "chared" => true,
+        s => s
+            .strip_prefix("single:")
+            .is_some_and(|n| nodes.iter().any(|m| m == n)),
+    }
+}
+
+/// The request limits every API checks: `Err((field, message))` names the field at fault.
+pub fn check_limits(max_chars: u32, stop: &[String]) -> Result<(), (&'static str, String)> {
+    if max_chars == 0 || max_chars > MAX_CHARS {
+        return Err((
+            "max_chars",
+            format!("max_chars must be in 1..={MAX_CHARS}, got {max_chars}"),
+        ));
+    }
+    if stop.len() > MAX_STOPS || stop.iter().any(String::is_empty) {
+        return Err(("stop", format!("stop: at most {MAX_STOPS} non-empty strings")));
+    }
+    Ok(())
+}
+
 impl From<Error> for Status {
     fn from(e: Error) -> Status {
         let msg = e.to_string();
@@ -74,6 +101,8 @@ pub struct Coordinator {
     settings: Settings,
     requests: AtomicU64,
     metrics: Arc<Metrics>,
+    /// The members' names, in configuration order (labels, traces, `single:NAME`).
+    names: Vec<String>,
 }
 
 /// The span of one ensemble request; its fields are filled in as the request runs.
@@ -116,6 +145,7 @@ impl Coordinator {
             nodes.push((n.clone(), replicas));
         }
         Ok(Self {
+            names: nodes.iter().map(|n| n.0.name.clone()).collect(),
             nodes,
             settings,
             requests: AtomicU64::new(0),
@@ -129,8 +159,8 @@ impl Coordinator {
     }
 
     /// The members' names, in configuration order.
-    pub fn node_names(&self) -> Vec<String> {
-        self.nodes.iter().map(|n| n.0.name.clone()).collect()
+    pub fn node_names(&self) -> &[String] {
+        &self.names
     }
 
     /// The settings in force.
@@ -258,17 +288,15 @@ impl Coordinator {
         } else {
             r.strategy.clone()
         };
-        let known = match strategy.as_str() {
-            "specfuse" | "chared" => true,
-            s => s
-                .strip_prefix("single:")
-                .is_some_and(|n| self.nodes.iter().any(|m| m.0.name == n)),
+        let label = if is_strategy(&strategy, &self.names) {
+            strategy.as_str()
+        } else {
+            "invalid"
         };
-        let label = if known { strategy.as_str() } else { "invalid" };
         let in_flight = self.metrics.request_started(label, api);
         span.record("strategy", label);
         span.record("max_chars", i64::from(r.max_chars));
-        let names = self.node_names();
+        let names = &self.names;
         let metrics = &self.metrics;
         // (first text seen yet, when the previous step ended): shared by the two step callbacks.
         let clock = std::sync::Mutex::new((false, started));
@@ -285,7 +313,7 @@ impl Coordinator {
         };
         let out = {
             let mut on_round = |o: &RoundOutcome| {
-                metrics.round(o, step(!o.winner.text.is_empty()), &names);
+                metrics.round(o, step(!o.winner.text.is_empty()), names);
                 on_round(o)
             };
             let mut on_char = |c: &CharStep| {
@@ -324,15 +352,7 @@ impl Coordinator {
             .prompt
             .filter(|p| p.kind.is_some())
             .ok_or_else(|| Status::invalid_argument("prompt is required: a conversation or a raw prompt"))?;
-        if r.max_chars == 0 || r.max_chars > MAX_CHARS {
-            return Err(Status::invalid_argument(format!(
-                "max_chars must be in 1..={MAX_CHARS}, got {}",
-                r.max_chars
-            )));
-        }
-        if r.stop.len() > 16 || r.stop.iter().any(String::is_empty) {
-            return Err(Status::invalid_argument("stop: at most 16 non-empty strings"));
-        }
+        check_limits(r.max_chars, &r.stop).map_err(|(_, msg)| Status::invalid_argument(msg))?;
         let limits = Limits {
             max_chars: r.max_chars as usize,
             stop: r.stop.clone(),
@@ -351,11 +371,7 @@ impl Coordinator {
                     self.weights(&r.specfuse.unwrap_or_default().weights),
                 );
                 params.validate()?;
-                let guard = SessionsGuard::new(&clients);
-                let a = drive::specfuse(&mut clients, params, &limits, sampling, on_round).await;
-                // The driver closed the sessions, whatever the outcome.
-                guard.disarm();
-                let a = a?;
+                let a = drive::specfuse(&mut clients, params, &limits, sampling, on_round).await?;
                 pb::GenerateResponse {
                     text: a.text,
                     finish_reason: finish(a.finish) as i32,
@@ -375,10 +391,7 @@ impl Coordinator {
                     self.weights(&r.chared.unwrap_or_default().weights),
                 );
                 params.validate()?;
-                let guard = SessionsGuard::new(&clients);
-                let a = drive::chared(&mut clients, params, &limits, on_char).await;
-                guard.disarm();
-                let a = a?;
+                let a = drive::chared(&mut clients, params, &limits, on_char).await?;
                 pb::GenerateResponse {
                     text: a.text,
                     finish_reason: finish(a.finish) as i32,
@@ -403,40 +416,35 @@ impl Coordinator {
                     )));
                 };
                 let node = &mut clients[i];
-                let guard = SessionsGuard::new(std::slice::from_ref(node));
                 let first_started = Instant::now();
                 let mut text = String::new();
                 let mut steps = 0;
-                let f: Result<Finish, Error> = async {
-                    Ok(loop {
-                        let p = node.propose(64, &limits.stop, sampling).await?;
-                        steps += 1;
-                        self.metrics.single_step();
-                        if steps == 1 && !p.text.is_empty() {
-                            self.metrics.first_token(&strategy, first_started.elapsed());
-                        }
-                        node.accept(&p.text);
-                        text.push_str(&p.text);
-                        if let Some(cut) = limits.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
-                            text.truncate(cut);
-                            break Finish::Stop;
-                        }
-                        if matches!(p.finish_reason(), pb::FinishReason::Eos | pb::FinishReason::Stop) {
-                            break Finish::Eos;
-                        }
-                        if let Some((cut, _)) = text.char_indices().nth(limits.max_chars) {
-                            text.truncate(cut);
-                            break Finish::Length;
-                        }
-                        if text.chars().count() >= limits.max_chars || p.text.is_empty() {
-                            break Finish::Length;
-                        }
-                    })
-                }
-                .await;
+                // A failed call returns here with `?`; the dropped client then frees the session.
+                let f = loop {
+                    let p = node.propose(64, &limits.stop, sampling).await?;
+                    steps += 1;
+                    self.metrics.single_step();
+                    if steps == 1 && !p.text.is_empty() {
+                        self.metrics.first_token(&strategy, first_started.elapsed());
+                    }
+                    node.accept(&p.text);
+                    text.push_str(&p.text);
+                    if let Some(cut) = limits.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+                        text.truncate(cut);
+                        break Finish::Stop;
+                    }
+                    if matches!(p.finish_reason(), pb::FinishReason::Eos | pb::FinishReason::Stop) {
+                        break Finish::Eos;
+                    }
+                    if let Some((cut, _)) = text.char_indices().nth(limits.max_chars) {
+                        text.truncate(cut);
+                        break Finish::Length;
+                    }
+                    if text.chars().count() >= limits.max_chars || p.text.is_empty() {
+                        break Finish::Length;
+                    }
+                };
                 node.close().await;
-                guard.disarm();
-                let f = f?;
                 pb::GenerateResponse {
                     text,
                     finish_reason: finish(f) as i32,
@@ -508,21 +516,18 @@ impl Ensemble for EnsembleService {
         let span = grpc_span(&req);
         let r = req.into_inner();
         tokio::spawn(async move {
-            let names: Vec<String> = coordinator.nodes.iter().map(|n| n.0.name.clone()).collect();
+            let names = coordinator.node_names();
             let (tx_r, tx_c) = (tx.clone(), tx.clone());
-            let names_r = names.clone();
             let mut on_round = move |o: &RoundOutcome| {
                 let _ = tx_r.send(Ok(event(pb::generate_event::Event::Delta(o.winner.text.clone()))));
-                tx_r.send(Ok(event(pb::generate_event::Event::Round(round_trace(
-                    o, &names_r,
-                )))))
-                .is_ok()
+                tx_r.send(Ok(event(pb::generate_event::Event::Round(round_trace(o, names)))))
+                    .is_ok()
             };
             let mut on_char = move |c: &CharStep| {
                 if let CharOutcome::Char(ch) = c.chosen {
                     let _ = tx_c.send(Ok(event(pb::generate_event::Event::Delta(ch.to_string()))));
                 }
-                tx_c.send(Ok(event(pb::generate_event::Event::Char(char_trace(c, &names)))))
+                tx_c.send(Ok(event(pb::generate_event::Event::Char(char_trace(c, names)))))
                     .is_ok()
             };
             let out = coordinator

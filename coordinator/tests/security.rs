@@ -15,8 +15,7 @@ use ensemble_proto::tls::ClientTls;
 use ensemble_proto::v1 as pb;
 use tonic::transport::{Channel, Endpoint};
 
-#[path = "common/pki.rs"]
-mod pki;
+use common::pki;
 
 fn request(max_chars: u32) -> pb::GenerateRequest {
     pb::GenerateRequest {

@@ -9,70 +9,11 @@ mod common;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::otlp::{Attr, attr};
 use ensemble_proto::v1 as pb;
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
-    TraceService, TraceServiceServer,
-};
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
-use opentelemetry_proto::tonic::common::v1::{KeyValue, any_value};
 use opentelemetry_proto::tonic::trace::v1::Span;
-
-/// What the receiver got: (service.name, span).
-#[derive(Clone, Default)]
-struct Received(Arc<Mutex<Vec<(String, Span)>>>);
-
-#[tonic::async_trait]
-impl TraceService for Received {
-    async fn export(
-        &self,
-        req: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        let mut got = self.0.lock().map_err(|_| tonic::Status::internal("poisoned"))?;
-        for rs in req.into_inner().resource_spans {
-            let service = rs
-                .resource
-                .as_ref()
-                .and_then(|r| attr(&r.attributes, "service.name"))
-                .and_then(|v| v.as_str().map(str::to_owned))
-                .unwrap_or_default();
-            for ss in rs.scope_spans {
-                for s in ss.spans {
-                    got.push((service.clone(), s));
-                }
-            }
-        }
-        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
-    }
-}
-
-enum Attr {
-    Int(i64),
-    Str(String),
-    Other,
-}
-
-impl Attr {
-    fn as_str(&self) -> Option<&str> {
-        match self {
-            Attr::Str(s) => Some(s),
-            _ => None,
-        }
-    }
-}
-
-fn attr(kvs: &[KeyValue], key: &str) -> Option<Attr> {
-    let v = kvs.iter().find(|kv| kv.key == key)?.value.as_ref()?;
-    Some(match &v.value {
-        Some(any_value::Value::IntValue(i)) => Attr::Int(*i),
-        Some(any_value::Value::StringValue(s)) => Attr::Str(s.clone()),
-        _ => Attr::Other,
-    })
-}
 
 fn model_node_binary() -> anyhow::Result<PathBuf> {
     let p = std::path::Path::new(env!("CARGO_BIN_EXE_coordinator"))
@@ -106,14 +47,7 @@ fn terminate(child: &tokio::process::Child) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_request_is_one_trace_across_the_coordinator_and_every_node() -> anyhow::Result<()> {
-    let received = Received::default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let endpoint = format!("http://{}", listener.local_addr()?);
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(TraceServiceServer::new(received.clone()))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
+    let (endpoint, received) = common::otlp::start().await?;
 
     let mut children = Vec::new();
     let mut members = Vec::new();
@@ -186,13 +120,11 @@ async fn one_request_is_one_trace_across_the_coordinator_and_every_node() -> any
         tokio::time::timeout(Duration::from_secs(60), c.wait_with_output()).await??;
     }
 
-    let spans: Vec<(String, Span)> = {
-        let got = received.0.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
-        got.iter()
-            .filter(|(_, s)| hex(&s.trace_id) == trace_id)
-            .cloned()
-            .collect()
-    };
+    let spans: Vec<(String, Span)> = received
+        .spans()
+        .into_iter()
+        .filter(|(_, s)| hex(&s.trace_id) == trace_id)
+        .collect();
     let of = |service: &str, name: &str| -> Vec<&Span> {
         spans
             .iter()

@@ -134,14 +134,9 @@ impl TlsArgs {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Listen(pub Option<SocketAddr>);
 
-/// `HOST:PORT`, or `off` for none.
+/// `HOST:PORT`, or `off` for none ([`ensemble_proto::parse_listen`], as a clap value).
 pub fn listen_or_off(s: &str) -> Result<Listen, String> {
-    if s.eq_ignore_ascii_case("off") || s.is_empty() {
-        return Ok(Listen(None));
-    }
-    s.parse()
-        .map(|a| Listen(Some(a)))
-        .map_err(|e| format!("{s:?}: expected HOST:PORT or `off` ({e})"))
+    ensemble_proto::parse_listen(s).map(Listen)
 }
 
 /// `model-node generate`.

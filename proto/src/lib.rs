@@ -19,6 +19,17 @@ pub mod v1 {
     tonic::include_proto!("ensemble.v1");
 }
 
+/// A listen address that can be switched off: `HOST:PORT`, or `off` (or empty) for none. Shared by
+/// the node's `--metrics-listen` and the coordinator's `http_listen`.
+pub fn parse_listen(s: &str) -> Result<Option<std::net::SocketAddr>, String> {
+    if s.eq_ignore_ascii_case("off") || s.is_empty() {
+        return Ok(None);
+    }
+    s.parse()
+        .map(Some)
+        .map_err(|e| format!("{s:?}: expected HOST:PORT or `off` ({e})"))
+}
+
 /// The canonical upper-case name of a gRPC status code (`OK`, `INVALID_ARGUMENT`...), as used by
 /// the metrics of both servers.
 pub fn status_name(code: tonic::Code) -> &'static str {

@@ -410,7 +410,7 @@ fn main() -> anyhow::Result<()> {
                 let listen = file
                     .listen
                     .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 50050)));
-                let http = coordinator::config::listen_or_off(file.http_listen.as_deref().unwrap_or("off"))
+                let http = ensemble_proto::parse_listen(file.http_listen.as_deref().unwrap_or("off"))
                     .map_err(anyhow::Error::msg)?;
                 let cluster = start_local(&config, listen, http).await?;
                 for (name, pid) in cluster.nodes() {

@@ -196,10 +196,7 @@ pub fn model_ids(nodes: &[String]) -> Vec<(String, &'static str)> {
 /// The strategy `model` names (an explicit `ensemble.strategy` wins); `""` is the default one.
 fn strategy_for(model: &str, ext: &Extension, nodes: &[String]) -> Result<String, ApiError> {
     if let Some(s) = &ext.strategy {
-        let known = matches!(s.as_str(), "specfuse" | "chared")
-            || s.strip_prefix("single:")
-                .is_some_and(|n| nodes.iter().any(|m| m == n));
-        if !known {
+        if !crate::service::is_strategy(s, nodes) {
             return Err(ApiError::invalid(
                 Some("ensemble.strategy"),
                 format!(
@@ -317,23 +314,16 @@ pub fn generate_request(
         .or(c.max_completion_tokens)
         .or(c.max_tokens)
         .unwrap_or(default_max_chars);
-    // Checked here as well as by the coordinator, so that a stream fails with a 400 before it starts.
-    if !(1..=crate::service::MAX_CHARS).contains(&max_chars) {
-        return Err(ApiError::invalid(
-            Some("max_tokens"),
-            format!(
-                "max_tokens (characters) must be in 1..={}, got {max_chars}",
-                crate::service::MAX_CHARS
-            ),
-        ));
-    }
+    // Checked before the coordinator runs, so that a stream fails with a 400 before it starts.
     let stop = c.stop.map(OneOrMany::into_vec).unwrap_or_default();
-    if stop.len() > 16 || stop.iter().any(String::is_empty) {
-        return Err(ApiError::invalid(
-            Some("stop"),
-            "stop: at most 16 non-empty strings",
-        ));
-    }
+    crate::service::check_limits(max_chars, &stop).map_err(|(field, msg)| {
+        let param = if field == "max_chars" {
+            "max_tokens"
+        } else {
+            "stop"
+        };
+        ApiError::invalid(Some(param), msg)
+    })?;
     if let Some(t) = c.temperature.filter(|t| !(0.0..=2.0).contains(t)) {
         return Err(ApiError::invalid(
             Some("temperature"),

@@ -129,6 +129,9 @@ pub fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+pub mod otlp;
+pub mod pki;
+
 /// Prometheus text parsing, shared with the node's tests.
 #[path = "../../../model-node/tests/common/prom.rs"]
 pub mod prom;
