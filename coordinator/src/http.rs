@@ -99,6 +99,8 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|s| ensemble_proto::net::set_nodelay(s));
     axum::serve(listener, router(coordinator))
         .with_graceful_shutdown(shutdown)
         .await

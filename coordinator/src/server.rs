@@ -106,22 +106,19 @@ pub async fn serve_with(
             EnsembleService::shared(coordinator),
             check,
         ))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            async move {
-                shutdown.await;
-                // Stop routing first, then let tonic finish the in-flight requests.
-                tracing::info!("shutdown requested: health NOT_SERVING, draining");
-                reporter
-                    .set_not_serving::<EnsembleServer<EnsembleService>>()
-                    .await;
-                reporter
-                    .set_service_status("", tonic_health::ServingStatus::NotServing)
-                    .await;
-                let _ = draining_tx.send(());
-                let _ = http_stop_on_drain.send(true);
-            },
-        );
+        .serve_with_incoming_shutdown(ensemble_proto::net::incoming(listener), async move {
+            shutdown.await;
+            // Stop routing first, then let tonic finish the in-flight requests.
+            tracing::info!("shutdown requested: health NOT_SERVING, draining");
+            reporter
+                .set_not_serving::<EnsembleServer<EnsembleService>>()
+                .await;
+            reporter
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
+                .await;
+            let _ = draining_tx.send(());
+            let _ = http_stop_on_drain.send(true);
+        });
     // Both faces drain: the gRPC server finishes its requests, the HTTP server its own.
     let both = async {
         let r = server.await;

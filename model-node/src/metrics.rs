@@ -43,6 +43,8 @@ pub struct NodeMetrics {
     computed_positions: IntCounter,
     reused_positions: IntCounter,
     forward_passes: IntCounter,
+    decode_steps: IntCounter,
+    decode_rows: IntCounter,
     sessions: IntGauge,
     kv_bytes: IntGauge,
     queue_depth: IntGauge,
@@ -144,6 +146,14 @@ impl NodeMetrics {
                 "ensemble_node_forward_passes_total",
                 "Forward passes (a batch counts once).",
             ),
+            decode_steps: counter(
+                "ensemble_node_decode_steps_total",
+                "Batched decode passes: one per step of the running proposals.",
+            ),
+            decode_rows: counter(
+                "ensemble_node_decode_rows_total",
+                "Sequences advanced by the batched decode passes (rows / steps = mean batch size).",
+            ),
             sessions: gauge("ensemble_node_sessions", "Sessions held now."),
             kv_bytes: gauge("ensemble_node_kv_cache_bytes", "KV-cache bytes held now."),
             queue_depth: gauge("ensemble_node_queue_depth", "Calls waiting for the engine now."),
@@ -187,6 +197,13 @@ impl NodeMetrics {
         self.sessions.set(t.sessions.load(Ordering::Relaxed) as i64);
         self.kv_bytes.set(t.kv_bytes.load(Ordering::Relaxed) as i64);
         self.queue_depth.set(t.queued.load(Ordering::Relaxed) as i64);
+        // Counters that follow the engine's own totals (only ever increase).
+        for (c, total) in [
+            (&self.decode_steps, &t.batched_steps),
+            (&self.decode_rows, &t.batched_rows),
+        ] {
+            c.inc_by(total.load(Ordering::Relaxed).saturating_sub(c.get()));
+        }
         prometheus::TextEncoder::new()
             .encode_to_string(&self.registry.gather())
             .unwrap_or_else(|e| format!("# encoding failed: {e}\n"))
@@ -230,5 +247,7 @@ pub async fn serve(
                 }
             }),
         );
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|s| ensemble_proto::net::set_nodelay(s));
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await
 }

@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use ensemble_proto::v1::model_node_server::ModelNodeServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
 
 use crate::chars::CharOptions;
@@ -118,7 +117,7 @@ pub async fn run_with(
         .add_service(refl_v1)
         .add_service(refl_v1a)
         .add_service(svc)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+        .serve_with_incoming_shutdown(ensemble_proto::net::incoming(listener), async {
             let _ = drain_rx.await;
         });
     let outcome = tokio::select! {

@@ -9,7 +9,9 @@
 //! - [`telemetry`]: logs, OTLP trace export from the `OTEL_*` variables, W3C trace context in gRPC
 //!   metadata (shared by both binaries).
 //! - [`tls`]: TLS and mutual TLS for the gRPC hops, from PEM files.
+//! - [`net`]: how every listener accepts connections (TCP_NODELAY on each accepted socket).
 
+pub mod net;
 pub mod telemetry;
 pub mod tls;
 

@@ -67,6 +67,7 @@ impl TlsListener {
                         continue;
                     }
                 };
+                ensemble_proto::net::set_nodelay(&tcp);
                 let (acceptor, tx) = (acceptor.clone(), tx.clone());
                 tokio::spawn(async move {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
