@@ -26,6 +26,17 @@ pub enum Command {
     Bench(BenchArgs),
 }
 
+impl Command {
+    /// The model every subcommand loads.
+    pub fn model(&self) -> &ModelArgs {
+        match self {
+            Command::Serve(a) => &a.model,
+            Command::Generate(a) => &a.model,
+            Command::Bench(a) => &a.model,
+        }
+    }
+}
+
 /// Numeric precision of the weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DTypeArg {
@@ -54,7 +65,8 @@ pub struct ModelArgs {
     /// Weight precision.
     #[arg(long, env = "MODEL_NODE_DTYPE", value_enum, default_value = "auto")]
     pub dtype: DTypeArg,
-    /// CPU threads for tensor kernels (0 = all cores).
+    /// CPU threads for tensor kernels (0: the cgroup's CPU quota, else the available cores). Settled
+    /// once at start; the effective count is in Info and the start-up log.
     #[arg(long, env = "MODEL_NODE_THREADS", default_value_t = 0)]
     pub threads: usize,
     /// Longest context + new tokens (default: the model's max_position_embeddings, at most 32768).

@@ -16,6 +16,7 @@
 //! - [`service`], [`server`]: the gRPC service and the server with health, reflection, TLS and drain.
 //! - [`metrics`]: the node's Prometheus metrics and its `/metrics` endpoint.
 //! - [`node`]: loading a node from configuration.
+//! - [`threads`]: the kernel thread count, settled once at start (no per-matmul probing).
 //! - [`bench`]: the `model-node bench` tables.
 //! - [`fixtures`]: tiny tokenizers of each kind, for tests and training.
 //! - [`error`]: the crate's error and its mapping to gRPC status codes.
@@ -34,6 +35,7 @@ pub mod sampling;
 pub mod server;
 pub mod service;
 pub mod template;
+pub mod threads;
 pub mod train;
 pub mod validate;
 pub mod vocab;

@@ -11,11 +11,26 @@ use model_node::sampling::SamplingParams;
 use model_node::template::Message;
 use tracing_subscriber::EnvFilter;
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // SAFETY: first thing in main, before the async runtime or any other thread starts.
+    #[allow(unsafe_code)]
+    let threads = unsafe { model_node::threads::settle(cli.command.model().threads) };
+    match run(cli, threads) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One paragraph for people: the chain of causes, never a backtrace (whatever
+            // RUST_BACKTRACE says).
+            eprintln!("model-node: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli, threads: usize) -> anyhow::Result<()> {
     let command = match cli.command {
         // `serve` sets up its own logging and trace export.
-        Command::Serve(args) => return serve(args),
+        Command::Serve(args) => return serve(args, threads),
         c => c,
     };
     tracing_subscriber::fmt()
@@ -23,21 +38,27 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(args, threads),
         Command::Generate(args) => generate(args),
         Command::Bench(args) => model_node::bench::run(&args).map_err(Into::into),
     }
 }
 
-fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Runtime::new()?;
+fn serve(args: ServeArgs, threads: usize) -> anyhow::Result<()> {
+    // The runtime only moves bytes (gRPC, TLS, protobuf); the model runs on the engine thread and the
+    // kernel pool. Two workers keep it off the kernels' cores as much as it can be.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads.clamp(1, 2))
+        .thread_name("node-io")
+        .enable_all()
+        .build()?;
     // Trace export (when OTEL_* asks for it) lives on the runtime; the guard flushes on return.
     let _telemetry = {
         let _enter = rt.enter();
         ensemble_proto::telemetry::init("model-node").map_err(anyhow::Error::msg)?
     };
     let node = model_node::node::load(&args.model, &args.limits).context("loading the model")?;
-    tracing::info!(model = %node.info.model_id, arch = %node.info.architecture, listen = %args.listen, "model loaded");
+    tracing::info!(model = %node.info.model_id, arch = %node.info.architecture, listen = %args.listen, kernel_threads = threads, "model loaded");
     let char_defaults = CharOptions {
         max_hypotheses: args.limits.char_hypotheses.max(1),
         min_mass: args.limits.char_min_mass,

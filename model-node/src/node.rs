@@ -65,12 +65,6 @@ pub struct Loaded {
 
 /// Loads the model described by `args` with `limits`.
 pub fn load(args: &ModelArgs, limits: &LimitArgs) -> Result<Loaded> {
-    if args.threads > 0 {
-        // Ignore the error of a second initialisation (tests load several models in one process).
-        let _ = rayon::ThreadPoolBuilder::new()
-            .num_threads(args.threads)
-            .build_global();
-    }
     let files = ModelFiles::open(&args.model_dir)?;
     let device = device(&args.device)?;
     let dtype = dtype(args.dtype, &device);
@@ -116,6 +110,7 @@ pub fn load(args: &ModelArgs, limits: &LimitArgs) -> Result<Loaded> {
         parameters: files.config.parameter_count(),
         max_sessions: limits.max_sessions as u32,
         kv_cache_budget_bytes: engine_limits.kv_budget_bytes as u64,
+        kernel_threads: crate::threads::current() as u32,
         // Load fields: filled in by the service from the engine's counters on every Info.
         ..Default::default()
     };

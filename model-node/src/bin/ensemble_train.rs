@@ -61,7 +61,7 @@ enum Command {
         /// Held-out items per domain for the closing accuracy check.
         #[arg(long, default_value_t = 100)]
         eval_items: usize,
-        /// CPU threads (0: all cores).
+        /// CPU threads (0: the cgroup's CPU quota, else the available cores).
         #[arg(long, default_value_t = 0)]
         threads: usize,
     },
@@ -102,8 +102,18 @@ fn line(item: &model_node::train::world::Item) -> String {
 }
 
 fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let requested = match &cli.command {
+        Command::Model { threads, .. } => *threads,
+        _ => 0,
+    };
+    // SAFETY: first thing in main, before any other thread starts.
+    #[allow(unsafe_code)]
+    unsafe {
+        model_node::threads::settle(requested)
+    };
     tracing_subscriber::fmt().with_writer(std::io::stderr).init();
-    match Cli::parse().command {
+    match cli.command {
         Command::Model {
             recipe: name,
             out,
@@ -117,13 +127,8 @@ fn main() -> anyhow::Result<()> {
             intermediate,
             world_seed,
             eval_items,
-            threads,
+            threads: _,
         } => {
-            if threads > 0 {
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads)
-                    .build_global()?;
-            }
             let mut r = recipe::recipe(&name)?;
             if let Some(b) = batch {
                 r.batch = b;
