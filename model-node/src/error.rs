@@ -11,8 +11,8 @@ pub enum Error {
     /// The server could not start: TLS files, listener, reflection.
     #[error("server: {0}")]
     Server(String),
-    /// A tensor operation failed.
-    #[error("model computation failed: {0}")]
+    /// A tensor operation failed (the message never carries candle's backtrace).
+    #[error("model computation failed: {}", candle_message(.0))]
     Candle(#[from] candle_core::Error),
     /// The tokenizer failed on some text.
     #[error("tokenizer: {0}")]
@@ -59,12 +59,37 @@ pub enum Error {
         /// Queue capacity.
         limit: usize,
     },
+    /// A proposal needs more KV-cache memory than the node's whole budget.
+    #[error(
+        "this request needs {need} bytes of KV cache (context + new tokens) but the node's KV-cache budget is {budget} bytes (--kv-cache-mb); shorten the context or max_new_tokens, or use a node with a larger budget"
+    )]
+    KvBudget {
+        /// Bytes the request would need.
+        need: usize,
+        /// The node's budget.
+        budget: usize,
+    },
+    /// A fault inside the node, with a message for people.
+    #[error("internal error: {0}")]
+    Internal(String),
     /// The engine is shutting down or has stopped.
     #[error("node is shutting down")]
     ShuttingDown,
     /// The client went away before the work ran.
     #[error("request cancelled by the client")]
     Cancelled,
+}
+
+/// A candle error as one line for people: without the backtrace candle attaches when
+/// `RUST_BACKTRACE` is set, with its context and file path kept.
+pub fn candle_message(e: &candle_core::Error) -> String {
+    use candle_core::Error as C;
+    match e {
+        C::WithBacktrace { inner, .. } => candle_message(inner),
+        C::Context { inner, context } => format!("{context}: {}", candle_message(inner)),
+        C::WithPath { inner, path } => format!("{}: {}", path.display(), candle_message(inner)),
+        other => other.to_string().lines().next().unwrap_or_default().to_owned(),
+    }
 }
 
 /// Result with the crate's error.
@@ -79,10 +104,14 @@ impl From<Error> for Status {
             | Error::Template(_) => Code::InvalidArgument,
             Error::SessionNotFound(_) => Code::NotFound,
             Error::SessionMismatch { .. } => Code::FailedPrecondition,
-            Error::Busy { .. } => Code::ResourceExhausted,
+            Error::Busy { .. } | Error::KvBudget { .. } => Code::ResourceExhausted,
             Error::ShuttingDown => Code::Unavailable,
             Error::Cancelled => Code::Cancelled,
-            Error::ModelDir(_) | Error::Server(_) | Error::Candle(_) | Error::Vocab(_) => Code::Internal,
+            Error::ModelDir(_)
+            | Error::Server(_)
+            | Error::Candle(_)
+            | Error::Vocab(_)
+            | Error::Internal(_) => Code::Internal,
         };
         Status::new(code, e.to_string())
     }

@@ -144,10 +144,21 @@ impl ModelFiles {
     pub fn load_model(&self, device: &Device, dtype: DType, max_positions: usize) -> Result<Transformer> {
         let vb = mmap_weights(&self.weight_files, dtype, device)?;
         Transformer::load(&self.config, vb, max_positions).map_err(|e| {
+            let files: Vec<String> = self
+                .weight_files
+                .iter()
+                .map(|f| f.display().to_string())
+                .collect();
             Error::ModelDir(format!(
-                "{}: weights do not match config.json ({} architecture): {e}",
-                self.dir.display(),
-                self.config.arch.name()
+                "{}: the weights do not match config.json: {}. A {} checkpoint must hold HuggingFace \
+                 transformers' tensor names and shapes for that architecture (model.embed_tokens.weight \
+                 [vocab, hidden], model.layers.N.*, model.norm.weight, and lm_head.weight unless \
+                 tie_word_embeddings is true, when either of the two names may hold the shared matrix). \
+                 Supported architectures: {}.",
+                files.join(", "),
+                crate::error::candle_message(&e),
+                self.config.arch.name(),
+                crate::model::config::SUPPORTED,
             ))
         })
     }

@@ -5,6 +5,9 @@
 //! Tensor names are HuggingFace's, so checkpoints load unchanged; `tests/parity.rs` checks the logits
 //! against candle-transformers' own implementations of the same architectures.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use candle_core::{D, DType, Device, Module, Tensor};
 use candle_nn::{Embedding, Linear, VarBuilder};
 
@@ -12,15 +15,34 @@ use super::config::{Activation, Arch, ArchConfig, RopeScaling};
 
 type CResult<T> = candle_core::Result<T>;
 
-/// Keys and values of every layer for a prefix of tokens: `(batch, kv_heads, len, head_dim)` per layer.
+/// Keys and values of every layer for a prefix of tokens.
 ///
-/// Tensors are immutable and reference counted: cloning a cache is cheap, and extending it creates new
-/// tensors, so a cache can be forked and truncated freely.
+/// Storage is preallocated per layer as `(batch, kv_heads, capacity, head_dim)`, and a cache is a view
+/// of its first `len` positions. Appending writes in place when this view is the furthest any view of
+/// that storage has been written (`written == len`) and there is room; otherwise (a fork or truncated
+/// view that others extended, a full buffer, another batch size) the held positions are copied once
+/// into new storage with room to grow (capacity doubling). Positions below a view's length are never
+/// rewritten, so views stay immutable: a cache can be forked, truncated and shared freely, and a decode
+/// step appends in O(1) amortised instead of copying the whole cache.
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
     layers: Vec<(Tensor, Tensor)>,
     len: usize,
+    written: Arc<AtomicUsize>,
 }
+
+/// The shape of a model's KV storage.
+#[derive(Debug, Clone, Copy)]
+struct KvShape {
+    layers: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    max_positions: usize,
+    dtype: DType,
+}
+
+/// Smallest capacity a growing cache gets.
+const MIN_KV_CAPACITY: usize = 32;
 
 impl KvCache {
     /// Positions held.
@@ -33,28 +55,83 @@ impl KvCache {
         self.len == 0
     }
 
+    /// Positions the storage can hold before it must grow (0 when none is allocated).
+    pub fn capacity(&self) -> usize {
+        self.layers.first().and_then(|(k, _)| k.dim(2).ok()).unwrap_or(0)
+    }
+
+    fn batch(&self) -> usize {
+        self.layers.first().and_then(|(k, _)| k.dim(0).ok()).unwrap_or(1)
+    }
+
     /// The first `n` positions (a view; no copy).
     pub fn truncate(&self, n: usize) -> CResult<KvCache> {
-        if n >= self.len {
-            return Ok(self.clone());
-        }
         if n == 0 {
             return Ok(KvCache::default());
         }
-        let layers = self
-            .layers
-            .iter()
-            .map(|(k, v)| Ok((k.narrow(2, 0, n)?, v.narrow(2, 0, n)?)))
-            .collect::<CResult<Vec<_>>>()?;
-        Ok(KvCache { layers, len: n })
+        let mut view = self.clone();
+        view.len = n.min(self.len);
+        Ok(view)
     }
 
-    /// Bytes of key/value storage this cache accounts for.
+    /// Bytes of key/value storage this cache's buffers hold (capacity included).
     pub fn bytes(&self) -> usize {
         self.layers
             .iter()
             .map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes())
             .sum()
+    }
+
+    /// Identifies the storage (views of one storage share it), for counting bytes once.
+    pub fn storage_id(&self) -> usize {
+        Arc::as_ptr(&self.written) as usize
+    }
+
+    /// This cache with storage that takes `s` more positions of batch `b` in place, those positions
+    /// claimed: the same storage when possible, else new storage holding a copy of the `len` positions.
+    fn for_append(&self, b: usize, s: usize, shape: &KvShape, device: &Device) -> CResult<KvCache> {
+        let need = self.len + s;
+        let same_batch = self.layers.is_empty() || self.batch() == b;
+        if !self.layers.is_empty()
+            && same_batch
+            && need <= self.capacity()
+            && self
+                .written
+                .compare_exchange(self.len, need, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            return Ok(self.clone());
+        }
+        // A batch that differs from the stored one (candidates over a shared context) is not extended
+        // further: exact capacity. Otherwise room to grow.
+        let cap = if same_batch {
+            need.next_power_of_two()
+                .max(MIN_KV_CAPACITY)
+                .min(shape.max_positions.max(need))
+        } else {
+            need
+        };
+        let dims = (b, shape.kv_heads, cap, shape.head_dim);
+        let mut layers = Vec::with_capacity(shape.layers);
+        for i in 0..shape.layers {
+            let k = Tensor::zeros(dims, shape.dtype, device)?;
+            let v = Tensor::zeros(dims, shape.dtype, device)?;
+            if self.len > 0
+                && let Some((pk, pv)) = self.layers.get(i)
+            {
+                let held = (b, shape.kv_heads, self.len, shape.head_dim);
+                let pk = pk.narrow(2, 0, self.len)?.broadcast_as(held)?.contiguous()?;
+                let pv = pv.narrow(2, 0, self.len)?.broadcast_as(held)?.contiguous()?;
+                k.slice_set(&pk, 2, 0)?;
+                v.slice_set(&pv, 2, 0)?;
+            }
+            layers.push((k, v));
+        }
+        Ok(KvCache {
+            layers,
+            len: self.len,
+            written: Arc::new(AtomicUsize::new(need)),
+        })
     }
 }
 
@@ -167,7 +244,16 @@ impl Transformer {
         let (q_out, kv_out) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
         let gemma = cfg.arch == Arch::Gemma2;
         let m = vb.pp("model");
-        let embed = candle_nn::embedding(cfg.vocab_size, h, m.pp("embed_tokens"))?;
+        // A tied checkpoint may store the shared matrix under either name (HF transformers accepts
+        // both): tinystories656K, for one, ships only `lm_head.weight`.
+        let embed = if cfg.tie_word_embeddings
+            && !vb.contains_tensor("model.embed_tokens.weight")
+            && vb.contains_tensor("lm_head.weight")
+        {
+            Embedding::new(vb.get((cfg.vocab_size, h), "lm_head.weight")?, h)
+        } else {
+            candle_nn::embedding(cfg.vocab_size, h, m.pp("embed_tokens"))?
+        };
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             let lb = m.pp(format!("layers.{i}"));
@@ -271,32 +357,95 @@ impl Transformer {
         self.cos.dim(0).unwrap_or(0)
     }
 
+    fn kv_shape(&self) -> KvShape {
+        KvShape {
+            layers: self.layers.len(),
+            kv_heads: self.cfg.num_kv_heads,
+            head_dim: self.cfg.head_dim,
+            max_positions: self.max_positions(),
+            dtype: self.dtype,
+        }
+    }
+
+    fn check_positions(&self, n: usize) -> CResult<()> {
+        if n > self.max_positions() {
+            candle_core::bail!(
+                "{n} positions exceed the rotary table of {}",
+                self.max_positions()
+            );
+        }
+        Ok(())
+    }
+
     /// Runs `tokens` (shape `(batch, seq)`) after the positions in `cache` (batch 1 or `batch`).
     /// Returns f32 logits `(batch, seq, vocab)` when `all_logits`, else `(batch, vocab)` of the last
     /// position, and the extended cache.
     pub fn forward(&self, tokens: &Tensor, cache: &KvCache, all_logits: bool) -> CResult<(Tensor, KvCache)> {
-        let (_batch, s) = tokens.dims2()?;
+        let (b, s) = tokens.dims2()?;
         let offset = cache.len;
-        if offset + s > self.max_positions() {
-            candle_core::bail!(
-                "{} positions exceed the rotary table of {}",
-                offset + s,
-                self.max_positions()
-            );
+        self.check_positions(offset + s)?;
+        let mut out = cache.for_append(b, s, &self.kv_shape(), &self.device)?;
+        let cos = self.cos.narrow(0, offset, s)?;
+        let sin = self.sin.narrow(0, offset, s)?;
+        let x = self.layers_forward(tokens, &mut |li, layer, hn| {
+            let (q, k, v) = self.project(layer, hn, &cos, &sin)?;
+            self.attend(layer, li, (&q, &k, &v), &out, offset)
+        })?;
+        out.len = offset + s;
+        Ok((self.logits(&x, all_logits)?, out))
+    }
+
+    /// One decode step of several sequences at once: `tokens[i]` follows `caches[i]` (each of batch 1,
+    /// of any length). The embedding, projections, MLPs and LM head run once over all the rows (one
+    /// matmul per weight instead of one per sequence); attention runs per sequence against its own
+    /// cache, so nothing is padded. Returns f32 logits `(n, vocab)` and the extended caches.
+    pub fn forward_ragged(&self, tokens: &[u32], caches: &[&KvCache]) -> CResult<(Tensor, Vec<KvCache>)> {
+        let n = tokens.len();
+        if n == 0 || caches.len() != n {
+            candle_core::bail!("forward_ragged: {n} tokens for {} caches", caches.len());
         }
+        let shape = self.kv_shape();
+        let mut outs = Vec::with_capacity(n);
+        for c in caches {
+            self.check_positions(c.len + 1)?;
+            outs.push(c.for_append(1, 1, &shape, &self.device)?);
+        }
+        let positions: Vec<u32> = caches.iter().map(|c| c.len as u32).collect();
+        let positions = Tensor::new(positions.as_slice(), &self.device)?;
+        let half = self.cos.dim(1)?;
+        let cos = self.cos.index_select(&positions, 0)?.reshape((n, 1, half))?;
+        let sin = self.sin.index_select(&positions, 0)?.reshape((n, 1, half))?;
+        let input = Tensor::new(tokens, &self.device)?.reshape((n, 1))?;
+        let x = self.layers_forward(&input, &mut |li, layer, hn| {
+            let (q, k, v) = self.project(layer, hn, &cos, &sin)?;
+            let mut ys = Vec::with_capacity(n);
+            for (j, out) in outs.iter().enumerate() {
+                let row = |t: &Tensor| t.narrow(0, j, 1);
+                ys.push(self.attend(layer, li, (&row(&q)?, &row(&k)?, &row(&v)?), out, out.len)?);
+            }
+            Tensor::cat(&ys, 0)
+        })?;
+        for out in &mut outs {
+            out.len += 1;
+        }
+        Ok((self.logits(&x, false)?, outs))
+    }
+
+    /// Embedding and every layer; `attention(layer index, layer, normed input)` returns the attention
+    /// output before the output projection, `(batch, seq, heads * head_dim)`.
+    fn layers_forward(
+        &self,
+        tokens: &Tensor,
+        attention: &mut dyn FnMut(usize, &Layer, &Tensor) -> CResult<Tensor>,
+    ) -> CResult<Tensor> {
         let mut x = self.embed.forward(tokens)?;
         if self.cfg.arch == Arch::Gemma2 {
             x = (x * (self.cfg.hidden_size as f64).sqrt())?;
         }
-        let cos = self.cos.narrow(0, offset, s)?;
-        let sin = self.sin.narrow(0, offset, s)?;
-        let mut new_layers = Vec::with_capacity(self.layers.len());
         for (i, layer) in self.layers.iter().enumerate() {
-            let past = cache.layers.get(i);
             let residual = x.clone();
             let hn = layer.input_norm.forward(&x)?;
-            let (attn, kv) = self.attention(layer, &hn, past, offset, &cos, &sin)?;
-            new_layers.push(kv);
+            let attn = layer.o.forward(&attention(i, layer, &hn)?)?;
             let attn = if layer.ff_norms.is_some() {
                 layer.post_attn_norm.forward(&attn)?
             } else {
@@ -314,31 +463,35 @@ impl Transformer {
             }
             x = (residual + m)?;
         }
-        let x = if all_logits { x } else { x.narrow(1, s - 1, 1)? };
+        Ok(x)
+    }
+
+    /// Final norm and LM head: f32 logits `(batch, seq, vocab)`, or `(batch, vocab)` of the last
+    /// position.
+    fn logits(&self, x: &Tensor, all_logits: bool) -> CResult<Tensor> {
+        let s = x.dim(1)?;
+        let x = if all_logits {
+            x.clone()
+        } else {
+            x.narrow(1, s - 1, 1)?
+        };
         let x = self.norm.forward(&x)?;
         let mut logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
         if let Some(cap) = self.cfg.final_logit_softcapping {
             logits = ((logits / cap)?.tanh()? * cap)?;
         }
-        let logits = if all_logits { logits } else { logits.squeeze(1)? };
-        Ok((
-            logits,
-            KvCache {
-                layers: new_layers,
-                len: offset + s,
-            },
-        ))
+        if all_logits { Ok(logits) } else { logits.squeeze(1) }
     }
 
-    fn attention(
+    /// Queries `(b, heads, s, head_dim)` and keys, values `(b, kv_heads, s, head_dim)`, rotated by
+    /// `cos`/`sin` (`(s, head_dim / 2)`, or `(b, s, head_dim / 2)` for per-row positions).
+    fn project(
         &self,
         layer: &Layer,
         x: &Tensor,
-        past: Option<&(Tensor, Tensor)>,
-        offset: usize,
         cos: &Tensor,
         sin: &Tensor,
-    ) -> CResult<(Tensor, (Tensor, Tensor))> {
+    ) -> CResult<(Tensor, Tensor, Tensor)> {
         let (b, s, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
         let (q, k, v) = match &layer.qkv {
@@ -357,43 +510,54 @@ impl Transformer {
         let v = v.reshape((b, s, nkv, hd))?.transpose(1, 2)?.contiguous()?;
         let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
-        let (k, v) = match past {
-            Some((pk, pv)) => {
-                let (pk, pv) = if pk.dim(0)? != b {
-                    (
-                        pk.broadcast_as((b, nkv, offset, hd))?,
-                        pv.broadcast_as((b, nkv, offset, hd))?,
-                    )
-                } else {
-                    (pk.clone(), pv.clone())
-                };
-                (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?)
-            }
-            None => (k, v),
+        Ok((q, k, v))
+    }
+
+    /// Writes `k`, `v` at `offset` into `cache`'s storage of layer `li` (claimed by
+    /// [`KvCache::for_append`]) and attends from `q` over positions `..offset + s`. Grouped-query
+    /// heads need no repeated K/V: the query heads of one KV head are the rows of one matmul.
+    fn attend(
+        &self,
+        layer: &Layer,
+        li: usize,
+        (q, k, v): (&Tensor, &Tensor, &Tensor),
+        cache: &KvCache,
+        offset: usize,
+    ) -> CResult<Tensor> {
+        let (b, nh, s, hd) = q.dims4()?;
+        let nkv = self.cfg.num_kv_heads;
+        let Some((kb, vb)) = cache.layers.get(li) else {
+            candle_core::bail!("KV cache has no layer {li}");
         };
-        let kv = (k.clone(), v.clone());
+        kb.slice_set(&k.contiguous()?, 2, offset)?;
+        vb.slice_set(&v.contiguous()?, 2, offset)?;
+        let kv_len = offset + s;
+        let k = kb.narrow(2, 0, kv_len)?;
+        let v = vb.narrow(2, 0, kv_len)?;
         let rep = nh / nkv;
-        let k = candle_transformers::utils::repeat_kv(k, rep)?.contiguous()?;
-        let v = candle_transformers::utils::repeat_kv(v, rep)?.contiguous()?;
         let scale = match self.cfg.query_pre_attn_scalar {
             Some(q) => q.powf(-0.5),
             None => (hd as f64).powf(-0.5),
         };
-        let q = q.to_dtype(DType::F32)?;
+        let q = q.reshape((b, nkv, rep * s, hd))?.to_dtype(DType::F32)?;
         let k = k.to_dtype(DType::F32)?;
         let mut att = (q.matmul(&k.t()?)? * scale)?;
         if let Some(cap) = self.cfg.attn_logit_softcapping {
             att = ((att / cap)?.tanh()? * cap)?;
         }
-        let kv_len = offset + s;
         let needs_window = layer.sliding_window.is_some_and(|w| kv_len > w);
         if s > 1 || needs_window {
             let mask = self.mask(s, offset, layer.sliding_window)?;
-            att = att.broadcast_add(&mask)?;
+            att = att
+                .reshape((b, nkv, rep, s, kv_len))?
+                .broadcast_add(&mask)?
+                .reshape((b, nkv, rep * s, kv_len))?;
         }
         let att = candle_nn::ops::softmax_last_dim(&att)?.to_dtype(v.dtype())?;
-        let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, s, nh * hd))?;
-        Ok((layer.o.forward(&y)?, kv))
+        att.matmul(&v)?
+            .reshape((b, nh, s, hd))?
+            .transpose(1, 2)?
+            .reshape((b, s, nh * hd))
     }
 
     fn mask(&self, s: usize, offset: usize, window: Option<usize>) -> CResult<Tensor> {
