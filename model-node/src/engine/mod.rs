@@ -4,8 +4,11 @@
 //! # Layout
 //! - [`text`]: prompt rendering, canonical tokenization, the token-healing cut.
 //! - [`session`]: sessions, per-session prefix KV caches, LRU eviction, work counters.
-//! - [`ops`]: the three questions (propose, score, next character) on one resolved session.
+//! - [`ops`]: resolving a context into a session; scoring and the next character on it.
+//! - [`decode`]: proposals as resumable decodes and the scheduler that steps them together in one
+//!   batched forward pass (continuous batching).
 
+pub mod decode;
 pub mod ops;
 pub mod session;
 pub mod text;
@@ -107,6 +110,10 @@ pub struct Totals {
     pub kv_bytes: AtomicU64,
     /// Jobs waiting now (gauge).
     pub queued: AtomicU64,
+    /// Batched decode passes (one per step of the running proposals).
+    pub batched_steps: AtomicU64,
+    /// Sequences advanced by those passes (their mean batch size is rows / steps).
+    pub batched_rows: AtomicU64,
 }
 
 struct Envelope {
@@ -151,6 +158,8 @@ impl EngineHandle {
 pub struct Engine {
     model: Transformer,
     codec: TextCodec,
+    /// Tokens a proposal may produce: EOS and every token with text.
+    text_ids: Vec<u32>,
     sessions: Sessions,
     limits: EngineLimits,
     totals: Arc<Totals>,
@@ -160,9 +169,14 @@ impl Engine {
     /// An engine over a loaded model.
     pub fn new(model: Transformer, codec: TextCodec, limits: EngineLimits) -> Self {
         let sessions = Sessions::new(limits.max_sessions, limits.kv_budget_bytes);
+        let vocab = &codec.vocab;
+        let text_ids = (0..vocab.n_rows() as u32)
+            .filter(|&t| vocab.is_eos(t) || vocab.token_bytes(t).is_some_and(|b| !b.is_empty()))
+            .collect();
         Self {
             model,
             codec,
+            text_ids,
             sessions,
             limits,
             totals: Arc::default(),
@@ -187,24 +201,13 @@ impl Engine {
     /// Starts the engine thread; the thread ends when every handle is dropped.
     pub fn spawn(self) -> Result<(EngineHandle, std::thread::JoinHandle<()>)> {
         let capacity = self.limits.queue_capacity.max(1);
-        let (tx, mut rx) = mpsc::channel::<Envelope>(capacity);
+        let (tx, rx) = mpsc::channel::<Envelope>(capacity);
         let totals = self.totals.clone();
         let handle = EngineHandle { tx, capacity, totals };
-        let mut engine = self;
+        let engine = self;
         let thread = std::thread::Builder::new()
             .name("engine".into())
-            .spawn(move || {
-                while let Some(env) = rx.blocking_recv() {
-                    engine.totals.queued.fetch_sub(1, Ordering::Relaxed);
-                    if env.reply.is_closed() {
-                        continue; // the client went away while queued
-                    }
-                    let queue_ms = env.enqueued.elapsed().as_secs_f64() * 1e3;
-                    let reply = &env.reply;
-                    let result = engine.run(env.job, queue_ms, &|| reply.is_closed());
-                    let _ = env.reply.send(result);
-                }
-            })
+            .spawn(move || decode::serve(engine, rx))
             .map_err(|e| Error::ModelDir(format!("cannot start the engine thread: {e}")))?;
         Ok((handle, thread))
     }
@@ -214,12 +217,10 @@ impl Engine {
         let start = Instant::now();
         let result = match job {
             Job::Close(id) => Ok(Reply::Closed(self.sessions.close(&id))),
-            Job::Propose(ctx, p) => self
-                .with_session(ctx, |e, s, u| e.propose(s, &p, u, cancelled))
-                .map(|(mut r, u)| {
-                    r.usage = u;
-                    Reply::Proposal(r)
-                }),
+            Job::Propose(ctx, p) => self.propose_now(ctx, p, cancelled).map(|(mut r, u)| {
+                r.usage = u;
+                Reply::Proposal(r)
+            }),
             Job::Score(ctx, c) => self
                 .with_session(ctx, |e, s, u| e.score(s, &c, u))
                 .map(|(mut r, u)| {
@@ -242,6 +243,12 @@ impl Engine {
             Ok(Reply::Chars(r)) => (r.usage.queue_ms, r.usage.compute_ms) = (queue_ms, ms),
             _ => {}
         }
+        self.after_call();
+        result
+    }
+
+    /// Counts a finished call and refreshes the session gauges.
+    fn after_call(&self) {
         self.totals.jobs.fetch_add(1, Ordering::Relaxed);
         self.totals
             .sessions
@@ -249,7 +256,6 @@ impl Engine {
         self.totals
             .kv_bytes
             .store(self.sessions.bytes() as u64, Ordering::Relaxed);
-        result
     }
 
     /// Resolves the context into a session, runs `f`, puts the session back (even on error).

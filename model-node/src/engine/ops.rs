@@ -1,17 +1,17 @@
-//! The three questions a node answers, on one resolved session: propose a segment, score candidates
-//! (one batched pass over the shared context cache), and the next-character distribution.
+//! Resolving a context into a session, and two of the three questions a node answers on it: score
+//! candidates (one batched pass over the shared context cache) and the next-character distribution.
+//! Proposals are decodes stepped together by the scheduler ([`super::decode`]).
 
 use std::sync::Arc;
 
 use candle_core::{D, Tensor};
 
 use super::session::{CharSlot, PrefixCache, Session, Usage};
-use super::text::text_of;
 use super::{ContextBody, ContextSpec, Engine};
 use crate::chars::{CharDistribution, CharOptions, CharState, NextTokenModel};
 use crate::error::{Error, Result};
 use crate::model::Transformer;
-use crate::sampling::{Sampler, SamplingParams};
+use crate::sampling::SamplingParams;
 
 /// Settings of a proposal.
 #[derive(Debug, Clone, PartialEq)]
@@ -194,95 +194,8 @@ impl Engine {
         Ok(session)
     }
 
-    fn text_empty(s: &Session) -> bool {
+    pub(super) fn text_empty(s: &Session) -> bool {
         s.prompt.text.is_empty() && s.answer.is_empty()
-    }
-
-    /// Drafts a segment after the session's context (the session is not extended; the draft's KV
-    /// entries stay cached, so appending the same text later is free).
-    pub(super) fn propose(
-        &mut self,
-        s: &mut Session,
-        p: &ProposeParams,
-        usage: &mut Usage,
-        cancelled: &dyn Fn() -> bool,
-    ) -> Result<Proposal> {
-        let limit = self.limits.max_context;
-        if s.tokens.len() + p.max_new_tokens > limit {
-            return Err(Error::ContextTooLong {
-                tokens: s.tokens.len(),
-                new_tokens: p.max_new_tokens,
-                limit,
-            });
-        }
-        let heal = self.codec.heal(&s.tokens, Self::text_empty(s));
-        let mut seq: Vec<u32> = s.tokens[..heal.prefix_len].to_vec();
-        let (mut logits, mut kv) = s.cache.logits_after(&self.model, &seq, usage)?;
-        let vocab = &self.codec.vocab;
-        let text_ids: Vec<u32> = (0..vocab.n_rows() as u32)
-            .filter(|&t| vocab.is_eos(t) || vocab.token_bytes(t).is_some_and(|b| !b.is_empty()))
-            .collect();
-        let seed = s.answer_chars as u64 ^ (s.tokens.len() as u64).rotate_left(32);
-        let mut sampler = Sampler::new(p.sampling.clone(), seed);
-        let mut bytes: Vec<u8> = Vec::new();
-        let mut logprobs = Vec::new();
-        let mut finish = Finish::Length;
-        let mut text = String::new();
-        for step in 0..p.max_new_tokens {
-            if cancelled() {
-                return Err(Error::Cancelled);
-            }
-            if step > 0 {
-                let Some(&last) = seq.last() else { break };
-                let input = Tensor::new(&[last], self.model.device())?.unsqueeze(0)?;
-                let (l, k) = self.model.forward(&input, &kv, false)?;
-                (logits, kv) = (l.squeeze(0)?, k);
-                usage.computed_positions += 1;
-                usage.forward_passes += 1;
-            }
-            let row = logits.to_vec1::<f32>()?;
-            let healing = step == 0 && !heal.remainder.is_empty();
-            let healed: Vec<u32>;
-            let candidates: &[u32] = if healing {
-                let r = vocab.prefix_range(&heal.remainder);
-                let mut ids: Vec<u32> = r.map(|pos| vocab.sorted_id(pos)).collect();
-                ids.sort_unstable();
-                healed = ids;
-                &healed
-            } else {
-                &text_ids
-            };
-            let Some(tok) = sampler.pick(&row, candidates) else {
-                break;
-            };
-            let lse = log_sum_exp(&row, None);
-            let mut lp = row[tok as usize] - lse;
-            if healing {
-                lp -= log_sum_exp(&row, Some(candidates)) - lse;
-            }
-            logprobs.push(lp);
-            if vocab.is_eos(tok) {
-                finish = Finish::Eos;
-                break;
-            }
-            seq.push(tok);
-            bytes.extend_from_slice(vocab.token_bytes(tok).unwrap_or_default());
-            text = text_of(bytes.get(heal.remainder.len()..).unwrap_or_default());
-            if let Some(cut) = p.stop.iter().filter_map(|st| text.find(st.as_str())).min() {
-                text.truncate(cut);
-                finish = Finish::Stop;
-                break;
-            }
-        }
-        // The cache covers every token but the last sampled one.
-        let covered = kv.len();
-        s.cache.insert(seq[..covered].to_vec(), kv, None);
-        Ok(Proposal {
-            text,
-            token_logprobs: logprobs,
-            finish,
-            usage: Usage::default(),
-        })
     }
 
     /// Scores every candidate as a continuation of the answer. Candidates whose tokenization keeps the
@@ -468,7 +381,7 @@ impl Engine {
 }
 
 /// log Σ exp over `ids` (all entries when `None`).
-fn log_sum_exp(row: &[f32], ids: Option<&[u32]>) -> f32 {
+pub(super) fn log_sum_exp(row: &[f32], ids: Option<&[u32]>) -> f32 {
     let vals: Box<dyn Iterator<Item = f32>> = match ids {
         Some(ids) => Box::new(ids.iter().filter_map(|&i| row.get(i as usize).copied())),
         None => Box::new(row.iter().copied()),

@@ -53,9 +53,15 @@ fn lcp(a: &[u32], b: &[u32]) -> usize {
 }
 
 impl PrefixCache {
-    /// Bytes of KV storage held (views of shared storage are counted in full: an upper bound).
+    /// Bytes of KV storage held: each storage once, however many entries view it, capacity
+    /// included.
     pub fn bytes(&self) -> usize {
-        self.entries.iter().map(|e| e.kv.bytes()).sum()
+        let mut seen = std::collections::HashSet::new();
+        self.entries
+            .iter()
+            .filter(|e| seen.insert(e.kv.storage_id()))
+            .map(|e| e.kv.bytes())
+            .sum()
     }
 
     /// Longest cached prefix of `tokens`, with its KV cache truncated to it.

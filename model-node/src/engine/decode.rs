@@ -1,0 +1,404 @@
+//! Proposals as resumable decodes, and the engine thread's scheduler that steps all of them together
+//! (continuous batching).
+//!
+//! A [`Decode`] holds one `ProposeSegment` between tokens: its session, its KV cache, the logits of
+//! its next position and what it has produced. The scheduler ([`serve`]) loops: it admits the calls
+//! that arrived (a proposal is resolved and prefilled, then joins the running set; other calls run at
+//! once, between two steps), then advances every running decode by one token in **one** forward pass
+//! ([`Transformer::forward_ragged`]): the weights are read once for all sequences, attention runs per
+//! sequence on its own cache. Sequences join and leave between steps, a cancelled call leaves at the
+//! next step, and every running sequence advances at every step, so none starves.
+//!
+//! Admission is bounded twice: by the queue (`RESOURCE_EXHAUSTED` when full) and by the KV budget
+//! (a proposal whose context + new tokens can never fit is refused at once; one that fits the budget
+//! but not beside the running ones waits, in arrival order, until they finish).
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+
+use super::ops::{Finish, Proposal, ProposeParams, log_sum_exp};
+use super::session::{Session, Usage};
+use super::text::text_of;
+use super::{ContextSpec, Engine, Envelope, Job, Reply};
+use crate::error::{Error, Result};
+use crate::model::KvCache;
+use crate::sampling::Sampler;
+
+/// One proposal between two tokens.
+pub(super) struct Decode {
+    session: Session,
+    usage: Usage,
+    params: ProposeParams,
+    /// Context bytes the first token must re-cover (token healing).
+    remainder: Vec<u8>,
+    /// Drop one leading space from the text (an empty context under a SentencePiece tokenizer).
+    strip_space: bool,
+    /// Tokens conditioned on so far (context prefix + sampled).
+    seq: Vec<u32>,
+    kv: KvCache,
+    /// Logits of the next position.
+    logits: Vec<f32>,
+    sampler: Sampler,
+    bytes: Vec<u8>,
+    logprobs: Vec<f32>,
+    text: String,
+    step: usize,
+    /// KV bytes this decode may grow to (context + new tokens).
+    reserved: usize,
+}
+
+/// What a decode does after picking a token.
+enum Next {
+    /// Run this token through the model and pick again.
+    Feed(u32),
+    /// Finished.
+    Done(Finish),
+}
+
+impl Engine {
+    /// KV bytes one position costs over all layers.
+    pub(super) fn kv_bytes_per_position(&self) -> usize {
+        let c = self.model.config();
+        2 * c.num_layers * c.num_kv_heads * c.head_dim * self.model.dtype().size_in_bytes()
+    }
+
+    /// Resolves the context, checks the limits, and runs the prompt (the part no cache holds): a
+    /// decode ready for its first token, or none when it fits the KV budget but not beside the `held`
+    /// bytes of the running decodes (it must wait; with none running it always starts).
+    pub(super) fn start_decode(
+        &mut self,
+        ctx: ContextSpec,
+        params: ProposeParams,
+        held: usize,
+    ) -> Result<Option<Decode>> {
+        let mut session = self.resolve(ctx)?;
+        let limit = self.limits.max_context;
+        let tokens = session.tokens.len();
+        let refuse = if tokens + params.max_new_tokens > limit {
+            Some(Error::ContextTooLong {
+                tokens,
+                new_tokens: params.max_new_tokens,
+                limit,
+            })
+        } else {
+            let need = (tokens + params.max_new_tokens + 1) * self.kv_bytes_per_position();
+            (need > self.limits.kv_budget_bytes).then_some(Error::KvBudget {
+                need,
+                budget: self.limits.kv_budget_bytes,
+            })
+        };
+        if let Some(e) = refuse {
+            self.sessions.put(session);
+            return Err(e);
+        }
+        let reserved = (tokens + params.max_new_tokens + 1) * self.kv_bytes_per_position();
+        if held > 0 && held + reserved > self.limits.kv_budget_bytes {
+            self.sessions.put(session);
+            return Ok(None);
+        }
+        let mut usage = Usage {
+            context_tokens: tokens,
+            ..Usage::default()
+        };
+        let text_empty = Self::text_empty(&session);
+        let mut heal = self.codec.heal(&session.tokens, text_empty);
+        // An empty text constrains nothing: the first token is free, and the leading space a
+        // SentencePiece decoder strips is stripped from the text (as HF's `decode` does), not forced
+        // on the model (tinystories656K starts its stories with `On`, not `▁On`).
+        let strip_space = text_empty && heal.remainder == b" ";
+        if strip_space {
+            heal.remainder.clear();
+        }
+        let seq: Vec<u32> = session.tokens[..heal.prefix_len].to_vec();
+        let prefilled = session
+            .cache
+            .logits_after(&self.model, &seq, &mut usage)
+            .and_then(|(l, kv)| Ok((l.to_vec1::<f32>()?, kv)));
+        let (logits, kv) = match prefilled {
+            Ok(x) => x,
+            Err(e) => {
+                self.sessions.put(session);
+                return Err(e);
+            }
+        };
+        let seed = session.answer_chars as u64 ^ (tokens as u64).rotate_left(32);
+        Ok(Some(Decode {
+            sampler: Sampler::new(params.sampling.clone(), seed),
+            reserved,
+            session,
+            usage,
+            params,
+            remainder: heal.remainder,
+            strip_space,
+            seq,
+            kv,
+            logits,
+            bytes: Vec::new(),
+            logprobs: Vec::new(),
+            text: String::new(),
+            step: 0,
+        }))
+    }
+
+    /// Picks the next token from the decode's logits.
+    fn pick(&self, d: &mut Decode) -> Next {
+        if d.step >= d.params.max_new_tokens {
+            return Next::Done(Finish::Length);
+        }
+        let vocab = &self.codec.vocab;
+        let healing = d.step == 0 && !d.remainder.is_empty();
+        let healed: Vec<u32>;
+        let candidates: &[u32] = if healing {
+            let mut ids: Vec<u32> = vocab
+                .prefix_range(&d.remainder)
+                .map(|pos| vocab.sorted_id(pos))
+                .collect();
+            ids.sort_unstable();
+            healed = ids;
+            &healed
+        } else {
+            &self.text_ids
+        };
+        let Some(tok) = d.sampler.pick(&d.logits, candidates) else {
+            return Next::Done(Finish::Length);
+        };
+        let lse = log_sum_exp(&d.logits, None);
+        let mut lp = d.logits[tok as usize] - lse;
+        if healing {
+            lp -= log_sum_exp(&d.logits, Some(candidates)) - lse;
+        }
+        d.logprobs.push(lp);
+        d.step += 1;
+        if vocab.is_eos(tok) {
+            return Next::Done(Finish::Eos);
+        }
+        d.seq.push(tok);
+        d.bytes
+            .extend_from_slice(vocab.token_bytes(tok).unwrap_or_default());
+        let body = d.bytes.get(d.remainder.len()..).unwrap_or_default();
+        let body = match body.strip_prefix(b" ") {
+            Some(rest) if d.strip_space => rest,
+            _ => body,
+        };
+        d.text = text_of(body);
+        if let Some(cut) = d
+            .params
+            .stop
+            .iter()
+            .filter_map(|st| d.text.find(st.as_str()))
+            .min()
+        {
+            d.text.truncate(cut);
+            return Next::Done(Finish::Stop);
+        }
+        if d.step >= d.params.max_new_tokens {
+            return Next::Done(Finish::Length);
+        }
+        Next::Feed(tok)
+    }
+
+    /// Runs one token of each decode through the model in one batched pass.
+    fn feed(&mut self, decodes: &mut [&mut Decode], tokens: &[u32]) -> Result<()> {
+        let caches: Vec<&KvCache> = decodes.iter().map(|d| &d.kv).collect();
+        let (logits, kvs) = self.model.forward_ragged(tokens, &caches)?;
+        let rows = logits.to_vec2::<f32>()?;
+        for ((d, row), kv) in decodes.iter_mut().zip(rows).zip(kvs) {
+            (d.logits, d.kv) = (row, kv);
+            d.usage.computed_positions += 1;
+            d.usage.forward_passes += 1;
+        }
+        self.totals.batched_steps.fetch_add(1, Ordering::Relaxed);
+        self.totals
+            .batched_rows
+            .fetch_add(tokens.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Ends a decode: its draft's KV entries stay cached (appending the same text later is free), the
+    /// session goes back, the counters move.
+    fn finish_decode(&mut self, mut d: Decode, finish: Finish) -> (Proposal, Usage) {
+        // The cache covers every token but the last sampled one.
+        let covered = d.kv.len().min(d.seq.len());
+        d.session.cache.insert(d.seq[..covered].to_vec(), d.kv, None);
+        self.totals
+            .computed_positions
+            .fetch_add(d.usage.computed_positions as u64, Ordering::Relaxed);
+        self.totals
+            .forward_passes
+            .fetch_add(d.usage.forward_passes as u64, Ordering::Relaxed);
+        self.sessions.put(d.session);
+        let proposal = Proposal {
+            text: d.text,
+            token_logprobs: d.logprobs,
+            finish,
+            usage: Usage::default(),
+        };
+        (proposal, d.usage)
+    }
+
+    /// Drops a decode that failed or whose client left; the session goes back.
+    fn abandon(&mut self, d: Decode) {
+        self.sessions.put(d.session);
+    }
+
+    /// Runs a proposal to its end on the calling thread (a batch of one).
+    pub(super) fn propose_now(
+        &mut self,
+        ctx: ContextSpec,
+        params: ProposeParams,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<(Proposal, Usage)> {
+        let Some(mut d) = self.start_decode(ctx, params, 0)? else {
+            return Err(Error::Internal("a lone proposal was asked to wait".into()));
+        };
+        loop {
+            if cancelled() {
+                self.abandon(d);
+                return Err(Error::Cancelled);
+            }
+            match self.pick(&mut d) {
+                Next::Done(finish) => return Ok(self.finish_decode(d, finish)),
+                Next::Feed(tok) => {
+                    if let Err(e) = self.feed(&mut [&mut d], &[tok]) {
+                        self.abandon(d);
+                        return Err(e);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A running proposal and who waits for it.
+struct Running {
+    decode: Decode,
+    call: Envelope,
+    started: Instant,
+    queue_ms: f64,
+}
+
+/// The engine thread: admits calls between steps and steps every running proposal together, until
+/// every handle is gone and the running ones are done.
+pub(super) fn serve(mut engine: Engine, mut rx: mpsc::Receiver<Envelope>) {
+    let mut running: Vec<Running> = Vec::new();
+    let mut waiting: VecDeque<Envelope> = VecDeque::new();
+    let mut open = true;
+    loop {
+        // Take what arrived: block only when there is nothing else to do.
+        let idle = running.is_empty() && waiting.is_empty();
+        if idle && !open {
+            break;
+        }
+        if idle {
+            match rx.blocking_recv() {
+                Some(env) => waiting.push_back(env),
+                None => break,
+            }
+        }
+        loop {
+            match rx.try_recv() {
+                Ok(env) => waiting.push_back(env),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    open = false;
+                    break;
+                }
+            }
+        }
+        admit(&mut engine, &mut running, &mut waiting);
+        if !running.is_empty() {
+            step(&mut engine, &mut running);
+        }
+    }
+}
+
+/// Starts what can start, in arrival order: other calls run at once; a proposal joins the running
+/// set if the KV budget has room beside the running ones (else it and everything after it wait).
+fn admit(engine: &mut Engine, running: &mut Vec<Running>, waiting: &mut VecDeque<Envelope>) {
+    while let Some(call) = waiting.pop_front() {
+        if call.reply.is_closed() {
+            engine.totals.queued.fetch_sub(1, Ordering::Relaxed);
+            continue; // the client went away while queued
+        }
+        let held: usize = running.iter().map(|r| r.decode.reserved).sum();
+        if let Job::Propose(..) = &call.job
+            && !running.is_empty()
+            && held >= engine.limits.kv_budget_bytes
+        {
+            waiting.push_front(call);
+            return;
+        }
+        engine.totals.queued.fetch_sub(1, Ordering::Relaxed);
+        let queue_ms = call.enqueued.elapsed().as_secs_f64() * 1e3;
+        let started = Instant::now();
+        match call.job.clone() {
+            Job::Propose(ctx, params) => match engine.start_decode(ctx, params, held) {
+                Ok(Some(decode)) => running.push(Running {
+                    decode,
+                    call,
+                    started,
+                    queue_ms,
+                }),
+                Ok(None) => {
+                    // Fits the budget, not beside the running ones: wait for them.
+                    engine.totals.queued.fetch_add(1, Ordering::Relaxed);
+                    waiting.push_front(call);
+                    return;
+                }
+                Err(e) => {
+                    engine.totals.jobs.fetch_add(1, Ordering::Relaxed);
+                    let _ = call.reply.send(Err(e));
+                }
+            },
+            job => {
+                let reply = &call.reply;
+                let result = engine.run(job, queue_ms, &|| reply.is_closed());
+                let _ = call.reply.send(result);
+            }
+        }
+    }
+}
+
+/// One token for every running proposal: pick, then one batched pass for those that go on.
+fn step(engine: &mut Engine, running: &mut Vec<Running>) {
+    let mut going = Vec::with_capacity(running.len());
+    let mut tokens = Vec::with_capacity(running.len());
+    for mut r in std::mem::take(running) {
+        if r.call.reply.is_closed() {
+            engine.abandon(r.decode);
+            engine.totals.jobs.fetch_add(1, Ordering::Relaxed);
+            continue; // the client left: the sequence leaves at once
+        }
+        match engine.pick(&mut r.decode) {
+            Next::Done(finish) => {
+                let (mut p, mut usage) = engine.finish_decode(r.decode, finish);
+                (usage.queue_ms, usage.compute_ms) = (r.queue_ms, r.started.elapsed().as_secs_f64() * 1e3);
+                p.usage = usage;
+                engine.after_call();
+                let _ = r.call.reply.send(Ok(Reply::Proposal(p)));
+            }
+            Next::Feed(tok) => {
+                tokens.push(tok);
+                going.push(r);
+            }
+        }
+    }
+    if going.is_empty() {
+        return;
+    }
+    let mut decodes: Vec<&mut Decode> = going.iter_mut().map(|r| &mut r.decode).collect();
+    match engine.feed(&mut decodes, &tokens) {
+        Ok(()) => *running = going,
+        Err(e) => {
+            let msg = e.to_string();
+            for r in going {
+                engine.abandon(r.decode);
+                engine.after_call();
+                let _ = r.call.reply.send(Err(Error::Internal(msg.clone())));
+            }
+        }
+    }
+}
