@@ -2,7 +2,11 @@
 //! 1. decode throughput through gRPC `ProposeSegment` (real server on loopback) against a plain greedy
 //!    loop over the same candle model in-process;
 //! 2. next-character costs per tokenizer: the once-per-forward O(V) pass (trie prefix sums) and the
-//!    per-character walk (commit one character + top-k distribution, no forward pass).
+//!    per-character walk (commit one character + top-k distribution, no forward pass);
+//! 3. the serving tables of [`serving`]: concurrent streams (continuous batching), decode cost against
+//!    context length, and `NextCharDistribution` on real text.
+
+pub mod serving;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -26,6 +30,29 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// Runs every benchmark and prints the tables.
 pub fn run(args: &BenchArgs) -> Result<()> {
     decode(args)?;
+    println!();
+    if !args.streams.is_empty() {
+        serving::streams_table(&args.model, &limits(), &args.streams, args.stream_tokens)?;
+    }
+    if let Some(path) = &args.text {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| Error::ModelDir(format!("{}: {e}", path.display())))?;
+        serving::chars_table(&args.model, &limits(), &text, args.text_chars)?;
+    }
+    if args.random_llama {
+        let root = std::env::temp_dir().join(format!("model-node-bench-{}", std::process::id()));
+        let dir = serving::random_llama(&root)?;
+        let model = crate::config::ModelArgs {
+            model_dir: dir,
+            model_id: Some("random-llama-25M".into()),
+            ..args.model.clone()
+        };
+        if !args.streams.is_empty() {
+            serving::streams_table(&model, &limits(), &args.streams, args.stream_tokens)?;
+        }
+        serving::kv_table(&model, &limits())?;
+        let _ = std::fs::remove_dir_all(&root);
+    }
     if !args.tokenizers.is_empty() {
         println!();
         println!("| tokenizer | vocab | O(V) pass per forward (ms) | per-character walk, median (µs) |");

@@ -195,4 +195,21 @@ pub struct BenchArgs {
     /// Tokenizer directories (tokenizer.json) for the next-character cost table.
     #[arg(long)]
     pub tokenizers: Vec<PathBuf>,
+    /// Concurrent ProposeSegment streams for the batching table (empty: skipped).
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16,64")]
+    pub streams: Vec<usize>,
+    /// Tokens each stream drafts in the batching table.
+    #[arg(long, default_value_t = 64)]
+    pub stream_tokens: usize,
+    /// Also run the batching and KV tables on a random-weight Llama of ~25M parameters (hidden 512,
+    /// 8 layers) that the bench writes to a temporary directory.
+    #[arg(long)]
+    pub random_llama: bool,
+    /// Real text for the per-character CharED cost (teacher-forced through a session), e.g.
+    /// ../shared/real/text/tinystories-valid-a.txt.
+    #[arg(long)]
+    pub text: Option<PathBuf>,
+    /// Characters of `--text` measured.
+    #[arg(long, default_value_t = 400)]
+    pub text_chars: usize,
 }

@@ -66,6 +66,7 @@ fn usage(u: &Usage) -> pb::Usage {
         forward_passes: u.forward_passes as u32,
         queue_ms: u.queue_ms,
         compute_ms: u.compute_ms,
+        forward_ms: u.forward_ms,
     }
 }
 

@@ -202,13 +202,16 @@ impl Engine {
 
     /// Runs one token of each decode through the model in one batched pass.
     fn feed(&mut self, decodes: &mut [&mut Decode], tokens: &[u32]) -> Result<()> {
+        let t0 = Instant::now();
         let caches: Vec<&KvCache> = decodes.iter().map(|d| &d.kv).collect();
         let (logits, kvs) = self.model.forward_ragged(tokens, &caches)?;
         let rows = logits.to_vec2::<f32>()?;
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
         for ((d, row), kv) in decodes.iter_mut().zip(rows).zip(kvs) {
             (d.logits, d.kv) = (row, kv);
             d.usage.computed_positions += 1;
             d.usage.forward_passes += 1;
+            d.usage.forward_ms += ms;
         }
         self.totals.batched_steps.fetch_add(1, Ordering::Relaxed);
         self.totals

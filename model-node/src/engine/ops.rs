@@ -257,7 +257,9 @@ impl Engine {
             }
             let dev = self.model.device();
             let input = Tensor::from_vec(input, (batch.len(), width), dev)?;
+            let t0 = std::time::Instant::now();
             let (logits, _) = self.model.forward(&input, &kv, true)?;
+            usage.forward_ms += t0.elapsed().as_secs_f64() * 1e3;
             let lp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
             let idx = Tensor::from_vec(targets, (batch.len(), width, 1), dev)?;
             usage.forward_passes += 1;
@@ -299,7 +301,9 @@ impl Engine {
             let rest = &tokens[common..];
             if rest.len() > 1 {
                 let input = Tensor::new(&rest[..rest.len() - 1], self.model.device())?.unsqueeze(0)?;
+                let t0 = std::time::Instant::now();
                 let (logits, _) = self.model.forward(&input, &kv, true)?;
+                usage.forward_ms += t0.elapsed().as_secs_f64() * 1e3;
                 usage.forward_passes += 1;
                 usage.computed_positions += rest.len() - 1;
                 let lp = candle_nn::ops::log_softmax(&logits.squeeze(0)?, D::Minus1)?.to_vec2::<f32>()?;

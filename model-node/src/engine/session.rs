@@ -29,6 +29,8 @@ pub struct Usage {
     pub queue_ms: f64,
     /// Milliseconds of engine work.
     pub compute_ms: f64,
+    /// Milliseconds of that in the model's forward passes.
+    pub forward_ms: f64,
 }
 
 struct Entry {
@@ -106,9 +108,11 @@ impl PrefixCache {
         let (cached, kv) = self.longest_prefix(tokens)?;
         let start = cached.min(tokens.len().saturating_sub(1));
         let kv = kv.truncate(start)?;
+        let t0 = std::time::Instant::now();
         let input = Tensor::new(&tokens[start..], model.device())?.unsqueeze(0)?;
         let (logits, kv) = model.forward(&input, &kv, false)?;
         let logits = logits.squeeze(0)?;
+        usage.forward_ms += t0.elapsed().as_secs_f64() * 1e3;
         usage.reused_positions += start;
         usage.computed_positions += tokens.len() - start;
         usage.forward_passes += 1;

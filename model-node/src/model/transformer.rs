@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::{D, DType, Device, Module, Tensor};
-use candle_nn::{Embedding, Linear, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
 
 use super::config::{Activation, Arch, ArchConfig, RopeScaling};
 
@@ -157,10 +157,47 @@ impl RmsNorm {
 }
 
 fn linear(vb: VarBuilder, i: usize, o: usize, bias: bool) -> CResult<Linear> {
-    if bias {
-        candle_nn::linear(i, o, vb)
+    let l = if bias {
+        candle_nn::linear(i, o, vb)?
     } else {
-        candle_nn::linear_no_bias(i, o, vb)
+        candle_nn::linear_no_bias(i, o, vb)?
+    };
+    Ok(Linear::new(l.weight().clone(), l.bias().cloned()))
+}
+
+/// A linear layer `y = x·Wᵀ (+ b)` whose several-row products run as `W·xᵀ`: with the weight as
+/// the left operand, candle's CPU gemm reads it once without repacking it, which makes a decode step
+/// of 16 rows ~2× cheaper than `x·Wᵀ` (measured: 149 against 301 µs for 16 × 512 → 1408, 48 µs for
+/// one row either way). One row keeps candle's own path (its matrix-vector kernel).
+#[derive(Debug, Clone)]
+struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
+    fn forward(&self, x: &Tensor) -> CResult<Tensor> {
+        let dims = x.dims().to_vec();
+        let (rows, inner) = (x.elem_count() / dims[dims.len() - 1].max(1), dims[dims.len() - 1]);
+        let y = if rows <= 1 || !self.weight.device().is_cpu() {
+            candle_nn::Linear::new(self.weight.clone(), None).forward(x)?
+        } else {
+            let x2 = x.reshape((rows, inner))?;
+            let out = self.weight.matmul(&x2.t()?.contiguous()?)?.t()?.contiguous()?;
+            let mut shape = dims;
+            if let Some(last) = shape.last_mut() {
+                *last = self.weight.dim(0)?;
+            }
+            out.reshape(shape)?
+        };
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
     }
 }
 

@@ -1,0 +1,260 @@
+//! The serving tables of `model-node bench`, all through a real gRPC server on loopback:
+//! - concurrent `ProposeSegment` streams (continuous batching): aggregate tokens/s and per-stream
+//!   ms/token at 1, 4, 16, 64 streams;
+//! - decode cost against context length (the KV cache appends in place);
+//! - `NextCharDistribution` on real text, teacher-forced through a session: forward passes, positions
+//!   and node milliseconds per character, the share outside forward passes, and wall against compute.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use candle_core::Tensor;
+use ensemble_proto::v1 as pb;
+use tonic::transport::Channel;
+
+use crate::chars::CharOptions;
+use crate::config::{LimitArgs, ModelArgs};
+use crate::error::{Error, Result};
+use crate::model::KvCache;
+
+fn err(e: impl std::fmt::Display) -> Error {
+    Error::Server(e.to_string())
+}
+
+/// A node served on 127.0.0.1:0 for the duration of a table.
+pub struct Served {
+    /// The runtime the server and clients run on.
+    pub rt: tokio::runtime::Runtime,
+    url: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    /// What Info says.
+    pub info: pb::InfoResponse,
+}
+
+impl Served {
+    /// Loads `model` and serves it.
+    pub fn start(model: &ModelArgs, limits: &LimitArgs) -> Result<Self> {
+        let loaded = crate::node::load(model, limits)?;
+        let info = loaded.info.clone();
+        let rt = tokio::runtime::Runtime::new().map_err(err)?;
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .map_err(err)?;
+        let url = format!("http://{}", listener.local_addr().map_err(err)?);
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        rt.spawn(crate::server::run(
+            listener,
+            loaded,
+            CharOptions::default(),
+            async {
+                let _ = rx.await;
+            },
+            Duration::from_secs(5),
+        ));
+        Ok(Self {
+            rt,
+            url,
+            stop: Some(tx),
+            info,
+        })
+    }
+
+    /// A new connection to the node.
+    pub fn channel(&self) -> Result<Channel> {
+        let url = self.url.clone();
+        self.rt.block_on(async move {
+            tonic::transport::Endpoint::from_shared(url)
+                .map_err(err)?
+                .connect()
+                .await
+                .map_err(err)
+        })
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+fn raw_context(session: &str, prompt: &str, answer: &str) -> Option<pb::Context> {
+    Some(pb::Context {
+        session_id: session.into(),
+        body: Some(pb::context::Body::Full(pb::FullContext {
+            prompt: Some(pb::Prompt {
+                kind: Some(pb::prompt::Kind::Raw(prompt.into())),
+            }),
+            answer: answer.into(),
+        })),
+    })
+}
+
+/// Writes a random-weight Llama of ~25M parameters (hidden 512, 8 layers, 8 heads, MLP 1408, 2,048
+/// positions) over the byte-level fixture tokenizer under `root`.
+pub fn random_llama(root: &Path) -> Result<PathBuf> {
+    let dir = crate::fixtures::tiny_model_dir(root, "llama", "byte_level", 11).map_err(err)?;
+    let mut config = crate::fixtures::tiny_config("llama", 0).map_err(err)?;
+    let text = std::fs::read_to_string(dir.join("config.json")).map_err(err)?;
+    let written: serde_json::Value = serde_json::from_str(&text).map_err(err)?;
+    if let (Some(o), Some(vocab)) = (config.as_object_mut(), written.get("vocab_size")) {
+        o.insert("vocab_size".into(), vocab.clone());
+        o.insert("hidden_size".into(), 512.into());
+        o.insert("intermediate_size".into(), 1408.into());
+        o.insert("num_hidden_layers".into(), 8.into());
+        o.insert("num_attention_heads".into(), 8.into());
+        o.insert("num_key_value_heads".into(), 8.into());
+        o.insert("max_position_embeddings".into(), 2048.into());
+        o.remove("rope_scaling");
+    }
+    crate::fixtures::write_model(&dir, &config, 11).map_err(err)?;
+    Ok(dir)
+}
+
+/// Aggregate tokens/s and per-stream ms/token for each number of concurrent streams.
+pub fn streams_table(model: &ModelArgs, limits: &LimitArgs, streams: &[usize], tokens: usize) -> Result<()> {
+    let mut limits = limits.clone();
+    limits.queue = limits.queue.max(streams.iter().copied().max().unwrap_or(1) * 2);
+    let node = Served::start(model, &limits)?;
+    println!(
+        "concurrent ProposeSegment streams, {} ({} params, {} kernel threads), {tokens} tokens each, greedy, through gRPC",
+        node.info.model_id, node.info.parameters, node.info.kernel_threads
+    );
+    println!();
+    println!("| streams | aggregate tokens/s | per-stream ms/token | x single-stream aggregate |");
+    println!("|---:|---:|---:|---:|");
+    let mut single = None;
+    for &n in streams {
+        let channels = (0..n).map(|_| node.channel()).collect::<Result<Vec<_>>>()?;
+        let t0 = Instant::now();
+        let results: Vec<(usize, f64)> = node.rt.block_on(async {
+            let calls = channels.into_iter().enumerate().map(|(i, ch)| {
+                tokio::spawn(async move {
+                    let mut c = pb::model_node_client::ModelNodeClient::new(ch);
+                    let req = pb::ProposeRequest {
+                        context: raw_context("", &format!("Story {i}: the cat"), ""),
+                        max_new_tokens: tokens as u32,
+                        stop: vec![],
+                        sampling: Some(pb::Sampling::default()),
+                    };
+                    let t = Instant::now();
+                    let r = c.propose_segment(req).await.map_err(err)?.into_inner();
+                    let k = r.token_logprobs.len().max(1);
+                    Ok::<_, Error>((k, t.elapsed().as_secs_f64() * 1e3 / k as f64))
+                })
+            });
+            let mut out = Vec::new();
+            for h in calls.collect::<Vec<_>>() {
+                out.push(h.await.map_err(err)??);
+            }
+            Ok::<_, Error>(out)
+        })?;
+        let wall = t0.elapsed().as_secs_f64();
+        let total: usize = results.iter().map(|r| r.0).sum();
+        let aggregate = total as f64 / wall;
+        let per_stream = results.iter().map(|r| r.1).sum::<f64>() / results.len().max(1) as f64;
+        let base = *single.get_or_insert(aggregate);
+        println!(
+            "| {n} | {aggregate:.1} | {per_stream:.2} | {:.2} |",
+            aggregate / base
+        );
+    }
+    println!();
+    Ok(())
+}
+
+/// ms per decoded token after a context of 16 and of ~1,000 positions (bare model, batch of one).
+pub fn kv_table(model: &ModelArgs, limits: &LimitArgs) -> Result<()> {
+    let loaded = crate::node::load(model, limits)?;
+    let m = loaded.engine.model();
+    let steps = 32;
+    let long = 1000.min(m.max_positions().saturating_sub(steps + 1));
+    println!(
+        "decode cost against context length, {} ({steps} tokens after the context)",
+        loaded.info.model_id
+    );
+    println!();
+    println!("| context positions | ms/token | KV capacity after |");
+    println!("|---:|---:|---:|");
+    for ctx in [16, long] {
+        let tokens: Vec<u32> = (0..ctx as u32).map(|i| 3 + i % 200).collect();
+        let input = Tensor::new(tokens.as_slice(), m.device())?.unsqueeze(0)?;
+        let (_, mut kv) = m.forward(&input, &KvCache::default(), false)?;
+        let t0 = Instant::now();
+        for i in 0..steps {
+            let (_, next) = m.forward_ragged(&[5 + i as u32 % 100], &[&kv])?;
+            kv = next.into_iter().next().unwrap_or_default();
+        }
+        let ms = t0.elapsed().as_secs_f64() * 1e3 / steps as f64;
+        println!("| {ctx} | {ms:.3} | {} |", kv.capacity());
+    }
+    println!();
+    Ok(())
+}
+
+/// `NextCharDistribution` teacher-forced through a session over `chars` characters of `text`: each
+/// call appends the previous character as a delta and asks for the next distribution.
+pub fn chars_table(model: &ModelArgs, limits: &LimitArgs, text: &str, chars: usize) -> Result<()> {
+    let node = Served::start(model, limits)?;
+    let mut client = pb::model_node_client::ModelNodeClient::new(node.channel()?);
+    let text: Vec<char> = text.chars().filter(|c| *c != '\n').take(chars).collect();
+    println!(
+        "NextCharDistribution on real text, {} ({} characters teacher-forced through one session; per character)",
+        node.info.model_id,
+        text.len()
+    );
+    println!();
+    println!(
+        "| top_k | forward passes | positions | node compute ms | in forward passes ms | outside forward passes | wall ms (client) |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    for top_k in [32u32, 256] {
+        let session = format!("bench-chars-{top_k}");
+        let (mut passes, mut positions) = (0u64, 0u64);
+        let (mut compute, mut forward, mut wall) = (0.0, 0.0, 0.0);
+        for (i, _) in text.iter().enumerate() {
+            let context = if i == 0 {
+                raw_context(&session, "", "")
+            } else {
+                Some(pb::Context {
+                    session_id: session.clone(),
+                    body: Some(pb::context::Body::Delta(pb::ContextDelta {
+                        base_chars: (i - 1) as u64,
+                        append: text[i - 1].to_string(),
+                    })),
+                })
+            };
+            let req = pb::NextCharRequest {
+                context,
+                top_k,
+                ..Default::default()
+            };
+            let t0 = Instant::now();
+            let r = node
+                .rt
+                .block_on(client.next_char_distribution(req))
+                .map_err(err)?
+                .into_inner();
+            wall += t0.elapsed().as_secs_f64() * 1e3;
+            let u = r.usage.unwrap_or_default();
+            passes += u64::from(u.forward_passes);
+            positions += u64::from(u.computed_positions);
+            compute += u.compute_ms;
+            forward += u.forward_ms;
+        }
+        let n = text.len().max(1) as f64;
+        println!(
+            "| {top_k} | {:.2} | {:.2} | {:.3} | {:.3} | {:.0}% | {:.3} |",
+            passes as f64 / n,
+            positions as f64 / n,
+            compute / n,
+            forward / n,
+            100.0 * (compute - forward) / compute.max(1e-9),
+            wall / n
+        );
+    }
+    println!();
+    Ok(())
+}
