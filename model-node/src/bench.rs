@@ -31,8 +31,9 @@ fn median(mut v: Vec<f64>) -> f64 {
 pub fn run(args: &BenchArgs) -> Result<()> {
     decode(args)?;
     println!();
-    if !args.streams.is_empty() {
-        serving::streams_table(&args.model, &limits(), &args.streams, args.stream_tokens)?;
+    let streams: Vec<usize> = args.streams.iter().copied().filter(|&n| n > 0).collect();
+    if !streams.is_empty() {
+        serving::streams_table(&args.model, &limits(), &streams, args.stream_tokens)?;
     }
     if let Some(path) = &args.text {
         let text =
@@ -47,8 +48,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             model_id: Some("random-llama-25M".into()),
             ..args.model.clone()
         };
-        if !args.streams.is_empty() {
-            serving::streams_table(&model, &limits(), &args.streams, args.stream_tokens)?;
+        if !streams.is_empty() {
+            serving::streams_table(&model, &limits(), &streams, args.stream_tokens)?;
         }
         serving::kv_table(&model, &limits())?;
         let _ = std::fs::remove_dir_all(&root);

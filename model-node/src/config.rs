@@ -195,7 +195,7 @@ pub struct BenchArgs {
     /// Tokenizer directories (tokenizer.json) for the next-character cost table.
     #[arg(long)]
     pub tokenizers: Vec<PathBuf>,
-    /// Concurrent ProposeSegment streams for the batching table (empty: skipped).
+    /// Concurrent ProposeSegment streams for the batching table (`0`: skipped).
     #[arg(long, value_delimiter = ',', default_value = "1,4,16,64")]
     pub streams: Vec<usize>,
     /// Tokens each stream drafts in the batching table.
