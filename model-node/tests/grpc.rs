@@ -380,6 +380,16 @@ async fn bad_requests_get_clear_statuses() -> anyhow::Result<()> {
         .await
         .expect_err("top_k 0");
     assert_eq!(e.code(), Code::InvalidArgument);
+    // A candidate that takes the context past the model's limit is the client's to shorten.
+    let e = c
+        .score_candidates(pb::ScoreRequest {
+            context: raw("hi", "", ""),
+            candidates: vec![" ok".into(), "the cat sat on the mat. ".repeat(100)],
+        })
+        .await
+        .expect_err("candidate past the context limit");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().starts_with("context too long"), "{}", e.message());
     // The node still serves after all of that.
     c.propose_segment(greedy(raw("hi", "", ""), 2)).await?;
     n.stop().await?;

@@ -234,6 +234,13 @@ impl Engine {
             let mut answer = s.answer.clone();
             answer.push_str(cand);
             let full = self.codec.encode(&s.prompt, &answer)?;
+            if full.len() > self.limits.max_context {
+                return Err(Error::ContextTooLong {
+                    tokens: s.tokens.len(),
+                    new_tokens: full.len().saturating_sub(s.tokens.len()),
+                    limit: self.limits.max_context,
+                });
+            }
             out[i].char_count = cand.chars().count();
             if full.len() > plen && full[..plen] == prefix[..] {
                 batch.push((i, full[plen..].to_vec()));
