@@ -98,8 +98,8 @@ pub async fn specfuse(
                         ));
                     }
                     Err(e) => {
-                        sf.node_failed(i)?;
                         failed.push((i, e));
+                        sf.node_failed(i)?;
                     }
                 }
             }
@@ -121,8 +121,8 @@ pub async fn specfuse(
                     match r {
                         Ok(s) => scores.push((i, s.scores.iter().map(|c| c.mean_logprob).collect())),
                         Err(e) => {
-                            sf.node_failed(i)?;
                             failed.push((i, e));
+                            sf.node_failed(i)?;
                         }
                     }
                 }
@@ -162,10 +162,8 @@ pub async fn specfuse(
     }
     .await;
     // Free the nodes' sessions whatever happened (finished, failed or cancelled).
-    for n in nodes.iter_mut() {
-        n.close().await;
-    }
-    let finish = finish?;
+    close_all(nodes).await;
+    let finish = finish.map_err(|e| verdict(e, &failed))?;
     Ok(SpecFuseAnswer {
         text: answer,
         finish,
@@ -173,6 +171,43 @@ pub async fn specfuse(
         failed,
         mean_active: sf.mean_active_nodes().unwrap_or(0.0),
     })
+}
+
+/// Frees every node's session, in parallel (each close waits at most
+/// [`crate::node_client::CLOSE_WAIT`]; a hung node's close goes on in the background).
+async fn close_all(nodes: &mut [NodeClient]) {
+    join_all(nodes.iter_mut().map(NodeClient::close)).await;
+}
+
+/// What a request ends with when its nodes are gone: the nodes' own refusal when every node that
+/// failed refused the request for the same reason that is the client's to fix (`INVALID_ARGUMENT`,
+/// `RESOURCE_EXHAUSTED`: retrying elsewhere cannot help), else `UNAVAILABLE` naming every failed
+/// node and its cause. Other errors pass through.
+pub fn verdict(e: Error, failed: &[(usize, Error)]) -> Error {
+    let gone = matches!(
+        e,
+        Error::NoActiveNode | Error::NoCandidates | Error::NoVerifier { .. } | Error::NoDistribution { .. }
+    );
+    if !gone || failed.is_empty() {
+        return e;
+    }
+    let code_of = |f: &Error| match f {
+        Error::Node { code, .. } => Some(*code),
+        _ => None,
+    };
+    let first = code_of(&failed[0].1);
+    let clients = matches!(
+        first,
+        Some(tonic::Code::InvalidArgument | tonic::Code::ResourceExhausted)
+    );
+    if clients && failed.iter().all(|(_, f)| code_of(f) == first) {
+        return failed[0].1.clone();
+    }
+    let causes: Vec<String> = failed.iter().map(|(_, f)| f.to_string()).collect();
+    Error::NodesFailed {
+        reason: e.to_string(),
+        causes: causes.join("; "),
+    }
 }
 
 /// A finished CharED request.
@@ -277,10 +312,8 @@ pub async fn chared(
         })
     }
     .await;
-    for n in nodes.iter_mut() {
-        n.close().await;
-    }
-    let finish = finish?;
+    close_all(nodes).await;
+    let finish = finish.map_err(|e| verdict(e, &failed))?;
     Ok(CharEdAnswer {
         text: answer,
         finish,

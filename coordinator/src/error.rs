@@ -53,8 +53,18 @@ pub enum Error {
     /// Every node has left the request (failed or exited). Maps to `UNAVAILABLE`.
     #[error("no active node left for this request")]
     NoActiveNode,
-    /// A model node answered with an error status. The request goes on without that node; alone it
-    /// maps to the node's own code.
+    /// Nodes failed and the request could not go on. Maps to `UNAVAILABLE`; the message names each
+    /// failed node and its cause.
+    #[error("{reason}; failed nodes: {causes}")]
+    NodesFailed {
+        /// Why the request stopped (no active node left, no draft, ...).
+        reason: String,
+        /// Every failed node with its error.
+        causes: String,
+    },
+    /// A model node answered with an error status. The request goes on without that node; when it is
+    /// what the request ends with, it maps to the node's own code if the fault is the client's
+    /// (`INVALID_ARGUMENT`, `RESOURCE_EXHAUSTED`), else to `UNAVAILABLE`.
     #[error("node {node}: {code:?}: {message}")]
     Node {
         /// The node's name.

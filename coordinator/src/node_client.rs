@@ -315,44 +315,52 @@ impl NodeClient {
         })
     }
 
-    /// Frees the node's session (best effort: a node that is gone has nothing to free).
+    /// Frees the node's session (best effort: a node that is gone has nothing to free). The call runs
+    /// in its own task, bounded by the node's deadline; the caller waits for it at most [`CLOSE_WAIT`],
+    /// so a hung node does not cost the request a second deadline (its close goes on in the
+    /// background).
     pub async fn close(&mut self) {
-        if self.session.is_empty() {
-            return;
+        if let Some(task) = self.close_in_background() {
+            let _ = tokio::time::timeout(CLOSE_WAIT, task).await;
         }
-        let mut request = tonic::Request::new(pb::CloseSessionRequest {
-            session_id: self.session.clone(),
-        });
-        request.set_timeout(self.deadline);
+    }
+
+    /// Starts `CloseSession` for the open session in its own task (none when nothing is open or no
+    /// runtime is running) and forgets the session.
+    fn close_in_background(&mut self) -> Option<tokio::task::JoinHandle<()>> {
+        let was_open = std::mem::replace(&mut self.open, false);
+        self.synced = None;
+        let session = std::mem::take(&mut self.session);
+        if !was_open || session.is_empty() {
+            return None;
+        }
+        // Outside a runtime (process exit): the node evicts the session in time.
+        let rt = tokio::runtime::Handle::try_current().ok()?;
+        let (mut client, deadline) = (self.client.clone(), self.deadline);
+        let mut request = tonic::Request::new(pb::CloseSessionRequest { session_id: session });
+        request.set_timeout(deadline);
         let span = tracing::info_span!("node_rpc", node = %self.name, rpc = "CloseSession");
         ensemble_proto::telemetry::inject(&span, request.metadata_mut());
-        let _ = tokio::time::timeout(self.deadline, self.client.close_session(request))
-            .instrument(span)
-            .await;
-        self.synced = None;
-        self.open = false;
+        Some(
+            rt.spawn(
+                async move {
+                    let _ = tokio::time::timeout(deadline, client.close_session(request)).await;
+                }
+                .instrument(span),
+            ),
+        )
     }
 }
+
+/// How long a request waits for its nodes to confirm `CloseSession` before it answers (the calls go on
+/// in the background, each bounded by its node's deadline).
+pub const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// A client dropped with its session still open (the request was abandoned mid-await: a unary
 /// client went away, or a call failed past the point where the driver closes) frees it in the
 /// background, so the node does not hold the KV cache until LRU eviction.
 impl Drop for NodeClient {
     fn drop(&mut self) {
-        if !self.open {
-            return;
-        }
-        // Dropped outside a runtime (process exit): the node evicts the session in time.
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let (mut client, deadline) = (self.client.clone(), self.deadline);
-        let mut request = tonic::Request::new(pb::CloseSessionRequest {
-            session_id: std::mem::take(&mut self.session),
-        });
-        request.set_timeout(deadline);
-        rt.spawn(async move {
-            let _ = tokio::time::timeout(deadline, client.close_session(request)).await;
-        });
+        drop(self.close_in_background());
     }
 }

@@ -62,6 +62,27 @@ pub fn is_strategy(strategy: &str, nodes: &[String]) -> bool {
     }
 }
 
+/// The sampling settings every API checks before any node is called (every node would refuse the
+/// same values, and CharED, which samples in the coordinator, must refuse them too):
+/// `Err((field, message))` names the field at fault.
+pub fn check_sampling(s: &pb::Sampling) -> Result<(), (&'static str, String)> {
+    if !(s.temperature.is_finite() && s.temperature >= 0.0) {
+        return Err((
+            "temperature",
+            format!("temperature must be a finite number >= 0, got {}", s.temperature),
+        ));
+    }
+    if let Some(p) = s.top_p
+        && !(p > 0.0 && p <= 1.0)
+    {
+        return Err(("top_p", format!("top_p must be in (0, 1], got {p}")));
+    }
+    if s.top_k == Some(0) {
+        return Err(("top_k", "top_k must be at least 1 when set, got 0".into()));
+    }
+    Ok(())
+}
+
 /// The request limits every API checks: `Err((field, message))` names the field at fault.
 pub fn check_limits(max_chars: u32, stop: &[String]) -> Result<(), (&'static str, String)> {
     if max_chars == 0 || max_chars > MAX_CHARS {
@@ -85,10 +106,15 @@ impl From<Error> for Status {
             }
             Error::Timeout { .. } => Status::deadline_exceeded(msg),
             Error::Cancelled => Status::cancelled(msg),
+            Error::Node {
+                code: code @ (tonic::Code::InvalidArgument | tonic::Code::ResourceExhausted),
+                ..
+            } => Status::new(code, msg),
             Error::NoActiveNode
             | Error::NoCandidates
             | Error::NoVerifier { .. }
             | Error::NoDistribution { .. }
+            | Error::NodesFailed { .. }
             | Error::Node { .. } => Status::unavailable(msg),
             Error::UnknownNode { .. } | Error::DraftsMismatch { .. } => Status::internal(msg),
         }
@@ -353,6 +379,9 @@ impl Coordinator {
             .filter(|p| p.kind.is_some())
             .ok_or_else(|| Status::invalid_argument("prompt is required: a conversation or a raw prompt"))?;
         check_limits(r.max_chars, &r.stop).map_err(|(_, msg)| Status::invalid_argument(msg))?;
+        if let Some(s) = &r.sampling {
+            check_sampling(s).map_err(|(_, msg)| Status::invalid_argument(msg))?;
+        }
         let limits = Limits {
             max_chars: r.max_chars as usize,
             stop: r.stop.clone(),

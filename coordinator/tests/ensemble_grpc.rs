@@ -108,6 +108,59 @@ async fn every_strategy_answers_and_bad_requests_are_invalid_argument() -> anyho
         ..Default::default()
     });
     check(c.generate(r).await, "exit.delta");
+
+    // The client's mistakes get the same INVALID_ARGUMENT from every strategy, checked before any node
+    // is called (CharED samples in the coordinator and would not ask the nodes) or passed on from the
+    // nodes when every one of them refuses the request.
+    let calls_before: u64 = loads(&nodes).await?.iter().map(|l| l.1).sum();
+    for s in ["specfuse", "chared", "single:n1"] {
+        for (sampling, needle) in [
+            (
+                pb::Sampling {
+                    temperature: -1.0,
+                    ..Default::default()
+                },
+                "temperature",
+            ),
+            (
+                pb::Sampling {
+                    temperature: f32::NAN,
+                    ..Default::default()
+                },
+                "temperature",
+            ),
+            (
+                pb::Sampling {
+                    temperature: 1.0,
+                    top_p: Some(0.0),
+                    ..Default::default()
+                },
+                "top_p",
+            ),
+            (
+                pb::Sampling {
+                    temperature: 1.0,
+                    top_k: Some(0),
+                    ..Default::default()
+                },
+                "top_k",
+            ),
+        ] {
+            let mut r = request(s);
+            r.sampling = Some(sampling);
+            check(c.generate(r).await, needle);
+        }
+    }
+    let calls_after: u64 = loads(&nodes).await?.iter().map(|l| l.1).sum();
+    assert_eq!(calls_after, calls_before, "bad sampling reached a node");
+    for s in ["specfuse", "chared", "single:n1"] {
+        let mut r = request(s);
+        // Far past every member's 512-token context.
+        r.prompt = Some(pb::Prompt {
+            kind: Some(pb::prompt::Kind::Raw("the cat sat on the mat. ".repeat(200))),
+        });
+        check(c.generate(r).await, "context too long");
+    }
     Ok(())
 }
 
@@ -128,6 +181,13 @@ async fn all_nodes_down_is_unavailable_fast() -> anyhow::Result<()> {
         let t0 = Instant::now();
         let e = c.generate(request(s)).await.expect_err("no node");
         assert_eq!(e.code(), Code::Unavailable, "{s}: {}", e.message());
+        for i in 0..3 {
+            assert!(
+                e.message().contains(&format!("n{i}")),
+                "{s}: failed node n{i} not named: {}",
+                e.message()
+            );
+        }
         assert!(
             t0.elapsed() < Duration::from_secs(10),
             "{s}: took {:?}",
@@ -235,5 +295,37 @@ async fn a_dropped_stream_stops_node_work_and_frees_every_session() -> anyhow::R
             "{s}: the dropped stream cost {cancelled_calls} node calls, the whole request {full_calls}"
         );
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_node_costs_a_request_one_deadline_not_two() -> anyhow::Result<()> {
+    let nodes = common::three_nodes().await?;
+    // A member that accepts connections (the kernel's backlog) and never answers: a hung process.
+    let hole = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let mut members = specs(&nodes[..2]);
+    members.push(NodeSpec {
+        name: "hung".into(),
+        url: format!("http://{}", hole.local_addr()?),
+        weight: 1.0,
+    });
+    let deadline = Duration::from_secs(3);
+    let coordinator = Coordinator::new(members, deadline).await?;
+    for s in ["specfuse", "chared"] {
+        let t0 = Instant::now();
+        let r = coordinator
+            .run(request(s), &mut |_| true, &mut |_| true)
+            .await
+            .map_err(|e| anyhow::anyhow!("{s}: {e}"))?;
+        let took = t0.elapsed();
+        assert_eq!(r.failed_nodes, vec!["hung".to_string()], "{s}");
+        // One deadline for the call that hung; closing its session waits at most 0.5 s more. Before,
+        // the close waited a whole second deadline (>= 6 s).
+        assert!(
+            took < deadline * 2 - Duration::from_millis(500),
+            "{s}: took {took:?}"
+        );
+    }
+    drop(hole);
     Ok(())
 }

@@ -336,6 +336,7 @@ pub fn generate_request(
         top_k: None,
         seed: c.seed,
     };
+    crate::service::check_sampling(&sampling).map_err(|(field, msg)| ApiError::invalid(Some(field), msg))?;
     // CharED samples in the coordinator: the OpenAI sampling fields fill what its options leave unset.
     let mut chared = c.ensemble.chared.unwrap_or_default();
     chared.temperature = chared.temperature.or(c.temperature);
