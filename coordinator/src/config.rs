@@ -5,6 +5,9 @@
 //! listen = "0.0.0.0:50050"
 //! deadline_ms = 30000           # per node RPC
 //! retries = 1                   # retries of a refused/unavailable node call (on another replica)
+//! eject_after = 1               # consecutive failed calls (deadline, unreachable) that eject a member
+//!                               # (0: never); new requests skip it until a trial call succeeds
+//! eject_ms = 5000               # first ejection time (times the number of ejections, at most 10x)
 //! default_strategy = "specfuse" # or "chared", "single:NAME"
 //! max_chars = 256               # default answer length when a client gives none (HTTP, CLI)
 //!
@@ -136,6 +139,10 @@ pub struct FileConfig {
     pub deadline_ms: Option<u64>,
     /// Retries of a node call refused or unavailable (another replica when there is one).
     pub retries: Option<u32>,
+    /// Consecutive failed calls that eject a member (0: never).
+    pub eject_after: Option<u32>,
+    /// First ejection time of a member, milliseconds.
+    pub eject_ms: Option<u64>,
     /// Strategy for requests that name none.
     pub default_strategy: Option<String>,
     /// Answer length for clients that give none.
@@ -223,6 +230,10 @@ pub struct Settings {
     pub deadline: Duration,
     /// Retries of a refused/unavailable node call.
     pub retries: u32,
+    /// Consecutive failed calls (deadline, unreachable, node fault) that eject a member (0: never).
+    pub eject_after: u32,
+    /// First ejection time of a member.
+    pub eject_time: Duration,
     /// Strategy for requests that name none.
     pub default_strategy: String,
     /// Answer length for clients that give none.
@@ -244,6 +255,8 @@ impl Settings {
             nodes,
             deadline: Duration::from_secs(30),
             retries: 1,
+            eject_after: 1,
+            eject_time: Duration::from_secs(5),
             default_strategy: "specfuse".into(),
             max_chars: 256,
             specfuse: SpecFuseParams::default(),
@@ -261,6 +274,12 @@ impl Settings {
         }
         if let Some(r) = file.retries {
             s.retries = r;
+        }
+        if let Some(n) = file.eject_after {
+            s.eject_after = n;
+        }
+        if let Some(ms) = file.eject_ms {
+            s.eject_time = Duration::from_millis(ms);
         }
         if let Some(st) = &file.default_strategy {
             s.default_strategy = st.clone();

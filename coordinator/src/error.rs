@@ -62,6 +62,15 @@ pub enum Error {
         /// Every failed node with its error.
         causes: String,
     },
+    /// The member is ejected after failing (outlier ejection): the request goes on without it.
+    /// Maps to `UNAVAILABLE`.
+    #[error("node {node} is ejected after failing calls; next trial in {retry_ms} ms")]
+    Ejected {
+        /// The node's name.
+        node: String,
+        /// Milliseconds until a call may try it again.
+        retry_ms: u64,
+    },
     /// A model node answered with an error status. The request goes on without that node; when it is
     /// what the request ends with, it maps to the node's own code if the fault is the client's
     /// (`INVALID_ARGUMENT`, `RESOURCE_EXHAUSTED`), else to `UNAVAILABLE`.

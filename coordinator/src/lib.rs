@@ -20,6 +20,8 @@
 //!   and `http/stream.rs`, what a stream may show yet), `/metrics`, `/health`.
 //! - [`metrics`]: the coordinator's Prometheus metrics.
 //! - [`auth`]: bearer-token checks of clients (gRPC and HTTP), keys redacted everywhere.
+//! - [`outlier`]: outlier ejection of members whose calls keep failing (skipped until a trial call
+//!   succeeds).
 //! - [`replicas`]: the replicas of one member: a static address or DNS discovery (headless
 //!   Services), round-robin per request, fail-over on retries.
 //! - [`config`]: the TOML configuration shared by both binaries, with defaults and checks.
@@ -43,6 +45,7 @@ pub mod http;
 mod math;
 pub mod metrics;
 pub mod node_client;
+pub mod outlier;
 pub mod replicas;
 pub mod server;
 pub mod service;

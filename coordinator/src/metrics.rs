@@ -31,6 +31,7 @@ pub struct Metrics {
     node_wins: IntCounterVec,
     node_exits: IntCounterVec,
     node_failures: IntCounterVec,
+    node_ejections: IntCounterVec,
     auth_failures: IntCounterVec,
     http_requests: IntCounterVec,
 }
@@ -135,6 +136,11 @@ impl Metrics {
                 "Requests that went on without the node after it failed.",
                 &["node"],
             ),
+            node_ejections: counter(
+                "ensemble_node_ejections_total",
+                "Times the node was ejected after failing calls (new requests skip it until a trial succeeds).",
+                &["node"],
+            ),
             http_requests: counter(
                 "ensemble_http_requests_total",
                 "HTTP requests answered, by route (`other` for unknown paths) and status code.",
@@ -214,6 +220,11 @@ impl Metrics {
     /// Records a node that failed during a request.
     pub fn node_failed(&self, node: &str) {
         self.node_failures.with_label_values(&[node]).inc();
+    }
+
+    /// Records an ejection of a node.
+    pub fn node_ejected(&self, node: &str) {
+        self.node_ejections.with_label_values(&[node]).inc();
     }
 
     /// Records one call to a node.

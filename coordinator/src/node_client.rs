@@ -16,6 +16,7 @@ use tracing::field::Empty;
 
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
+use crate::outlier::{self, Outlier};
 use crate::replicas::Replicas;
 
 /// One node, as one request sees it.
@@ -39,6 +40,8 @@ pub struct NodeClient {
     metrics: Option<Arc<Metrics>>,
     /// A call may have created the session on the node and `close` has not freed it yet.
     open: bool,
+    /// The member's ejection state, shared by every request.
+    outlier: Option<Arc<Outlier>>,
 }
 
 fn is_lost_session(code: tonic::Code) -> bool {
@@ -62,6 +65,12 @@ fn error_code(e: &Error) -> tonic::Code {
 
 macro_rules! call_with_context {
     ($self:ident, $method:ident, $rpc:literal, |$ctx:ident| $req:expr) => {{
+        if let Some(left) = $self.outlier.as_ref().and_then(|o| o.ejected_for()) {
+            return Err(Error::Ejected {
+                node: $self.name.clone(),
+                retry_ms: left.as_millis() as u64,
+            });
+        }
         let span = tracing::info_span!(
             "node_rpc",
             node = %$self.name,
@@ -135,6 +144,7 @@ macro_rules! call_with_context {
         if let Some(m) = &$self.metrics {
             m.node_rpc(&$self.name, $rpc, code, started.elapsed());
         }
+        $self.judge(&result);
         result
     }};
 }
@@ -158,6 +168,7 @@ impl NodeClient {
             calls: [0; 3],
             metrics: None,
             open: false,
+            outlier: None,
         }
     }
 
@@ -313,6 +324,34 @@ impl NodeClient {
                 lookahead,
             }
         })
+    }
+
+    /// Shares the member's ejection state: calls are skipped while it is ejected, and their outcomes
+    /// move it.
+    pub fn outlier(mut self, o: Arc<Outlier>) -> Self {
+        self.outlier = Some(o);
+        self
+    }
+
+    /// Feeds a call's outcome to the ejection state; a failure of the node's own is logged at `warn`.
+    fn judge<T>(&self, result: &Result<T>) {
+        match result {
+            Ok(_) => {
+                if let Some(o) = &self.outlier {
+                    o.success();
+                }
+            }
+            Err(e) if outlier::counts(e) => {
+                tracing::warn!(node = %self.name, error = %e, "node call failed");
+                if let Some(time) = self.outlier.as_ref().and_then(|o| o.failure()) {
+                    tracing::warn!(node = %self.name, eject_ms = time.as_millis() as u64, "node ejected: new requests skip it until a trial call succeeds");
+                    if let Some(m) = &self.metrics {
+                        m.node_ejected(&self.name);
+                    }
+                }
+            }
+            Err(_) => {}
+        }
     }
 
     /// Frees the node's session (best effort: a node that is gone has nothing to free). The call runs

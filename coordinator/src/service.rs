@@ -115,6 +115,7 @@ impl From<Error> for Status {
             | Error::NoVerifier { .. }
             | Error::NoDistribution { .. }
             | Error::NodesFailed { .. }
+            | Error::Ejected { .. }
             | Error::Node { .. } => Status::unavailable(msg),
             Error::UnknownNode { .. } | Error::DraftsMismatch { .. } => Status::internal(msg),
         }
@@ -124,6 +125,8 @@ impl From<Error> for Status {
 /// The service: the members with their replicas, and the defaults.
 pub struct Coordinator {
     nodes: Vec<(NodeConfig, Arc<Replicas>)>,
+    /// Each member's ejection state.
+    outliers: Vec<Arc<crate::outlier::Outlier>>,
     settings: Settings,
     requests: AtomicU64,
     metrics: Arc<Metrics>,
@@ -170,8 +173,18 @@ impl Coordinator {
             let replicas = Replicas::start_with(n, settings.deadline, tls.clone(), resolver.clone()).await?;
             nodes.push((n.clone(), replicas));
         }
+        let outliers = nodes
+            .iter()
+            .map(|_| {
+                Arc::new(crate::outlier::Outlier::new(
+                    settings.eject_after,
+                    settings.eject_time,
+                ))
+            })
+            .collect();
         Ok(Self {
             names: nodes.iter().map(|n| n.0.name.clone()).collect(),
+            outliers,
             nodes,
             settings,
             requests: AtomicU64::new(0),
@@ -197,11 +210,13 @@ impl Coordinator {
     fn clients(&self, session: &str, prompt: &pb::Prompt) -> Vec<NodeClient> {
         self.nodes
             .iter()
-            .map(|(cfg, replicas)| {
+            .zip(&self.outliers)
+            .map(|((cfg, replicas), outlier)| {
                 let mut c =
                     NodeClient::with_replicas(cfg.name.clone(), replicas.clone(), self.settings.deadline)
                         .retries(self.settings.retries)
-                        .metrics(self.metrics.clone());
+                        .metrics(self.metrics.clone())
+                        .outlier(outlier.clone());
                 c.begin(session, prompt.clone());
                 c
             })
