@@ -163,7 +163,7 @@ pub async fn specfuse(
     .await;
     // Free the nodes' sessions whatever happened (finished, failed or cancelled).
     close_all(nodes).await;
-    let finish = finish.map_err(|e| verdict(e, &failed))?;
+    let finish = full_is_length(finish, &answer, &failed).map_err(|e| verdict(e, &failed))?;
     Ok(SpecFuseAnswer {
         text: answer,
         finish,
@@ -179,16 +179,41 @@ async fn close_all(nodes: &mut [NodeClient]) {
     join_all(nodes.iter_mut().map(NodeClient::close)).await;
 }
 
+/// Whether `e` says the request ran out of nodes.
+fn out_of_nodes(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::NoActiveNode | Error::NoCandidates | Error::NoVerifier { .. } | Error::NoDistribution { .. }
+    )
+}
+
+/// Whether a node left because its context is full (the answer reached its context limit).
+pub fn context_full(e: &Error) -> bool {
+    matches!(e, Error::Node { code: tonic::Code::InvalidArgument, message, .. } if message.starts_with("context too long"))
+}
+
+/// An answer that ran every node out of context ends with `Length` and the text so far, not an
+/// error.
+fn full_is_length(finish: Result<Finish>, answer: &str, failed: &[(usize, Error)]) -> Result<Finish> {
+    match finish {
+        Err(e)
+            if out_of_nodes(&e)
+                && !answer.is_empty()
+                && !failed.is_empty()
+                && failed.iter().all(|(_, f)| context_full(f)) =>
+        {
+            Ok(Finish::Length)
+        }
+        other => other,
+    }
+}
+
 /// What a request ends with when its nodes are gone: the nodes' own refusal when every node that
 /// failed refused the request for the same reason that is the client's to fix (`INVALID_ARGUMENT`,
 /// `RESOURCE_EXHAUSTED`: retrying elsewhere cannot help), else `UNAVAILABLE` naming every failed
 /// node and its cause. Other errors pass through.
 pub fn verdict(e: Error, failed: &[(usize, Error)]) -> Error {
-    let gone = matches!(
-        e,
-        Error::NoActiveNode | Error::NoCandidates | Error::NoVerifier { .. } | Error::NoDistribution { .. }
-    );
-    if !gone || failed.is_empty() {
+    if !out_of_nodes(&e) || failed.is_empty() {
         return e;
     }
     let code_of = |f: &Error| match f {
@@ -313,7 +338,7 @@ pub async fn chared(
     }
     .await;
     close_all(nodes).await;
-    let finish = finish.map_err(|e| verdict(e, &failed))?;
+    let finish = full_is_length(finish, &answer, &failed).map_err(|e| verdict(e, &failed))?;
     Ok(CharEdAnswer {
         text: answer,
         finish,

@@ -464,8 +464,14 @@ impl Coordinator {
                 let mut text = String::new();
                 let mut steps = 0;
                 // A failed call returns here with `?`; the dropped client then frees the session.
+                const SEGMENT: u32 = 64;
                 let f = loop {
-                    let p = node.propose(64, &limits.stop, sampling).await?;
+                    let p = match node.propose(SEGMENT, &limits.stop, sampling).await {
+                        Ok(p) => p,
+                        // The answer filled the node's context: it ends there, text kept.
+                        Err(e) if drive::context_full(&e) && !text.is_empty() => break Finish::Length,
+                        Err(e) => return Err(e.into()),
+                    };
                     steps += 1;
                     self.metrics.single_step();
                     if steps == 1 && !p.text.is_empty() {
@@ -484,7 +490,9 @@ impl Coordinator {
                         text.truncate(cut);
                         break Finish::Length;
                     }
-                    if text.chars().count() >= limits.max_chars || p.text.is_empty() {
+                    // Fewer tokens than asked with LENGTH: the node's context limit came first.
+                    let short = (p.token_logprobs.len() as u32) < SEGMENT;
+                    if text.chars().count() >= limits.max_chars || p.text.is_empty() || short {
                         break Finish::Length;
                     }
                 };

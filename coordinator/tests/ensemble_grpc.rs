@@ -348,3 +348,76 @@ async fn a_hung_node_costs_one_deadline_then_none_once_ejected() -> anyhow::Resu
     drop(hole);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_that_fills_the_context_ends_with_length_and_keeps_its_text() -> anyhow::Result<()> {
+    // Three members with a 40-token context: a long answer reaches it.
+    let mut nodes = Vec::new();
+    for dir in common::three_model_dirs()? {
+        let mut args = common::model_args(dir);
+        args.max_context = Some(40);
+        let opts = model_node::server::ServeOptions {
+            grace: Duration::from_secs(1),
+            ..Default::default()
+        };
+        nodes.push(common::start_model(args, opts).await?);
+    }
+    let (mut c, _stop) = serve(specs(&nodes)).await?;
+    let mut lengths = 0;
+    for s in ["specfuse", "chared", "single:n1"] {
+        let mut r = request(s);
+        r.max_chars = 2000;
+        r.specfuse = Some(pb::SpecFuseOptions {
+            segment_tokens: Some(4),
+            exit: Some(false),
+            ..Default::default()
+        });
+        // Greedy random models may end early with EOS; what must never happen is an error.
+        let a = c
+            .generate(r)
+            .await
+            .map_err(|e| anyhow::anyhow!("{s}: {e:?}"))?
+            .into_inner();
+        eprintln!(
+            "{s}: {:?} after {} chars",
+            a.finish_reason(),
+            a.text.chars().count()
+        );
+        if a.finish_reason() == pb::FinishReason::Length {
+            lengths += 1;
+            assert!(!a.text.is_empty(), "{s}");
+            assert!(
+                a.text.chars().count() < 2000,
+                "{s}: ended by the context, not max_chars"
+            );
+        }
+        // Streamed: the same, and the deltas add up to the answer.
+        let mut r = request(s);
+        r.max_chars = 2000;
+        let mut stream = c.generate_stream(r).await?.into_inner();
+        let mut deltas = String::new();
+        let mut done = None;
+        while let Some(e) = stream
+            .message()
+            .await
+            .map_err(|e| anyhow::anyhow!("{s} stream: {e:?}"))?
+        {
+            match e.event {
+                Some(pb::generate_event::Event::Delta(d)) => deltas.push_str(&d),
+                Some(pb::generate_event::Event::Done(d)) => done = Some(d),
+                _ => {}
+            }
+        }
+        let done = done.ok_or_else(|| anyhow::anyhow!("{s}: no final event"))?;
+        if !s.starts_with("single:") {
+            // (`single:NAME` streams send no text deltas yet, only the final answer.)
+            assert!(
+                deltas.starts_with(&done.text),
+                "{s}: {deltas:?} vs {:?}",
+                done.text
+            );
+        }
+    }
+    assert_eq!(lengths, 3, "every strategy ends at the context limit with LENGTH");
+    Ok(())
+}

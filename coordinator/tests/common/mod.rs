@@ -53,14 +53,23 @@ pub async fn start(dir: PathBuf) -> anyhow::Result<Node> {
 
 /// A node with serving options (TLS: the URL is `https://`).
 pub async fn start_with(dir: PathBuf, opts: model_node::server::ServeOptions) -> anyhow::Result<Node> {
-    let args = ModelArgs {
+    start_model(model_args(dir), opts).await
+}
+
+/// How the test nodes load `dir`.
+pub fn model_args(dir: PathBuf) -> ModelArgs {
+    ModelArgs {
         model_dir: dir,
         model_id: None,
         device: "cpu".into(),
         dtype: DTypeArg::F32,
         threads: 0,
         max_context: None,
-    };
+    }
+}
+
+/// A node for `args` with serving options.
+pub async fn start_model(args: ModelArgs, opts: model_node::server::ServeOptions) -> anyhow::Result<Node> {
     let limits = LimitArgs {
         max_sessions: 8,
         kv_cache_mb: 64,

@@ -71,25 +71,22 @@ impl Engine {
     pub(super) fn start_decode(
         &mut self,
         ctx: ContextSpec,
-        params: ProposeParams,
+        mut params: ProposeParams,
         held: usize,
     ) -> Result<Option<Decode>> {
         let mut session = self.resolve(ctx)?;
-        let limit = self.limits.max_context;
         let tokens = session.tokens.len();
-        let refuse = if tokens + params.max_new_tokens > limit {
-            Some(Error::ContextTooLong {
-                tokens,
-                new_tokens: params.max_new_tokens,
-                limit,
-            })
-        } else {
-            let need = (tokens + params.max_new_tokens + 1) * self.kv_bytes_per_position();
-            (need > self.limits.kv_budget_bytes).then_some(Error::KvBudget {
-                need,
-                budget: self.limits.kv_budget_bytes,
-            })
-        };
+        // The context limit comes first: the draft stops there with LENGTH (resolve refused a
+        // context with no room left).
+        params.max_new_tokens = params
+            .max_new_tokens
+            .min(self.limits.max_context.saturating_sub(tokens))
+            .max(1);
+        let need = (tokens + params.max_new_tokens + 1) * self.kv_bytes_per_position();
+        let refuse = (need > self.limits.kv_budget_bytes).then_some(Error::KvBudget {
+            need,
+            budget: self.limits.kv_budget_bytes,
+        });
         if let Some(e) = refuse {
             self.sessions.put(session);
             return Err(e);
