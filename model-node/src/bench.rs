@@ -10,7 +10,7 @@ pub mod serving;
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use candle_core::Tensor;
 use ensemble_proto::v1 as pb;
@@ -99,8 +99,6 @@ fn propose_job(n: usize) -> crate::engine::Job {
 fn decode(args: &BenchArgs) -> Result<()> {
     let n = args.tokens.max(1);
     let mut local = crate::node::load(&args.model, &limits())?;
-    let served = crate::node::load(&args.model, &limits())?;
-    let info = served.info.clone();
     let bos = local.engine.codec().encode(
         &crate::engine::text::RenderedPrompt {
             text: String::new(),
@@ -109,28 +107,10 @@ fn decode(args: &BenchArgs) -> Result<()> {
         "",
     )?;
     let start_tokens = if bos.is_empty() { vec![0u32] } else { bos };
-    let rt = tokio::runtime::Runtime::new().map_err(|e| Error::ModelDir(e.to_string()))?;
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .map_err(|e| Error::ModelDir(e.to_string()))?;
-    let addr = listener
-        .local_addr()
-        .map_err(|e| Error::ModelDir(e.to_string()))?;
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = rt.spawn(crate::server::run(
-        listener,
-        served,
-        CharOptions::default(),
-        async {
-            let _ = stop_rx.await;
-        },
-        Duration::from_secs(5),
-    ));
-    let mut client = rt
-        .block_on(pb::model_node_client::ModelNodeClient::connect(format!(
-            "http://{addr}"
-        )))
-        .map_err(|e| Error::ModelDir(format!("connect: {e}")))?;
+    let node = serving::Served::start(&args.model, &limits())?;
+    let info = node.info.clone();
+    let rt = &node.rt;
+    let mut client = pb::model_node_client::ModelNodeClient::new(node.channel()?);
     let (mut bare, mut engine, mut grpc) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..args.repeat.max(1) {
         let model = local.engine.model();
@@ -172,8 +152,7 @@ fn decode(args: &BenchArgs) -> Result<()> {
             .into_inner();
         grpc.push(resp.token_logprobs.len().max(1) as f64 / t0.elapsed().as_secs_f64());
     }
-    let _ = stop_tx.send(());
-    let _ = rt.block_on(server);
+    drop(node);
     let (a, e, b) = (median(bare), median(engine), median(grpc));
     println!(
         "decode, {} ({} params, {}), {n} tokens, median of {}",
