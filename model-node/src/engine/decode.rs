@@ -50,6 +50,14 @@ pub(super) struct Decode {
     reserved: usize,
 }
 
+/// What [`Engine::start_decode`] made of a proposal.
+pub(super) enum Start {
+    /// Running: ready for its first token.
+    Run(Decode),
+    /// Fits the KV budget, not beside the running decodes: wait, needing these bytes.
+    Wait(usize),
+}
+
 /// What a decode does after picking a token.
 enum Next {
     /// Run this token through the model and pick again.
@@ -66,14 +74,15 @@ impl Engine {
     }
 
     /// Resolves the context, checks the limits, and runs the prompt (the part no cache holds): a
-    /// decode ready for its first token, or none when it fits the KV budget but not beside the `held`
-    /// bytes of the running decodes (it must wait; with none running it always starts).
+    /// decode ready for its first token, or [`Start::Wait`] with the bytes it needs when it fits the
+    /// KV budget but not beside the `held` bytes of the running decodes (with none running it always
+    /// starts).
     pub(super) fn start_decode(
         &mut self,
         ctx: ContextSpec,
         mut params: ProposeParams,
         held: usize,
-    ) -> Result<Option<Decode>> {
+    ) -> Result<Start> {
         let mut session = self.resolve(ctx)?;
         let tokens = session.tokens.len();
         // The context limit comes first: the draft stops there with LENGTH (resolve refused a
@@ -82,19 +91,18 @@ impl Engine {
             .max_new_tokens
             .min(self.limits.max_context.saturating_sub(tokens))
             .max(1);
-        let need = (tokens + params.max_new_tokens + 1) * self.kv_bytes_per_position();
-        let refuse = (need > self.limits.kv_budget_bytes).then_some(Error::KvBudget {
-            need,
-            budget: self.limits.kv_budget_bytes,
-        });
-        if let Some(e) = refuse {
-            self.sessions.put(session);
-            return Err(e);
-        }
         let reserved = (tokens + params.max_new_tokens + 1) * self.kv_bytes_per_position();
-        if held > 0 && held + reserved > self.limits.kv_budget_bytes {
+        let budget = self.limits.kv_budget_bytes;
+        if reserved > budget {
             self.sessions.put(session);
-            return Ok(None);
+            return Err(Error::KvBudget {
+                need: reserved,
+                budget,
+            });
+        }
+        if held > 0 && held + reserved > budget {
+            self.sessions.put(session);
+            return Ok(Start::Wait(reserved));
         }
         let mut usage = Usage {
             context_tokens: tokens,
@@ -122,7 +130,7 @@ impl Engine {
             }
         };
         let seed = session.answer_chars as u64 ^ (tokens as u64).rotate_left(32);
-        Ok(Some(Decode {
+        Ok(Start::Run(Decode {
             sampler: Sampler::new(params.sampling.clone(), seed),
             reserved,
             session,
@@ -251,7 +259,7 @@ impl Engine {
         params: ProposeParams,
         cancelled: &dyn Fn() -> bool,
     ) -> Result<(Proposal, Usage)> {
-        let Some(mut d) = self.start_decode(ctx, params, 0)? else {
+        let Start::Run(mut d) = self.start_decode(ctx, params, 0)? else {
             return Err(Error::Internal("a lone proposal was asked to wait".into()));
         };
         loop {
@@ -284,7 +292,7 @@ struct Running {
 /// every handle is gone and the running ones are done.
 pub(super) fn serve(mut engine: Engine, mut rx: mpsc::Receiver<Envelope>) {
     let mut running: Vec<Running> = Vec::new();
-    let mut waiting: VecDeque<Envelope> = VecDeque::new();
+    let mut waiting: VecDeque<Waiting> = VecDeque::new();
     let mut open = true;
     loop {
         // Take what arrived: block only when there is nothing else to do.
@@ -294,13 +302,13 @@ pub(super) fn serve(mut engine: Engine, mut rx: mpsc::Receiver<Envelope>) {
         }
         if idle {
             match rx.blocking_recv() {
-                Some(env) => waiting.push_back(env),
+                Some(call) => waiting.push_back(Waiting { call, needs: None }),
                 None => break,
             }
         }
         loop {
             match rx.try_recv() {
-                Ok(env) => waiting.push_back(env),
+                Ok(call) => waiting.push_back(Waiting { call, needs: None }),
                 Err(mpsc::error::TryRecvError::Empty) => break,
                 Err(mpsc::error::TryRecvError::Disconnected) => {
                     open = false;
@@ -315,45 +323,57 @@ pub(super) fn serve(mut engine: Engine, mut rx: mpsc::Receiver<Envelope>) {
     }
 }
 
+/// A call not started yet, and the KV bytes it needs once known (a proposal that had to wait).
+struct Waiting {
+    call: Envelope,
+    needs: Option<usize>,
+}
+
 /// Starts what can start, in arrival order: other calls run at once; a proposal joins the running
-/// set if the KV budget has room beside the running ones (else it and everything after it wait).
-fn admit(engine: &mut Engine, running: &mut Vec<Running>, waiting: &mut VecDeque<Envelope>) {
-    while let Some(call) = waiting.pop_front() {
-        if call.reply.is_closed() {
+/// set if the KV budget has room beside the running ones (else it and everything after it wait; its
+/// need is remembered, so it is not resolved again until it fits).
+fn admit(engine: &mut Engine, running: &mut Vec<Running>, waiting: &mut VecDeque<Waiting>) {
+    while let Some(w) = waiting.pop_front() {
+        if w.call.reply.is_closed() {
             engine.totals.queued.fetch_sub(1, Ordering::Relaxed);
             continue; // the client went away while queued
         }
         let held: usize = running.iter().map(|r| r.decode.reserved).sum();
-        if let Job::Propose(..) = &call.job
-            && !running.is_empty()
-            && held >= engine.limits.kv_budget_bytes
+        if w.needs
+            .is_some_and(|n| held > 0 && held + n > engine.limits.kv_budget_bytes)
         {
-            waiting.push_front(call);
+            waiting.push_front(w);
             return;
         }
-        engine.totals.queued.fetch_sub(1, Ordering::Relaxed);
+        let call = w.call;
         let queue_ms = call.enqueued.elapsed().as_secs_f64() * 1e3;
         let started = Instant::now();
         match call.job.clone() {
             Job::Propose(ctx, params) => match engine.start_decode(ctx, params, held) {
-                Ok(Some(decode)) => running.push(Running {
-                    decode,
-                    call,
-                    started,
-                    queue_ms,
-                }),
-                Ok(None) => {
-                    // Fits the budget, not beside the running ones: wait for them.
-                    engine.totals.queued.fetch_add(1, Ordering::Relaxed);
-                    waiting.push_front(call);
+                Ok(Start::Run(decode)) => {
+                    engine.totals.queued.fetch_sub(1, Ordering::Relaxed);
+                    running.push(Running {
+                        decode,
+                        call,
+                        started,
+                        queue_ms,
+                    });
+                }
+                Ok(Start::Wait(needs)) => {
+                    waiting.push_front(Waiting {
+                        call,
+                        needs: Some(needs),
+                    });
                     return;
                 }
                 Err(e) => {
-                    engine.totals.jobs.fetch_add(1, Ordering::Relaxed);
+                    engine.totals.queued.fetch_sub(1, Ordering::Relaxed);
+                    engine.after_call();
                     let _ = call.reply.send(Err(e));
                 }
             },
             job => {
+                engine.totals.queued.fetch_sub(1, Ordering::Relaxed);
                 let reply = &call.reply;
                 let result = engine.run(job, queue_ms, &|| reply.is_closed());
                 let _ = call.reply.send(result);
@@ -369,7 +389,7 @@ fn step(engine: &mut Engine, running: &mut Vec<Running>) {
     for mut r in std::mem::take(running) {
         if r.call.reply.is_closed() {
             engine.abandon(r.decode);
-            engine.totals.jobs.fetch_add(1, Ordering::Relaxed);
+            engine.after_call();
             continue; // the client left: the sequence leaves at once
         }
         match engine.pick(&mut r.decode) {
