@@ -53,7 +53,7 @@ pub(super) struct Decode {
 /// What [`Engine::start_decode`] made of a proposal.
 pub(super) enum Start {
     /// Running: ready for its first token.
-    Run(Decode),
+    Run(Box<Decode>),
     /// Fits the KV budget, not beside the running decodes: wait, needing these bytes.
     Wait(usize),
 }
@@ -130,7 +130,7 @@ impl Engine {
             }
         };
         let seed = session.answer_chars as u64 ^ (tokens as u64).rotate_left(32);
-        Ok(Start::Run(Decode {
+        Ok(Start::Run(Box::new(Decode {
             sampler: Sampler::new(params.sampling.clone(), seed),
             reserved,
             session,
@@ -145,7 +145,7 @@ impl Engine {
             logprobs: Vec::new(),
             text: String::new(),
             step: 0,
-        }))
+        })))
     }
 
     /// Picks the next token from the decode's logits.
@@ -259,9 +259,10 @@ impl Engine {
         params: ProposeParams,
         cancelled: &dyn Fn() -> bool,
     ) -> Result<(Proposal, Usage)> {
-        let Start::Run(mut d) = self.start_decode(ctx, params, 0)? else {
+        let Start::Run(d) = self.start_decode(ctx, params, 0)? else {
             return Err(Error::Internal("a lone proposal was asked to wait".into()));
         };
+        let mut d = *d;
         loop {
             if cancelled() {
                 self.abandon(d);
@@ -353,7 +354,7 @@ fn admit(engine: &mut Engine, running: &mut Vec<Running>, waiting: &mut VecDeque
                 Ok(Start::Run(decode)) => {
                     engine.totals.queued.fetch_sub(1, Ordering::Relaxed);
                     running.push(Running {
-                        decode,
+                        decode: *decode,
                         call,
                         started,
                         queue_ms,
