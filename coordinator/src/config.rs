@@ -10,6 +10,13 @@
 //! eject_ms = 5000               # first ejection time (times the number of ejections, at most 10x)
 //! default_strategy = "specfuse" # or "chared", "single:NAME"
 //! max_chars = 256               # default answer length when a client gives none (HTTP, CLI)
+//! max_concurrent_requests = 256 # more at once are refused: RESOURCE_EXHAUSTED / HTTP 429 + Retry-After
+//! min_healthy_nodes = 1         # readiness is NOT_SERVING (HTTP /ready 503) below this many members up
+//! probe_ms = 2000               # background Info probe of every member (0: none); a failed probe ejects
+//! max_message_bytes = 262144    # input limits, checked before anything is tokenized or sent on:
+//! max_messages = 1024           #   one message's bytes, messages per conversation,
+//! max_prompt_bytes = 1048576    #   prompt bytes in all,
+//! max_request_bytes = 4194304   #   one encoded gRPC request or HTTP body
 //!
 //! [specfuse]                    # defaults for requests that leave a field unset
 //! segment_tokens = 10
@@ -147,6 +154,20 @@ pub struct FileConfig {
     pub default_strategy: Option<String>,
     /// Answer length for clients that give none.
     pub max_chars: Option<u32>,
+    /// Requests served at once; more are refused as overload.
+    pub max_concurrent_requests: Option<usize>,
+    /// Members that must be up for the coordinator to report ready.
+    pub min_healthy_nodes: Option<usize>,
+    /// Background health probe period, milliseconds (0: none).
+    pub probe_ms: Option<u64>,
+    /// Most bytes in one message.
+    pub max_message_bytes: Option<usize>,
+    /// Most messages per conversation.
+    pub max_messages: Option<usize>,
+    /// Most prompt bytes in all.
+    pub max_prompt_bytes: Option<usize>,
+    /// Largest encoded request (gRPC message, HTTP body).
+    pub max_request_bytes: Option<usize>,
     /// SpecFuse defaults.
     #[serde(default)]
     pub specfuse: SpecFuseDefaults,
@@ -238,6 +259,14 @@ pub struct Settings {
     pub default_strategy: String,
     /// Answer length for clients that give none.
     pub max_chars: u32,
+    /// Requests served at once; more are refused with RESOURCE_EXHAUSTED (HTTP 429).
+    pub max_concurrent_requests: usize,
+    /// Members that must be up (not ejected) for readiness to be SERVING.
+    pub min_healthy_nodes: usize,
+    /// Background health probe period (zero: none).
+    pub probe_every: Duration,
+    /// Input size limits, checked before any node is called.
+    pub input: ensemble_proto::limits::InputLimits,
     /// SpecFuse defaults.
     pub specfuse: SpecFuseParams,
     /// CharED defaults.
@@ -259,6 +288,10 @@ impl Settings {
             eject_time: Duration::from_secs(5),
             default_strategy: "specfuse".into(),
             max_chars: 256,
+            max_concurrent_requests: 256,
+            min_healthy_nodes: 1,
+            probe_every: Duration::from_secs(2),
+            input: ensemble_proto::limits::InputLimits::default(),
             specfuse: SpecFuseParams::default(),
             chared: CharedParams::default(),
             node_tls: None,
@@ -286,6 +319,26 @@ impl Settings {
         }
         if let Some(m) = file.max_chars {
             s.max_chars = m;
+        }
+        if let Some(n) = file.max_concurrent_requests {
+            s.max_concurrent_requests = n;
+        }
+        if let Some(n) = file.min_healthy_nodes {
+            s.min_healthy_nodes = n;
+        }
+        if let Some(ms) = file.probe_ms {
+            s.probe_every = Duration::from_millis(ms);
+        }
+        let i = &mut s.input;
+        for (v, f) in [
+            (&mut i.max_message_bytes, file.max_message_bytes),
+            (&mut i.max_messages, file.max_messages),
+            (&mut i.max_prompt_bytes, file.max_prompt_bytes),
+            (&mut i.max_request_bytes, file.max_request_bytes),
+        ] {
+            if let Some(n) = f {
+                *v = n;
+            }
         }
         s.node_tls = file.node_tls.as_ref().map(Into::into);
         if let Some(p) = &file.api_key_file {
@@ -370,6 +423,19 @@ impl Settings {
         }
         if self.max_chars == 0 || self.max_chars > crate::service::MAX_CHARS {
             return Err(bad("max_chars", self.max_chars.to_string(), "1..=65536"));
+        }
+        if self.max_concurrent_requests == 0 {
+            return Err(bad("max_concurrent_requests", "0".into(), ">= 1"));
+        }
+        if self.min_healthy_nodes > self.nodes.len() {
+            return Err(bad(
+                "min_healthy_nodes",
+                self.min_healthy_nodes.to_string(),
+                "at most the number of nodes",
+            ));
+        }
+        if let Err(e) = self.input.validate() {
+            return Err(bad("max_*_bytes / max_messages", e, ">= 1"));
         }
         let ok_strategy = matches!(self.default_strategy.as_str(), "specfuse" | "chared")
             || self

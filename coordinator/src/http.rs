@@ -5,7 +5,8 @@
 //!   (`"stream": true`, ending with `data: [DONE]`); see [`openai`] for the mapping.
 //! - `GET /v1/models`, `GET /v1/models/{id}`: the ensemble, its strategies and each member.
 //! - `GET /metrics`: [`crate::metrics::Metrics`] in the Prometheus text format.
-//! - `GET /health`: 200 while the process serves.
+//! - `GET /health`: 200 while the process serves, with each member's state (up, or why not).
+//! - `GET /ready`: 200 when at least `min_healthy_nodes` members are up, else 503.
 //!
 //! `/v1` requires a bearer token when API keys are configured ([`crate::auth`]); errors use OpenAI's
 //! `{"error": {...}}` shape. With the coordinator's `[tls]` the HTTP face speaks TLS too ([`tls`]). A W3C `traceparent` header makes the request part of the caller's trace.
@@ -47,7 +48,13 @@ struct App {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(self.body())).into_response()
+        let mut r = (self.status, Json(self.body())).into_response();
+        if self.status == StatusCode::TOO_MANY_REQUESTS {
+            // Overload passes quickly: a second is what a well-behaved client waits before retrying.
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        }
+        r
     }
 }
 
@@ -72,12 +79,61 @@ pub fn router(coordinator: Arc<Coordinator>) -> Router {
             }
         })
         .layer(axum::middleware::from_fn_with_state(app.clone(), authenticate));
+    let body_limit = app.coordinator.settings().input.max_request_bytes;
     Router::new()
-        .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/health", get(health))
+        .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .merge(v1)
+        .method_not_allowed_fallback(|| async {
+            ApiError {
+                status: StatusCode::METHOD_NOT_ALLOWED,
+                kind: "invalid_request_error",
+                code: "method_not_allowed",
+                param: None,
+                message: "method not allowed: /v1/chat/completions and /v1/completions take POST; \
+                          /v1/models, /health, /ready and /metrics take GET"
+                    .into(),
+            }
+        })
+        .layer(axum::extract::DefaultBodyLimit::max(body_limit))
         .layer(axum::middleware::from_fn_with_state(app.clone(), count))
         .with_state(app)
+}
+
+/// Liveness, with each member's state: 200 while the process serves.
+async fn health(State(app): State<App>) -> Json<Value> {
+    Json(health_body(&app.coordinator))
+}
+
+/// Readiness: 200 when at least `min_healthy_nodes` members are up, else 503 (same body as
+/// `/health`).
+async fn ready(State(app): State<App>) -> Response {
+    let status = if app.coordinator.ready() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(health_body(&app.coordinator))).into_response()
+}
+
+fn health_body(c: &crate::service::Coordinator) -> Value {
+    let members: Vec<Value> = c
+        .member_status()
+        .into_iter()
+        .map(|(name, up)| match up {
+            Ok(()) => json!({"name": name, "up": true}),
+            Err(why) => json!({"name": name, "up": false, "error": why}),
+        })
+        .collect();
+    let up = members.iter().filter(|m| m["up"] == true).count();
+    json!({
+        "status": "ok",
+        "ready": c.ready(),
+        "members_up": up,
+        "min_healthy_nodes": c.settings().min_healthy_nodes,
+        "members": members,
+    })
 }
 
 /// Counts every response by route template (bounded: unknown paths are `other`) and status.
@@ -176,6 +232,28 @@ async fn model(State(app): State<App>, Path(id): Path<String>) -> Result<Json<Va
         })
 }
 
+/// The body, or the rejection in OpenAI's shape (413 past `max_request_bytes`).
+fn body(b: Result<Bytes, axum::extract::rejection::BytesRejection>) -> Result<Bytes, ApiError> {
+    b.map_err(|r| {
+        let status = r.status();
+        ApiError {
+            status,
+            kind: "invalid_request_error",
+            code: if status == StatusCode::PAYLOAD_TOO_LARGE {
+                "request_too_large"
+            } else {
+                "invalid_body"
+            },
+            param: None,
+            message: if status == StatusCode::PAYLOAD_TOO_LARGE {
+                "the request body is larger than the coordinator's max_request_bytes".into()
+            } else {
+                format!("the request body could not be read: {}", r.body_text())
+            },
+        }
+    })
+}
+
 fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::invalid(None, format!("invalid request body: {e}")))
 }
@@ -202,14 +280,22 @@ struct Call {
     prompt_chars: usize,
 }
 
-async fn chat(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
-    let r: openai::ChatRequest = parse(&body)?;
+async fn chat(
+    State(app): State<App>,
+    headers: HeaderMap,
+    b: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Response, ApiError> {
+    let r: openai::ChatRequest = parse(&body(b)?)?;
     let prompt = openai::chat_prompt(r.messages)?;
     run(app, headers, Kind::Chat, prompt, r.common).await
 }
 
-async fn completions(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
-    let r: openai::CompletionRequest = parse(&body)?;
+async fn completions(
+    State(app): State<App>,
+    headers: HeaderMap,
+    b: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Response, ApiError> {
+    let r: openai::CompletionRequest = parse(&body(b)?)?;
     let prompt = openai::completion_prompt(r.prompt)?;
     run(app, headers, Kind::Completion, prompt, r.common).await
 }

@@ -22,6 +22,7 @@
 //! - [`auth`]: bearer-token checks of clients (gRPC and HTTP), keys redacted everywhere.
 //! - [`outlier`]: outlier ejection of members whose calls keep failing (skipped until a trial call
 //!   succeeds).
+//! - [`probe`]: the background health probe of every member, and readiness.
 //! - [`replicas`]: the replicas of one member: a static address or DNS discovery (headless
 //!   Services), round-robin per request, fail-over on retries.
 //! - [`config`]: the TOML configuration shared by both binaries, with defaults and checks.
@@ -46,6 +47,7 @@ mod math;
 pub mod metrics;
 pub mod node_client;
 pub mod outlier;
+pub mod probe;
 pub mod replicas;
 pub mod server;
 pub mod service;

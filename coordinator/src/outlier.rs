@@ -22,6 +22,8 @@ struct State {
     consecutive: u32,
     ejections: u32,
     until: Option<Instant>,
+    /// The last background probe's failure (none: it answered, or none ran yet).
+    probe_error: Option<String>,
 }
 
 /// Whether a failed call counts against the member: deadlines and node-side faults do; refusals
@@ -62,6 +64,7 @@ impl Outlier {
         let mut s = self.state();
         s.consecutive = 0;
         s.until = None;
+        s.probe_error = None;
     }
 
     /// A call failed in a way that counts; returns the ejection time when this failure ejects the
@@ -80,6 +83,44 @@ impl Outlier {
         let time = self.base * s.ejections.min(10);
         s.until = Some(Instant::now() + time);
         Some(time)
+    }
+
+    /// A background probe answered: the member is up (and back in, if it was ejected).
+    pub fn probe_ok(&self) -> bool {
+        let mut s = self.state();
+        let was_down = s.probe_error.take().is_some() || s.until.is_some();
+        s.consecutive = 0;
+        s.until = None;
+        was_down
+    }
+
+    /// A background probe failed with `error`: the member is down, and ejected (when ejection is on)
+    /// so that requests skip it until a probe or a trial call succeeds. Returns whether it was up.
+    pub fn probe_failed(&self, error: String) -> bool {
+        let mut s = self.state();
+        let was_up = s.probe_error.is_none();
+        s.probe_error = Some(error);
+        if self.after > 0 && s.until.is_none_or(|u| u <= Instant::now()) {
+            s.ejections += 1;
+            s.until = Some(Instant::now() + self.base * s.ejections.min(10));
+        }
+        was_up
+    }
+
+    /// Whether the member counts as up: its last probe (if any) answered and it is not ejected now.
+    /// `Err` says why not.
+    pub fn up(&self) -> Result<(), String> {
+        let s = self.state();
+        if let Some(e) = &s.probe_error {
+            return Err(e.clone());
+        }
+        match s.until.and_then(|u| u.checked_duration_since(Instant::now())) {
+            Some(left) => Err(format!(
+                "ejected for {} ms more after failed calls",
+                left.as_millis()
+            )),
+            None => Ok(()),
+        }
     }
 
     /// Times the member was ejected so far.

@@ -43,6 +43,7 @@ pub async fn serve_with(
     opts: ServeOptions,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let coordinator = Arc::new(coordinator);
+    let max_request = coordinator.settings().input.max_request_bytes;
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = &opts.tls {
         builder = builder.tls_config(tls.config()?)?;
@@ -88,6 +89,34 @@ pub async fn serve_with(
     };
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<EnsembleServer<EnsembleService>>().await;
+    // Readiness (the `ensemble.v1.Ensemble` service) follows the members' health probe; liveness
+    // (the empty service name) stays SERVING until the drain.
+    let every = coordinator.settings().probe_every;
+    if !every.is_zero() {
+        let reporter = health.clone();
+        let draining = http_stop.subscribe();
+        let on_ready = move |ready: bool| -> futures::future::BoxFuture<'static, ()> {
+            let reporter = reporter.clone();
+            let draining = *draining.borrow();
+            Box::pin(async move {
+                match (ready, draining) {
+                    (_, true) => {}
+                    (true, false) => reporter.set_serving::<EnsembleServer<EnsembleService>>().await,
+                    (false, false) => {
+                        reporter
+                            .set_not_serving::<EnsembleServer<EnsembleService>>()
+                            .await
+                    }
+                }
+            })
+        };
+        tokio::spawn(crate::probe::run(
+            coordinator.clone(),
+            every,
+            http_stop.subscribe(),
+            on_ready,
+        ));
+    }
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(ensemble_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -99,11 +128,15 @@ pub async fn serve_with(
     let reporter = health.clone();
     let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
     let server = builder
+        .layer(tower::util::MapResponseLayer::new(
+            ensemble_proto::faults::client_fault,
+        ))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(EnsembleServer::with_interceptor(
-            EnsembleService::shared(coordinator),
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            EnsembleServer::new(EnsembleService::shared(coordinator.clone()))
+                .max_decoding_message_size(max_request),
             check,
         ))
         .serve_with_incoming_shutdown(ensemble_proto::net::incoming(listener), async move {

@@ -132,6 +132,8 @@ pub struct Coordinator {
     metrics: Arc<Metrics>,
     /// The members' names, in configuration order (labels, traces, `single:NAME`).
     names: Vec<String>,
+    /// One permit per request served at once (`max_concurrent_requests`).
+    permits: Arc<tokio::sync::Semaphore>,
 }
 
 /// The span of one ensemble request; its fields are filled in as the request runs.
@@ -183,6 +185,7 @@ impl Coordinator {
             })
             .collect();
         Ok(Self {
+            permits: Arc::new(tokio::sync::Semaphore::new(settings.max_concurrent_requests)),
             names: nodes.iter().map(|n| n.0.name.clone()).collect(),
             outliers,
             nodes,
@@ -205,6 +208,24 @@ impl Coordinator {
     /// The settings in force.
     pub fn settings(&self) -> &Settings {
         &self.settings
+    }
+
+    /// Every member: its name, replicas and ejection state.
+    pub fn members(&self) -> impl Iterator<Item = (&str, &Arc<Replicas>, &Arc<crate::outlier::Outlier>)> {
+        self.nodes
+            .iter()
+            .zip(&self.outliers)
+            .map(|((cfg, replicas), o)| (cfg.name.as_str(), replicas, o))
+    }
+
+    /// Each member's name and whether it is up (`Err`: why not), in configuration order.
+    pub fn member_status(&self) -> Vec<(String, Result<(), String>)> {
+        self.members().map(|(n, _, o)| (n.to_owned(), o.up())).collect()
+    }
+
+    /// Whether at least `min_healthy_nodes` members are up.
+    pub fn ready(&self) -> bool {
+        self.members().filter(|m| m.2.up().is_ok()).count() >= self.settings.min_healthy_nodes
     }
 
     fn clients(&self, session: &str, prompt: &pb::Prompt) -> Vec<NodeClient> {
@@ -353,8 +374,14 @@ impl Coordinator {
             now - std::mem::replace(&mut c.1, now)
         };
         let out = {
+            let single = label.starts_with("single:");
             let mut on_round = |o: &RoundOutcome| {
-                metrics.round(o, step(!o.winner.text.is_empty()), names);
+                let elapsed = step(!o.winner.text.is_empty());
+                if single {
+                    metrics.single_step();
+                } else {
+                    metrics.round(o, elapsed, names);
+                }
                 on_round(o)
             };
             let mut on_char = |c: &CharStep| {
@@ -389,10 +416,22 @@ impl Coordinator {
         on_round: &mut (dyn FnMut(&RoundOutcome) -> bool + Send),
         on_char: &mut (dyn FnMut(&CharStep) -> bool + Send),
     ) -> Result<pb::GenerateResponse, Status> {
+        // Overload is refused before any work: the permit is held until the answer is complete.
+        let _permit = self.permits.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "the coordinator is serving its limit of {} requests at once \
+                 (max_concurrent_requests); retry after a short wait",
+                self.settings.max_concurrent_requests
+            ))
+        })?;
         let prompt = r
             .prompt
             .filter(|p| p.kind.is_some())
             .ok_or_else(|| Status::invalid_argument("prompt is required: a conversation or a raw prompt"))?;
+        self.settings
+            .input
+            .check_prompt(&prompt, "")
+            .map_err(Status::invalid_argument)?;
         check_limits(r.max_chars, &r.stop).map_err(|(_, msg)| Status::invalid_argument(msg))?;
         if let Some(s) = &r.sampling {
             check_sampling(s).map_err(|(_, msg)| Status::invalid_argument(msg))?;
@@ -450,58 +489,23 @@ impl Coordinator {
             s => {
                 let Some(name) = s.strip_prefix("single:") else {
                     return Err(Status::invalid_argument(format!(
-                        "unknown strategy {s:?}: use \"specfuse\", \"chared\" or \"single:NAME\""
+                        "unknown strategy {}: use \"specfuse\", \"chared\" or \"single:NAME\"",
+                        ensemble_proto::limits::quote(s)
                     )));
                 };
                 let Some(i) = self.nodes.iter().position(|n| n.0.name == name) else {
                     let names: Vec<&str> = self.nodes.iter().map(|n| n.0.name.as_str()).collect();
                     return Err(Status::invalid_argument(format!(
-                        "unknown node {name:?}; configured: {names:?}"
+                        "unknown node {}; configured: {names:?}",
+                        ensemble_proto::limits::quote(name)
                     )));
                 };
-                let node = &mut clients[i];
-                let first_started = Instant::now();
-                let mut text = String::new();
-                let mut steps = 0;
-                // A failed call returns here with `?`; the dropped client then frees the session.
-                const SEGMENT: u32 = 64;
-                let f = loop {
-                    let p = match node.propose(SEGMENT, &limits.stop, sampling).await {
-                        Ok(p) => p,
-                        // The answer filled the node's context: it ends there, text kept.
-                        Err(e) if drive::context_full(&e) && !text.is_empty() => break Finish::Length,
-                        Err(e) => return Err(e.into()),
-                    };
-                    steps += 1;
-                    self.metrics.single_step();
-                    if steps == 1 && !p.text.is_empty() {
-                        self.metrics.first_token(&strategy, first_started.elapsed());
-                    }
-                    node.accept(&p.text);
-                    text.push_str(&p.text);
-                    if let Some(cut) = limits.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
-                        text.truncate(cut);
-                        break Finish::Stop;
-                    }
-                    if matches!(p.finish_reason(), pb::FinishReason::Eos | pb::FinishReason::Stop) {
-                        break Finish::Eos;
-                    }
-                    if let Some((cut, _)) = text.char_indices().nth(limits.max_chars) {
-                        text.truncate(cut);
-                        break Finish::Length;
-                    }
-                    // Fewer tokens than asked with LENGTH: the node's context limit came first.
-                    let short = (p.token_logprobs.len() as u32) < SEGMENT;
-                    if text.chars().count() >= limits.max_chars || p.text.is_empty() || short {
-                        break Finish::Length;
-                    }
-                };
-                node.close().await;
+                let a = drive::single(&mut clients[i], i, &limits, sampling, on_round).await?;
                 pb::GenerateResponse {
-                    text,
-                    finish_reason: finish(f) as i32,
+                    text: a.text,
+                    finish_reason: finish(a.finish) as i32,
                     strategy,
-                    steps,
+                    steps: a.steps,
                     mean_active_nodes: 1.0,
                     exited_nodes: vec![],
                     failed_nodes: vec![],

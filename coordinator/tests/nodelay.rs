@@ -116,6 +116,7 @@ async fn every_listener_sets_tcp_nodelay_on_accepted_sockets() -> anyhow::Result
             grace: Duration::from_secs(1),
             tls: None,
             metrics: Some(metrics),
+            ..Default::default()
         },
     )
     .await?;
@@ -125,6 +126,7 @@ async fn every_listener_sets_tcp_nodelay_on_accepted_sockets() -> anyhow::Result
             grace: Duration::from_secs(1),
             tls: Some(pki.server(false)),
             metrics: None,
+            ..Default::default()
         },
     )
     .await?;

@@ -109,6 +109,7 @@ async fn a_node_with_mutual_tls_serves_only_clients_with_a_certificate() -> anyh
         grace: Duration::from_secs(1),
         tls: Some(pki.server(true)),
         metrics: None,
+        ..Default::default()
     };
     let node = common::start_with(tiny_dir("mtls")?, opts).await?;
     assert!(node.url.starts_with("https://127.0.0.1:"));

@@ -115,6 +115,38 @@ pub struct ServeArgs {
     /// TLS.
     #[command(flatten)]
     pub tls: TlsArgs,
+    /// Input size limits.
+    #[command(flatten)]
+    pub input: InputArgs,
+}
+
+/// Input size limits, checked before anything is tokenized ([`ensemble_proto::limits`]).
+#[derive(Debug, Clone, Args)]
+pub struct InputArgs {
+    /// Most bytes in one message's content, a raw prompt, an answer or an appended delta.
+    #[arg(long, env = "MODEL_NODE_MAX_MESSAGE_BYTES", default_value_t = 256 << 10)]
+    pub max_message_bytes: usize,
+    /// Most messages in one conversation.
+    #[arg(long, env = "MODEL_NODE_MAX_MESSAGES", default_value_t = 1024)]
+    pub max_messages: usize,
+    /// Most bytes of prompt text in all (roles, contents and the answer so far).
+    #[arg(long, env = "MODEL_NODE_MAX_PROMPT_BYTES", default_value_t = 1 << 20)]
+    pub max_prompt_bytes: usize,
+    /// Largest encoded gRPC request accepted, bytes (larger ones are refused before decoding).
+    #[arg(long, env = "MODEL_NODE_MAX_REQUEST_BYTES", default_value_t = 4 << 20)]
+    pub max_request_bytes: usize,
+}
+
+impl InputArgs {
+    /// The limits these flags set.
+    pub fn limits(&self) -> ensemble_proto::limits::InputLimits {
+        ensemble_proto::limits::InputLimits {
+            max_message_bytes: self.max_message_bytes,
+            max_messages: self.max_messages,
+            max_prompt_bytes: self.max_prompt_bytes,
+            max_request_bytes: self.max_request_bytes,
+        }
+    }
 }
 
 /// TLS of the gRPC listener.

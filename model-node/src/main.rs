@@ -88,6 +88,7 @@ fn serve(args: ServeArgs, threads: usize) -> anyhow::Result<()> {
             grace: Duration::from_secs(args.shutdown_grace_secs),
             tls,
             metrics,
+            input: args.input.limits(),
         };
         model_node::server::run_with(listener, node, char_defaults, shutdown_signal(), opts).await?;
         tracing::info!("stopped");

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use ensemble_proto::limits::InputLimits;
 use ensemble_proto::v1::model_node_server::ModelNodeServer;
 use tokio::net::TcpListener;
 use tonic_health::ServingStatus;
@@ -20,9 +21,6 @@ use crate::service::NodeService;
 /// The health service name clients probe.
 pub const SERVICE_NAME: &str = "ensemble.v1.ModelNode";
 
-/// Largest request message accepted (bytes).
-pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
-
 /// How a node serves, beyond the model and its listener.
 #[derive(Default)]
 pub struct ServeOptions {
@@ -32,6 +30,8 @@ pub struct ServeOptions {
     pub tls: Option<ensemble_proto::tls::ServerTls>,
     /// Where `/metrics` is served (none: not served).
     pub metrics: Option<TcpListener>,
+    /// Input size limits (the gRPC message limit among them).
+    pub input: InputLimits,
 }
 
 /// Serves `node` on `listener` until `shutdown` resolves, then drains for at most `grace`.
@@ -78,7 +78,7 @@ pub async fn run_with(
     let refl_v1 = reflection().build_v1().map_err(reflection_err)?;
     let refl_v1a = reflection().build_v1alpha().map_err(reflection_err)?;
 
-    let service = NodeService::new(engine, node.info, char_defaults);
+    let service = NodeService::new(engine, node.info, char_defaults).with_input(opts.input);
     let (metrics_stop, metrics_stopped) = tokio::sync::watch::channel(false);
     let serving = Arc::new(AtomicBool::new(true));
     if let Some(l) = opts.metrics {
@@ -95,8 +95,8 @@ pub async fn run_with(
         });
     }
     let svc = ModelNodeServer::new(service)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        .max_decoding_message_size(opts.input.max_request_bytes)
+        .max_encoding_message_size(opts.input.max_request_bytes.max(16 << 20));
 
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
     let (force_tx, force_rx) = tokio::sync::oneshot::channel::<()>();
@@ -113,6 +113,9 @@ pub async fn run_with(
         let _ = force_tx.send(());
     });
     let server = builder
+        .layer(tower::util::MapResponseLayer::new(
+            ensemble_proto::faults::client_fault,
+        ))
         .add_service(health_service)
         .add_service(refl_v1)
         .add_service(refl_v1a)

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
+use ensemble_proto::limits::InputLimits;
 use ensemble_proto::v1 as pb;
 use ensemble_proto::v1::model_node_server::ModelNode;
 use tonic::{Request, Response, Status};
@@ -24,6 +25,7 @@ pub struct NodeService {
     info: Arc<pb::InfoResponse>,
     char_defaults: CharOptions,
     metrics: Arc<NodeMetrics>,
+    input: InputLimits,
 }
 
 impl NodeService {
@@ -35,7 +37,14 @@ impl NodeService {
             info: Arc::new(info),
             char_defaults,
             metrics,
+            input: InputLimits::default(),
         }
+    }
+
+    /// With these input size limits (checked before anything is tokenized).
+    pub fn with_input(mut self, input: InputLimits) -> Self {
+        self.input = input;
+        self
     }
 
     /// The node's metrics (served on `/metrics`).
@@ -133,6 +142,7 @@ impl ModelNode for NodeService {
         let started = Instant::now();
         let span = span_for(rpc_span!("ProposeSegment"), &req);
         let r = async {
+            validate::input(req.get_ref().context.as_ref(), &self.input)?;
             let (ctx, params) = validate::propose(req.into_inner())?;
             let Reply::Proposal(p) = run(&self.engine, Job::Propose(ctx, params), &span).await? else {
                 return Err(unexpected());
@@ -165,6 +175,7 @@ impl ModelNode for NodeService {
         let started = Instant::now();
         let span = span_for(rpc_span!("ScoreCandidates"), &req);
         let r = async {
+            validate::input(req.get_ref().context.as_ref(), &self.input)?;
             let (ctx, cands) = validate::score(req.into_inner())?;
             span.record("items", cands.len() as i64);
             let Reply::Scores(s) = run(&self.engine, Job::Score(ctx, cands), &span).await? else {
@@ -200,6 +211,7 @@ impl ModelNode for NodeService {
         let started = Instant::now();
         let span = span_for(rpc_span!("NextCharDistribution"), &req);
         let r = async {
+            validate::input(req.get_ref().context.as_ref(), &self.input)?;
             let (ctx, k, opts) = validate::next_char(req.into_inner(), &self.char_defaults)?;
             let Reply::Chars(c) = run(&self.engine, Job::NextChar(ctx, k, opts), &span).await? else {
                 return Err(unexpected());

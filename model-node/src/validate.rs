@@ -1,6 +1,7 @@
 //! Request validation: protobuf messages → the engine's typed jobs, or `INVALID_ARGUMENT` with a
 //! message that names the field, the value and the allowed range. Never panics (property-tested).
 
+use ensemble_proto::limits::InputLimits;
 use ensemble_proto::v1 as pb;
 
 use crate::chars::CharOptions;
@@ -28,6 +29,19 @@ pub const MAX_SESSION_ID: usize = 128;
 
 fn invalid(msg: impl Into<String>) -> Error {
     Error::InvalidArgument(msg.into())
+}
+
+/// The size of a call's text against `limits`, before anything else looks at it.
+pub fn input(ctx: Option<&pb::Context>, limits: &InputLimits) -> Result<()> {
+    let check = match ctx.and_then(|c| c.body.as_ref()) {
+        Some(pb::context::Body::Full(full)) => match &full.prompt {
+            Some(p) => limits.check_prompt(p, &full.answer),
+            None => limits.check_append(&full.answer),
+        },
+        Some(pb::context::Body::Delta(d)) => limits.check_append(&d.append),
+        None => Ok(()),
+    };
+    check.map_err(invalid)
 }
 
 /// The context of a call.

@@ -427,6 +427,129 @@ async fn over_capacity_is_resource_exhausted() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A conversation of `n` user messages of `bytes` bytes each.
+fn many_messages(n: usize, bytes: usize) -> Option<pb::Context> {
+    Some(pb::Context {
+        session_id: String::new(),
+        body: Some(pb::context::Body::Full(pb::FullContext {
+            prompt: Some(pb::Prompt {
+                kind: Some(pb::prompt::Kind::Conversation(pb::Conversation {
+                    messages: vec![
+                        pb::ChatMessage {
+                            role: "user".into(),
+                            content: "m".repeat(bytes),
+                        };
+                        n
+                    ],
+                })),
+            }),
+            answer: String::new(),
+        })),
+    })
+}
+
+/// Input past the size limits is refused before it is tokenized (no engine call), and requests
+/// that cannot be decoded are the client's fault: INVALID_ARGUMENT, not INTERNAL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_and_undecodable_requests_are_invalid_argument() -> anyhow::Result<()> {
+    let mut n = node(0).await?;
+    let ch = n.channel().await?;
+    let mut c = pb::model_node_client::ModelNodeClient::new(ch.clone());
+    let done = |i: pb::InfoResponse| i.calls_done;
+    let before = done(c.info(pb::InfoRequest {}).await?.into_inner());
+    let big = "x".repeat((256 << 10) + 1);
+    for (ctx, names) in [
+        (raw(&big, "", ""), "max_message_bytes"),
+        (raw("hi", &big, ""), "max_message_bytes"),
+        (many_messages(5, 250 << 10), "max_prompt_bytes"),
+        (many_messages(1025, 1), "max_messages"),
+    ] {
+        let e = c.propose_segment(greedy(ctx, 2)).await.expect_err("over a limit");
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains(names), "{}", e.message());
+    }
+    // Over the gRPC message limit (4 MiB by default): refused before decoding.
+    let e = c
+        .propose_segment(greedy(raw(&"x".repeat(5 << 20), "", ""), 2))
+        .await
+        .expect_err("over max_request_bytes");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("max_request_bytes"), "{}", e.message());
+    // A string field that is not UTF-8 (the session id of a CloseSession).
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct Evil {
+        #[prost(bytes = "vec", tag = "1")]
+        session_id: Vec<u8>,
+    }
+    let mut g = tonic::client::Grpc::new(ch);
+    g.ready().await?;
+    let e = g
+        .unary::<_, pb::CloseSessionResponse, _>(
+            tonic::Request::new(Evil {
+                session_id: vec![0xc3, 0x28],
+            }),
+            tonic::codegen::http::uri::PathAndQuery::from_static("/ensemble.v1.ModelNode/CloseSession"),
+            tonic_prost::ProstCodec::default(),
+        )
+        .await
+        .expect_err("invalid UTF-8");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert_eq!(done(c.info(pb::InfoRequest {}).await?.into_inner()), before);
+    n.stop().await?;
+    Ok(())
+}
+
+/// CloseSession is never refused for a full queue and never waits behind work: with a queue of 1
+/// and a burst of long proposals that overflows it, every close in the burst succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_session_bypasses_a_full_queue() -> anyhow::Result<()> {
+    let mut limits = common::limits();
+    limits.queue = 1;
+    let mut n = TestNode::start(common::model_args(&dirs()[0]), limits).await?;
+    let ch = n.channel().await?;
+    let mut c = pb::model_node_client::ModelNodeClient::new(ch.clone());
+    for i in 0..6 {
+        c.propose_segment(greedy(raw(&format!("kept {i}"), "", &format!("s{i}")), 1))
+            .await?;
+    }
+    let mut work = Vec::new();
+    for i in 0..12 {
+        let mut c = c.clone();
+        work.push(tokio::spawn(async move {
+            c.propose_segment(greedy(raw(&format!("hello {i}"), "", ""), 200))
+                .await
+        }));
+    }
+    let mut closes = Vec::new();
+    for i in 0..6 {
+        let mut c = c.clone();
+        closes.push(tokio::spawn(async move {
+            c.close_session(pb::CloseSessionRequest {
+                session_id: format!("s{i}"),
+            })
+            .await
+        }));
+    }
+    for cl in closes {
+        let r = cl
+            .await?
+            .map_err(|e| anyhow::anyhow!("a close was refused: {e:?}"))?;
+        assert!(r.into_inner().existed);
+    }
+    let mut exhausted = 0;
+    for w in work {
+        if let Err(e) = w.await? {
+            assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+            exhausted += 1;
+        }
+    }
+    assert!(exhausted >= 1, "the burst never filled the queue");
+    let info = c.info(pb::InfoRequest {}).await?.into_inner();
+    assert_eq!(info.active_sessions, 0);
+    n.stop().await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_and_reflection_are_served_and_drain_flips_health() -> anyhow::Result<()> {
     use tonic_health::pb::{

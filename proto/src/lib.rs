@@ -11,6 +11,8 @@
 //! - [`tls`]: TLS and mutual TLS for the gRPC hops, from PEM files.
 //! - [`net`]: how every listener accepts connections (TCP_NODELAY on each accepted socket).
 
+pub mod faults;
+pub mod limits;
 pub mod net;
 pub mod telemetry;
 pub mod tls;

@@ -200,7 +200,8 @@ fn strategy_for(model: &str, ext: &Extension, nodes: &[String]) -> Result<String
             return Err(ApiError::invalid(
                 Some("ensemble.strategy"),
                 format!(
-                    "unknown strategy {s:?}: use \"specfuse\", \"chared\" or \"single:NAME\" with NAME one of {}",
+                    "unknown strategy {}: use \"specfuse\", \"chared\" or \"single:NAME\" with NAME one of {}",
+                    ensemble_proto::limits::quote(s),
                     nodes.join(", ")
                 ),
             ));
@@ -217,7 +218,8 @@ fn strategy_for(model: &str, ext: &Extension, nodes: &[String]) -> Result<String
             code: "model_not_found",
             param: Some("model"),
             message: format!(
-                "model {m:?} does not exist: use \"ensemble\", \"specfuse\", \"chared\" or a member ({})",
+                "model {} does not exist: use \"ensemble\", \"specfuse\", \"chared\" or a member ({})",
+                ensemble_proto::limits::quote(m),
                 nodes.join(", ")
             ),
         }),

@@ -291,7 +291,7 @@ struct Running {
 
 /// The engine thread: admits calls between steps and steps every running proposal together, until
 /// every handle is gone and the running ones are done.
-pub(super) fn serve(mut engine: Engine, mut rx: mpsc::Receiver<Envelope>) {
+pub(super) fn serve(mut engine: Engine, mut rx: mpsc::UnboundedReceiver<Envelope>) {
     let mut running: Vec<Running> = Vec::new();
     let mut waiting: VecDeque<Waiting> = VecDeque::new();
     let mut open = true;
@@ -303,13 +303,13 @@ pub(super) fn serve(mut engine: Engine, mut rx: mpsc::Receiver<Envelope>) {
         }
         if idle {
             match rx.blocking_recv() {
-                Some(call) => waiting.push_back(Waiting { call, needs: None }),
+                Some(call) => arrive(&mut engine, &mut waiting, call),
                 None => break,
             }
         }
         loop {
             match rx.try_recv() {
-                Ok(call) => waiting.push_back(Waiting { call, needs: None }),
+                Ok(call) => arrive(&mut engine, &mut waiting, call),
                 Err(mpsc::error::TryRecvError::Empty) => break,
                 Err(mpsc::error::TryRecvError::Disconnected) => {
                     open = false;
@@ -321,6 +321,16 @@ pub(super) fn serve(mut engine: Engine, mut rx: mpsc::Receiver<Envelope>) {
         if !running.is_empty() {
             step(&mut engine, &mut running);
         }
+    }
+}
+
+/// Takes an arrived call: a close runs at once (it never waits behind work), the rest queue.
+fn arrive(engine: &mut Engine, waiting: &mut VecDeque<Waiting>, call: Envelope) {
+    if let Job::Close(_) = &call.job {
+        let result = engine.run(call.job, 0.0, &|| false);
+        let _ = call.reply.send(result);
+    } else {
+        waiting.push_back(Waiting { call, needs: None });
     }
 }
 

@@ -125,26 +125,38 @@ struct Envelope {
 /// The async side's handle: cheap to clone.
 #[derive(Clone)]
 pub struct EngineHandle {
-    tx: mpsc::Sender<Envelope>,
+    /// Unbounded: the bound on work is counted in `totals.queued` (closes are not bounded).
+    tx: mpsc::UnboundedSender<Envelope>,
     capacity: usize,
     totals: Arc<Totals>,
 }
 
 impl EngineHandle {
-    /// Queues a job and waits for its reply. A full queue is [`Error::Busy`] at once. Dropping the
-    /// returned future (client gone) makes the engine skip or stop the job.
+    /// Queues a job and waits for its reply. Work (propose, score, next-char) beyond the queue's
+    /// capacity is [`Error::Busy`] at once; [`Job::Close`] is never refused and never waits behind
+    /// work: the engine thread takes it as soon as it arrives, between two decode steps. Dropping
+    /// the returned future (client gone) makes the engine skip or stop the job.
     pub async fn call(&self, job: Job) -> Result<Reply> {
+        let work = !matches!(job, Job::Close(_));
+        if work {
+            let before = self.totals.queued.fetch_add(1, Ordering::Relaxed);
+            if before >= self.capacity as u64 {
+                self.totals.queued.fetch_sub(1, Ordering::Relaxed);
+                return Err(Error::Busy { limit: self.capacity });
+            }
+        }
         let (reply, rx) = oneshot::channel();
         let env = Envelope {
             job,
             reply,
             enqueued: Instant::now(),
         };
-        self.tx.try_send(env).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => Error::Busy { limit: self.capacity },
-            mpsc::error::TrySendError::Closed(_) => Error::ShuttingDown,
-        })?;
-        self.totals.queued.fetch_add(1, Ordering::Relaxed);
+        if self.tx.send(env).is_err() {
+            if work {
+                self.totals.queued.fetch_sub(1, Ordering::Relaxed);
+            }
+            return Err(Error::ShuttingDown);
+        }
         rx.await.map_err(|_| Error::ShuttingDown)?
     }
 
@@ -201,7 +213,7 @@ impl Engine {
     /// Starts the engine thread; the thread ends when every handle is dropped.
     pub fn spawn(self) -> Result<(EngineHandle, std::thread::JoinHandle<()>)> {
         let capacity = self.limits.queue_capacity.max(1);
-        let (tx, rx) = mpsc::channel::<Envelope>(capacity);
+        let (tx, rx) = mpsc::unbounded_channel::<Envelope>();
         let totals = self.totals.clone();
         let handle = EngineHandle { tx, capacity, totals };
         let engine = self;
