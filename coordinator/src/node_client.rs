@@ -48,10 +48,20 @@ fn is_lost_session(code: tonic::Code) -> bool {
     matches!(code, tonic::Code::NotFound | tonic::Code::FailedPrecondition)
 }
 
-/// Failures worth another try (on another replica when there is one): refused or dropped
-/// connections and a full queue. A deadline is not retried: the request would wait twice as long.
-fn is_retryable(code: tonic::Code) -> bool {
-    matches!(code, tonic::Code::Unavailable | tonic::Code::ResourceExhausted)
+/// Failures worth another try (on another replica when there is one), always with the full
+/// context: refused connections, a full queue, and a connection lost mid-call (the node died or
+/// restarted: tonic reports it as `UNKNOWN` with the transport error as its source). A deadline is
+/// not retried: the request would wait twice as long.
+fn is_retryable(status: &tonic::Status) -> bool {
+    match status.code() {
+        tonic::Code::Unavailable | tonic::Code::ResourceExhausted => true,
+        tonic::Code::Unknown => {
+            std::error::Error::source(status).is_some()
+                || status.message().contains("transport error")
+                || status.message().contains("h2 protocol error")
+        }
+        _ => false,
+    }
 }
 
 /// The gRPC code a failed call counts under.
@@ -108,7 +118,7 @@ macro_rules! call_with_context {
                     $self.resends += 1;
                     full = true;
                 }
-                Ok(Err(status)) if attempts < $self.retries && is_retryable(status.code()) => {
+                Ok(Err(status)) if attempts < $self.retries && is_retryable(&status) => {
                     attempts += 1;
                     $self.retried += 1;
                     tracing::debug!(node = %$self.name, code = ?status.code(), attempts, "retrying on the next replica");

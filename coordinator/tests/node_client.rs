@@ -153,3 +153,73 @@ async fn a_node_error_is_reported_with_its_code() -> anyhow::Result<()> {
     let _ = stop.send(());
     Ok(())
 }
+
+/// A TCP proxy to `upstream`; when `kill` is set, the next client chunk that carries a request (more
+/// than a control frame's few bytes) closes that connection instead of being forwarded: the node's
+/// connection is lost mid-call, as when its process dies.
+async fn proxy(
+    upstream: String,
+    kill: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let upstream = upstream.trim_start_matches("http://").to_owned();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                continue;
+            };
+            let kill = kill.clone();
+            tokio::spawn(async move {
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                let up = async {
+                    let mut buf = vec![0u8; 1 << 16];
+                    loop {
+                        let n = match cr.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        if n > 40 && kill.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                            return;
+                        }
+                        if sw.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                };
+                let down = async {
+                    let _ = tokio::io::copy(&mut sr, &mut cw).await;
+                };
+                tokio::select! {
+                    _ = up => {}
+                    _ = down => {}
+                }
+            });
+        }
+    });
+    Ok(url)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_whose_connection_is_lost_is_retried_once_with_the_full_context() -> anyhow::Result<()> {
+    let dir = model_dir()?;
+    let (url, stop) = start_node(&dir, 8).await?;
+    let kill = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let via = proxy(url, kill.clone()).await?;
+    let mut c = NodeClient::new("n0", channel(&via).await?, Duration::from_secs(10)).retries(1);
+    c.begin("req", prompt("the cat"));
+    let p = c.propose(4, &[], pb::Sampling::default()).await?;
+    c.accept(&p.text);
+    kill.store(true, std::sync::atomic::Ordering::SeqCst);
+    let p = c.propose(4, &[], pb::Sampling::default()).await;
+    assert!(p.is_ok(), "{:?}", p.err());
+    assert!(
+        !kill.load(std::sync::atomic::Ordering::SeqCst),
+        "the connection was cut"
+    );
+    assert_eq!(c.retried(), 1, "retried once");
+    let _ = stop.send(());
+    Ok(())
+}

@@ -304,14 +304,16 @@ def pod_problems(kind: str, name: str, pod: dict[str, Any]) -> list[str]:
 
 
 def probe_problems(where: str, c: dict[str, Any], port: int, service: str, probes: list[str],
-                   http_port: str | None = None, scheme: str = "HTTP") -> list[str]:
-    """gRPC health probes; with `http_port` (TLS on the gRPC port), /health on that named port."""
+                   http_port: str | None = None, scheme: str = "HTTP", ready_path: str = "/health") -> list[str]:
+    """gRPC health probes; with `http_port` (TLS on the gRPC port), HTTP on that named port: /health,
+    or `ready_path` for the readiness probe."""
     bad = []
     for p in probes:
         if http_port:
             h = c.get(p, {}).get("httpGet", {})
-            if h.get("path") != "/health" or h.get("port") != http_port or h.get("scheme", "HTTP") != scheme:
-                bad.append(f"{where}: {p} is not {scheme} /health on port {http_port} (gRPC port speaks TLS): "
+            path = ready_path if p == "readinessProbe" else "/health"
+            if h.get("path") != path or h.get("port") != http_port or h.get("scheme", "HTTP") != scheme:
+                bad.append(f"{where}: {p} is not {scheme} {path} on port {http_port} (gRPC port speaks TLS): "
                            f"{c.get(p)}")
             continue
         g = c.get(p, {}).get("grpc")
@@ -499,8 +501,9 @@ def check_render(r: Report, f: Facts, example: str) -> dict[str, Any] | None:
             and svc_ports.get("grpc", (0, ""))[1] == "grpc" and svc_ports.get("http", (0, ""))[1] == "http"):
         problems.append(f"{cn}: ports: container {ports}, listen {listen}, Service {svc_ports}")
     # With [tls] the coordinator's HTTP face speaks TLS too (same certificate).
+    # Readiness follows the members (the coordinator's /ready); liveness is the process (/health).
     problems += probe_problems(cn, c, ports.get("grpc", -1), f.coord_health or "", ["readinessProbe", "livenessProbe"],
-                               "http" if grpc_tls else None, "HTTPS")
+                               "http" if grpc_tls else None, "HTTPS", "/ready")
     ann = dep["spec"]["template"]["metadata"].get("annotations", {})
     if values.get("metrics", {}).get("podAnnotations", True) and \
             ann.get("prometheus.io/scheme", "http") != ("https" if grpc_tls else "http"):
