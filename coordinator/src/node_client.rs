@@ -154,7 +154,7 @@ macro_rules! call_with_context {
         if let Some(m) = &$self.metrics {
             m.node_rpc(&$self.name, $rpc, code, started.elapsed());
         }
-        $self.judge(&result);
+        $self.judge($rpc, &result);
         result
     }};
 }
@@ -344,7 +344,7 @@ impl NodeClient {
     }
 
     /// Feeds a call's outcome to the ejection state; a failure of the node's own is logged at `warn`.
-    fn judge<T>(&self, result: &Result<T>) {
+    fn judge<T>(&self, rpc: &str, result: &Result<T>) {
         match result {
             Ok(_) => {
                 if let Some(o) = &self.outlier {
@@ -352,9 +352,9 @@ impl NodeClient {
                 }
             }
             Err(e) if outlier::counts(e) => {
-                tracing::warn!(node = %self.name, error = %e, "node call failed");
+                tracing::warn!(node = %self.name, rpc, error = %e, "node call failed");
                 if let Some(time) = self.outlier.as_ref().and_then(|o| o.failure()) {
-                    tracing::warn!(node = %self.name, eject_ms = time.as_millis() as u64, "node ejected: new requests skip it until a trial call succeeds");
+                    tracing::warn!(node = %self.name, rpc, eject_ms = time.as_millis() as u64, "node ejected: new requests skip it until a trial call succeeds");
                     if let Some(m) = &self.metrics {
                         m.node_ejected(&self.name);
                     }

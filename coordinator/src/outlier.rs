@@ -94,15 +94,19 @@ impl Outlier {
         was_down
     }
 
-    /// A background probe failed with `error`: the member is down, and ejected (when ejection is on)
-    /// so that requests skip it until a probe or a trial call succeeds. Returns whether it was up.
+    /// A background probe failed with `error`: the member is down (readiness, `/health`). A member
+    /// already ejected stays ejected while its probes fail (no trial call pays a deadline for it); one
+    /// that is not is left to its calls, so a node that is still starting is not ejected by the probe
+    /// that ran before it listened. Returns whether it was up.
     pub fn probe_failed(&self, error: String) -> bool {
         let mut s = self.state();
         let was_up = s.probe_error.is_none();
         s.probe_error = Some(error);
-        if self.after > 0 && s.until.is_none_or(|u| u <= Instant::now()) {
-            s.ejections += 1;
-            s.until = Some(Instant::now() + self.base * s.ejections.min(10));
+        let now = Instant::now();
+        if let Some(until) = s.until
+            && until > now
+        {
+            s.until = Some(until.max(now + self.base));
         }
         was_up
     }
@@ -149,6 +153,27 @@ mod tests {
         let never = Outlier::new(0, Duration::from_secs(1));
         assert_eq!(never.failure(), None);
         assert!(never.ejected_for().is_none());
+    }
+
+    #[test]
+    fn probes_mark_down_keep_an_ejection_and_reinstate_but_never_eject() {
+        let o = Outlier::new(1, Duration::from_millis(50));
+        assert!(o.probe_failed("refused".into()), "was up");
+        assert_eq!(o.up(), Err("refused".into()));
+        assert!(o.ejected_for().is_none(), "a probe alone does not eject");
+        assert!(o.probe_ok());
+        assert_eq!(o.up(), Ok(()));
+        assert!(o.failure().is_some());
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(o.probe_failed("hung".into()), "its last probe had answered");
+        // The failing probe keeps the ejection at least a base time from now.
+        assert!(o.ejected_for().is_some_and(|d| d > Duration::from_millis(40)));
+        assert!(
+            o.probe_ok(),
+            "an answer reinstates before the ejection time is over"
+        );
+        assert!(o.ejected_for().is_none());
+        assert_eq!(o.up(), Ok(()));
     }
 
     #[test]

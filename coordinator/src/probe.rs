@@ -1,7 +1,8 @@
 //! The background health probe: every `probe_ms` each member's replicas are asked for `Info` with a
-//! short timeout. A member none of whose replicas answers is down: it is ejected (requests skip it
-//! instead of paying a deadline) until a probe or a trial call succeeds, and the coordinator's
-//! readiness turns NOT_SERVING (HTTP `/ready` 503) while fewer than `min_healthy_nodes` are up.
+//! short timeout. A member none of whose replicas answers is down: the coordinator's readiness turns
+//! NOT_SERVING (HTTP `/ready` 503) while fewer than `min_healthy_nodes` are up; a down member that its
+//! failed calls ejected stays ejected while its probes fail, and the first probe that answers
+//! reinstates it (before its ejection time is over).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,7 +50,7 @@ pub async fn probe_once(c: &Coordinator, timeout: Duration) -> bool {
             }
             Err(cause) => {
                 if outlier.probe_failed(cause.clone()) {
-                    tracing::warn!(node = %name, rpc = "Info", error = %cause, "node is down (health probe failed): requests skip it");
+                    tracing::warn!(node = %name, rpc = "Info", error = %cause, "node is down (health probe failed)");
                 }
             }
         }
