@@ -85,6 +85,17 @@ pub fn router(coordinator: Arc<Coordinator>) -> Router {
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .merge(v1)
+        .fallback(|| async {
+            ApiError {
+                status: StatusCode::NOT_FOUND,
+                kind: "invalid_request_error",
+                code: "unknown_url",
+                param: None,
+                message: "unknown endpoint: see /v1/chat/completions, /v1/completions, /v1/models, \
+                          /health, /ready, /metrics"
+                    .into(),
+            }
+        })
         .method_not_allowed_fallback(|| async {
             ApiError {
                 status: StatusCode::METHOD_NOT_ALLOWED,

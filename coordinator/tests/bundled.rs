@@ -90,7 +90,9 @@ async fn a_random_weight_node_is_exited_within_three_rounds() -> anyhow::Result<
     for it in &items[..3] {
         let mut req = request(it, "specfuse");
         req.specfuse = Some(pb::SpecFuseOptions {
-            segment_tokens: Some(2),
+            // One new token per round (the healing token that re-spells the context's last token
+            // does not count against it).
+            segment_tokens: Some(1),
             // Sharper than the default τ = 1: with rounds this short (one new token each), a
             // round's vote moves Q by at most 1 and τ = 1 needs many rounds to separate four nodes.
             exit_tau: Some(0.5),

@@ -345,6 +345,11 @@ async fn a_hung_node_costs_one_deadline_then_none_once_ejected() -> anyhow::Resu
         common::sample(&m, "ensemble_node_ejections_total", &[("node", "hung")]),
         Some(1.0)
     );
+    // The healthy members hold no session after the requests that the hung one slowed down.
+    assert_eq!(
+        loads(&nodes[..2]).await?.iter().map(|l| l.0).collect::<Vec<_>>(),
+        vec![0, 0]
+    );
     drop(hole);
     Ok(())
 }

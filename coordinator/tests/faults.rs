@@ -263,7 +263,11 @@ async fn bad_input_gets_the_same_status_everywhere_before_any_node_works() -> an
     assert_eq!(r.status().as_u16(), 413);
     let v: Value = r.json().await?;
     assert_eq!(v["error"]["code"], json!("request_too_large"), "{v}");
-    // A wrong method is answered in OpenAI's shape too.
+    // An unknown path and a wrong method are answered in OpenAI's shape too.
+    let r = http.get(format!("{}/nowhere", api.http)).send().await?;
+    assert_eq!(r.status().as_u16(), 404);
+    let v: Value = r.json().await?;
+    assert_eq!(v["error"]["code"], json!("unknown_url"), "{v}");
     let r = http
         .get(format!("{}/v1/chat/completions", api.http))
         .send()

@@ -68,9 +68,10 @@ async fn propose_is_deterministic_and_sessions_compute_only_new_positions() -> a
         assert_eq!(a.text, b.text);
         assert_eq!(a.token_logprobs, b.token_logprobs);
         assert!(a.token_logprobs.iter().all(|lp| *lp <= 0.0 && lp.is_finite()));
+        // 12 new tokens after the healing token, which re-spells the answer's last token.
         assert_eq!(
             a.finish_reason(),
-            if a.token_logprobs.len() == 12 {
+            if a.token_logprobs.len() == 13 {
                 pb::FinishReason::Length
             } else {
                 pb::FinishReason::Eos
@@ -423,6 +424,34 @@ async fn over_capacity_is_resource_exhausted() -> anyhow::Result<()> {
         }
     }
     assert!(ok >= 1 && exhausted >= 1, "ok {ok}, exhausted {exhausted}");
+    n.stop().await?;
+    Ok(())
+}
+
+/// The healing token re-spells the end of the context, so it does not count against
+/// `max_new_tokens`: one new token is one token past the context, with its text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_healing_token_does_not_count_against_max_new_tokens() -> anyhow::Result<()> {
+    let mut n = node(0).await?;
+    let mut c = n.client().await?;
+    let mut drafted = 0;
+    for prompt in ["the cat", "hello", "a b c", "once upon a time"] {
+        let r = c
+            .propose_segment(greedy(raw(prompt, "", ""), 1))
+            .await?
+            .into_inner();
+        if r.finish_reason() == pb::FinishReason::Eos {
+            continue;
+        }
+        assert_eq!(
+            r.token_logprobs.len(),
+            2,
+            "{prompt:?}: the healing token and one new one"
+        );
+        assert!(!r.text.is_empty(), "{prompt:?}: one new token has text");
+        drafted += 1;
+    }
+    assert!(drafted >= 1, "every prompt ended at once");
     n.stop().await?;
     Ok(())
 }

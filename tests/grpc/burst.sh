@@ -14,7 +14,7 @@ port=${BURST_CHECK_PORT:-18092}
 sed -e "s|\"\.\./models/|\"$PWD/models/|" \
     -e "s|^http_listen = .*|http_listen = \"127.0.0.1:$port\"|" \
     -e "s|^listen = .*|listen = \"127.0.0.1:$((port + 1))\"|" \
-    -e "s|127.0.0.1:5006\([123]\)|127.0.0.1:$((port + 10))\1|" \
+    -e "s|127.0.0.1:5006|127.0.0.1:${BURST_NODE_PORTS:-1819}|" \
     deploy/local.toml > "$work/cluster.toml"
 ./target/release/ensemble up --config "$work/cluster.toml" > "$work/up.log" 2>&1 &
 up=$!

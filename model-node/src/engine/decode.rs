@@ -46,6 +46,9 @@ pub(super) struct Decode {
     logprobs: Vec<f32>,
     text: String,
     step: usize,
+    /// Tokens this decode may sample: `max_new_tokens`, plus the healing token when the first token
+    /// re-covers the backed-off end of the context (it re-spells context text, so it is not new).
+    limit: usize,
     /// KV bytes this decode may grow to (context + new tokens).
     reserved: usize,
 }
@@ -85,6 +88,15 @@ impl Engine {
     ) -> Result<Start> {
         let mut session = self.resolve(ctx)?;
         let tokens = session.tokens.len();
+        let text_empty = Self::text_empty(&session);
+        let mut heal = self.codec.heal(&session.tokens, text_empty);
+        // An empty text constrains nothing: the first token is free, and the leading space a
+        // SentencePiece decoder strips is stripped from the text (as HF's `decode` does), not forced
+        // on the model (tinystories656K starts its stories with `On`, not `▁On`).
+        let strip_space = text_empty && heal.remainder == b" ";
+        if strip_space {
+            heal.remainder.clear();
+        }
         // The context limit comes first: the draft stops there with LENGTH (resolve refused a
         // context with no room left).
         params.max_new_tokens = params
@@ -108,15 +120,6 @@ impl Engine {
             context_tokens: tokens,
             ..Usage::default()
         };
-        let text_empty = Self::text_empty(&session);
-        let mut heal = self.codec.heal(&session.tokens, text_empty);
-        // An empty text constrains nothing: the first token is free, and the leading space a
-        // SentencePiece decoder strips is stripped from the text (as HF's `decode` does), not forced
-        // on the model (tinystories656K starts its stories with `On`, not `▁On`).
-        let strip_space = text_empty && heal.remainder == b" ";
-        if strip_space {
-            heal.remainder.clear();
-        }
         let seq: Vec<u32> = session.tokens[..heal.prefix_len].to_vec();
         let prefilled = session
             .cache
@@ -130,6 +133,7 @@ impl Engine {
             }
         };
         let seed = session.answer_chars as u64 ^ (tokens as u64).rotate_left(32);
+        let params_limit = params.max_new_tokens + usize::from(!heal.remainder.is_empty());
         Ok(Start::Run(Box::new(Decode {
             sampler: Sampler::new(params.sampling.clone(), seed),
             reserved,
@@ -145,12 +149,13 @@ impl Engine {
             logprobs: Vec::new(),
             text: String::new(),
             step: 0,
+            limit: params_limit,
         })))
     }
 
     /// Picks the next token from the decode's logits.
     fn pick(&self, d: &mut Decode) -> Next {
-        if d.step >= d.params.max_new_tokens {
+        if d.step >= d.limit {
             return Next::Done(Finish::Length);
         }
         let vocab = &self.codec.vocab;
@@ -199,7 +204,7 @@ impl Engine {
             d.text.truncate(cut);
             return Next::Done(Finish::Stop);
         }
-        if d.step >= d.params.max_new_tokens {
+        if d.step >= d.limit {
             return Next::Done(Finish::Length);
         }
         Next::Feed(tok)
