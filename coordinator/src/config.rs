@@ -120,6 +120,10 @@ pub struct SpecFuseDefaults {
     pub min_active: Option<usize>,
     /// Online weights learning rate (unset: off).
     pub online_weights_lr: Option<f64>,
+    /// Drafts scored as string prefixes.
+    pub string_prefix: Option<bool>,
+    /// Draft scores per character.
+    pub per_char: Option<bool>,
 }
 
 /// CharED defaults.
@@ -373,6 +377,12 @@ impl Settings {
         }
         if let Some(lr) = f.online_weights_lr {
             p.online_weights = Some(OnlineWeights { lr });
+        }
+        if let Some(v) = f.string_prefix {
+            p.string_prefix = v;
+        }
+        if let Some(v) = f.per_char {
+            p.per_char = v;
         }
         let c = &file.chared;
         if let Some(v) = c.temperature {

@@ -61,6 +61,7 @@ pub async fn specfuse(
     let mut rounds = Vec::new();
     let mut failed = Vec::new();
     let segment = sf.params().segment_tokens;
+    let (string_prefix, per_char) = (sf.params().string_prefix, sf.params().per_char);
     let finish: Result<Finish> = async {
         Ok(loop {
             // PROPOSE, in parallel over the active nodes.
@@ -115,11 +116,13 @@ pub async fn specfuse(
                     .filter(|(i, _)| active.contains(i))
                     .map(|(i, n)| {
                         let texts = &texts;
-                        async move { (i, n.score(texts).await) }
+                        async move { (i, n.score(texts, string_prefix).await) }
                     });
                 for (i, r) in join_all(calls).instrument(span.clone()).await {
                     match r {
-                        Ok(s) => scores.push((i, s.scores.iter().map(|c| c.mean_logprob).collect())),
+                        Ok(s) => {
+                            scores.push((i, s.scores.iter().map(|c| draft_score(c, per_char)).collect()))
+                        }
                         Err(e) => {
                             failed.push((i, e));
                             sf.node_failed(i)?;
@@ -345,6 +348,15 @@ pub async fn chared(
         steps,
         failed,
     })
+}
+
+/// A verifier's score of one draft: mean log-probability per token, or per character.
+fn draft_score(c: &pb::CandidateScore, per_char: bool) -> f64 {
+    if per_char {
+        c.sum_logprob / f64::from(c.char_count.max(1))
+    } else {
+        c.mean_logprob
+    }
 }
 
 /// What a `single:NAME` request produced.

@@ -295,6 +295,12 @@ fn specfuse_params(
     if let Some(lr) = o.online_weights_lr {
         p.online_weights = Some(OnlineWeights { lr });
     }
+    if let Some(v) = o.string_prefix {
+        p.string_prefix = v;
+    }
+    if let Some(v) = o.per_char {
+        p.per_char = v;
+    }
     p
 }
 

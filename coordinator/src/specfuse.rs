@@ -44,6 +44,12 @@ pub struct SpecFuseParams {
     pub exit: ExitParams,
     /// SpecEM's online weights (**option**). Default `None`: weights stay fixed.
     pub online_weights: Option<OnlineWeights>,
+    /// **Ours**: verifiers score drafts as string prefixes (`ScoreRequest.string_prefix`), so a draft
+    /// that ends inside a verifier's token is priced by every token path that spells it. Default false.
+    pub string_prefix: bool,
+    /// **Ours**: a draft's score is its log-probability per character instead of per token of the
+    /// verifier's canonical tokenization (tokenizer-independent). Default false.
+    pub per_char: bool,
 }
 
 impl Default for SpecFuseParams {
@@ -55,6 +61,8 @@ impl Default for SpecFuseParams {
             cut_to_word_boundary: true,
             exit: ExitParams::default(),
             online_weights: None,
+            string_prefix: false,
+            per_char: false,
         }
     }
 }

@@ -426,3 +426,35 @@ async fn an_answer_that_fills_the_context_ends_with_length_and_keeps_its_text() 
     assert_eq!(lengths, 3, "every strategy ends at the context limit with LENGTH");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn specfuse_with_string_prefix_scoring_answers_with_finite_scores() -> anyhow::Result<()> {
+    let nodes = common::three_nodes().await?;
+    let coordinator = Coordinator::new(specs(&nodes), Duration::from_secs(20)).await?;
+    let mut r = request("specfuse");
+    r.max_chars = 24;
+    r.specfuse = Some(pb::SpecFuseOptions {
+        segment_tokens: Some(2),
+        string_prefix: Some(true),
+        exit: Some(false),
+        ..Default::default()
+    });
+    let mut verified = 0;
+    let resp = coordinator
+        .run(
+            r,
+            &mut |o| {
+                for v in &o.verifiers {
+                    for s in &v.scores {
+                        assert!(s.is_finite() && *s <= 0.0, "{s}");
+                        verified += 1;
+                    }
+                }
+                true
+            },
+            &mut |_| true,
+        )
+        .await?;
+    assert!(resp.steps >= 1 && verified >= 3, "{resp:?}");
+    Ok(())
+}

@@ -176,9 +176,15 @@ impl ModelNode for NodeService {
         let span = span_for(rpc_span!("ScoreCandidates"), &req);
         let r = async {
             validate::input(req.get_ref().context.as_ref(), &self.input)?;
+            let prefix = req.get_ref().string_prefix;
             let (ctx, cands) = validate::score(req.into_inner())?;
             span.record("items", cands.len() as i64);
-            let Reply::Scores(s) = run(&self.engine, Job::Score(ctx, cands), &span).await? else {
+            let job = if prefix {
+                Job::ScorePrefix(ctx, cands, self.char_defaults.clone())
+            } else {
+                Job::Score(ctx, cands)
+            };
+            let Reply::Scores(s) = run(&self.engine, job, &span).await? else {
                 return Err(unexpected());
             };
             record(&span, &s.usage);

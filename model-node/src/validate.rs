@@ -265,6 +265,7 @@ mod tests {
         let r = pb::ScoreRequest {
             context: raw_ctx(),
             candidates: vec![],
+            string_prefix: false,
         };
         assert!(msg(score(r).err().map_or(invalid(""), |e| e)).contains("candidates is empty"));
         let delta = pb::Context {
@@ -327,7 +328,7 @@ mod tests {
                 prop_assert!(params.sampling.temperature >= 0.0);
                 prop_assert!(params.sampling.top_k != Some(0));
             }
-            let s = score(pb::ScoreRequest { context: ctx.clone(), candidates: cands });
+            let s = score(pb::ScoreRequest { context: ctx.clone(), candidates: cands, string_prefix: false });
             if let Ok((_, c)) = &s {
                 prop_assert!(!c.is_empty() && c.iter().all(|c| !c.is_empty()));
             }

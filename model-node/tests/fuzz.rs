@@ -158,8 +158,18 @@ fn arb_request() -> impl Strategy<Value = Req> {
                     sampling
                 })
             ),
-        (arb_context(), proptest::collection::vec(text(), 0..5))
-            .prop_map(|(context, candidates)| Req::Score(pb::ScoreRequest { context, candidates })),
+        (
+            arb_context(),
+            proptest::collection::vec(text(), 0..5),
+            any::<bool>()
+        )
+            .prop_map(
+                |(context, candidates, string_prefix)| Req::Score(pb::ScoreRequest {
+                    context,
+                    candidates,
+                    string_prefix
+                })
+            ),
         (
             arb_context(),
             prop_oneof![0u32..40, any::<u32>()],
@@ -252,7 +262,16 @@ fn node_requests() -> anyhow::Result<()> {
                 p.max_new_tokens = p.max_new_tokens.min(6);
                 Job::Propose(c, p)
             }),
-            Req::Score(r) => model_node::validate::score(r).map(|(c, s)| Job::Score(c, s)),
+            Req::Score(r) => {
+                let prefix = r.string_prefix;
+                model_node::validate::score(r).map(|(c, s)| {
+                    if prefix {
+                        Job::ScorePrefix(c, s, CharOptions::default())
+                    } else {
+                        Job::Score(c, s)
+                    }
+                })
+            }
             Req::NextChar(r) => {
                 model_node::validate::next_char(r, &defaults).map(|(c, k, o)| Job::NextChar(c, k, o))
             }
@@ -364,37 +383,83 @@ fn char_marginals() {
         proptest::collection::vec(".{0,3}", 0..4),
         (1usize..6, any::<bool>(), 0.0f32..30.0, 1usize..40),
     );
-    soak(
-        "char_marginals",
-        input,
-        |(tokens, kind, remainder, commits, (k, lookahead, sharp, top_k))| {
-            let n = tokens.len();
-            let vocab = Vocab::from_bytes(kind, tokens, &[0]);
-            let mut model = Hashed { n, sharp };
-            let opts = CharOptions {
-                max_hypotheses: k,
-                min_mass: 1e-4,
-                lookahead,
-            };
-            let Ok(mut state) = CharState::new(vec![], remainder, opts, &vocab, &mut model);
-            for c in commits {
-                if state.hypotheses() == 0 {
-                    break;
-                }
-                let Ok(()) = state.commit(&c, &vocab, &mut model);
-            }
-            if state.hypotheses() == 0 {
-                return;
-            }
-            let Ok(d) = state.distribution(top_k, &vocab, &mut model);
-            let listed: f64 = d.chars.iter().map(|c| c.1).sum();
-            assert!(
-                d.chars.iter().all(|c| c.1.is_finite() && c.1 >= 0.0),
-                "{:?}",
-                d.chars
-            );
-            assert!(d.eos.is_finite() && d.residual.is_finite(), "{d:?}");
-            assert!(listed + d.eos <= 1.0 + 1e-6, "mass {listed} + eos {} > 1", d.eos);
-        },
+    soak("char_marginals", input, check_char_marginals);
+}
+
+type CharInput = (
+    Vec<Option<Box<[u8]>>>,
+    TokenizerKind,
+    Vec<u8>,
+    Vec<String>,
+    (usize, bool, f32, usize),
+);
+
+fn check_char_marginals((tokens, kind, remainder, commits, (k, lookahead, sharp, top_k)): CharInput) {
+    let n = tokens.len();
+    let vocab = Vocab::from_bytes(kind, tokens, &[0]);
+    let mut model = Hashed { n, sharp };
+    let opts = CharOptions {
+        max_hypotheses: k,
+        min_mass: 1e-4,
+        lookahead,
+    };
+    let Ok(mut state) = CharState::new(vec![], remainder, opts, &vocab, &mut model);
+    for c in commits {
+        if state.hypotheses() == 0 {
+            break;
+        }
+        let Ok(()) = state.commit(&c, &vocab, &mut model);
+    }
+    if state.hypotheses() == 0 {
+        return;
+    }
+    let Ok(d) = state.distribution(top_k, &vocab, &mut model);
+    let listed: f64 = d.chars.iter().map(|c| c.1).sum();
+    assert!(
+        d.chars.iter().all(|c| c.1.is_finite() && c.1 >= 0.0),
+        "{:?}",
+        d.chars
     );
+    assert!(d.eos.is_finite() && d.residual.is_finite(), "{d:?}");
+    assert!(
+        listed + d.eos <= 1.0 + 1e-6,
+        "mass {listed} + eos {} > 1: {d:?}",
+        d.eos
+    );
+}
+
+/// Inputs the soaks once crashed on, kept as regression cases.
+#[test]
+fn char_marginals_regressions() {
+    let b = |x: &[u8]| Some(x.to_vec().into_boxed_slice());
+    check_char_marginals((
+        vec![
+            b(&[240, 159, 149, 180]),
+            None,
+            None,
+            b(&[47, 63]),
+            None,
+            b(&[63, 2, 215]),
+            b(&[117, 58, 34]),
+            b(&[240, 144, 128, 191]),
+            None,
+            b(&[109, 47]),
+            b(&[252, 19]),
+            None,
+            None,
+            b(&[146]),
+            None,
+            b(&[184, 75, 111]),
+            b(&[115, 34]),
+            None,
+            b(&[240, 159, 149, 180, 226, 183, 133, 38]),
+            b(&[118]),
+            b(&[158, 5]),
+            b(&[239, 191, 189]),
+        ],
+        TokenizerKind::Plain,
+        vec![],
+        vec!["🕴".into()],
+        (3, false, 29.75266, 37),
+    ));
 }

@@ -84,6 +84,7 @@ async fn propose_is_deterministic_and_sessions_compute_only_new_positions() -> a
             .score_candidates(pb::ScoreRequest {
                 context: chat("what is the cat?", "the", "s1"),
                 candidates: vec![" cat".into()],
+                string_prefix: false,
             })
             .await?
             .into_inner();
@@ -95,6 +96,7 @@ async fn propose_is_deterministic_and_sessions_compute_only_new_positions() -> a
             .score_candidates(pb::ScoreRequest {
                 context: delta("s1", 3, " mat and the"),
                 candidates: vec![" dog".into()],
+                string_prefix: false,
             })
             .await?
             .into_inner();
@@ -127,12 +129,14 @@ async fn scoring_is_one_batched_pass_and_matches_single_scores() -> anyhow::Resu
         c.score_candidates(pb::ScoreRequest {
             context: raw("once upon a time", "", "warm"),
             candidates: vec!["!".into()],
+            string_prefix: false,
         })
         .await?;
         let r = c
             .score_candidates(pb::ScoreRequest {
                 context: delta("warm", 0, ""),
                 candidates: cands.clone(),
+                string_prefix: false,
             })
             .await?
             .into_inner();
@@ -145,6 +149,7 @@ async fn scoring_is_one_batched_pass_and_matches_single_scores() -> anyhow::Resu
                 .score_candidates(pb::ScoreRequest {
                     context: raw("once upon a time", "", ""),
                     candidates: vec![cand.clone()],
+                    string_prefix: false,
                 })
                 .await?
                 .into_inner();
@@ -233,6 +238,7 @@ async fn char_level_distribution_is_the_token_distribution() -> anyhow::Result<(
         .score_candidates(pb::ScoreRequest {
             context: raw("the c", "", ""),
             candidates: d.chars.iter().take(3).map(|c| c.char.clone()).collect(),
+            string_prefix: false,
         })
         .await?
         .into_inner();
@@ -367,6 +373,7 @@ async fn bad_requests_get_clear_statuses() -> anyhow::Result<()> {
         .score_candidates(pb::ScoreRequest {
             context: raw("hi", "", ""),
             candidates: vec![],
+            string_prefix: false,
         })
         .await
         .expect_err("no candidates");
@@ -386,6 +393,7 @@ async fn bad_requests_get_clear_statuses() -> anyhow::Result<()> {
         .score_candidates(pb::ScoreRequest {
             context: raw("hi", "", ""),
             candidates: vec![" ok".into(), "the cat sat on the mat. ".repeat(100)],
+            string_prefix: false,
         })
         .await
         .expect_err("candidate past the context limit");
@@ -453,6 +461,49 @@ async fn the_healing_token_does_not_count_against_max_new_tokens() -> anyhow::Re
     }
     assert!(drafted >= 1, "every prompt ended at once");
     n.stop().await?;
+    Ok(())
+}
+
+/// Scored as string prefixes, a word cut at every character never gains probability as the cut
+/// grows, and the whole word scores as its prefixes' chain (same session, one call).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn string_prefix_scores_never_rise_as_a_cut_grows() -> anyhow::Result<()> {
+    for i in 0..3 {
+        let mut n = node(i).await?;
+        let mut c = n.client().await?;
+        let word = " the cat sat";
+        let cuts: Vec<String> = word
+            .char_indices()
+            .skip(1)
+            .map(|(k, _)| word[..k].to_owned())
+            .chain([word.to_owned()])
+            .collect();
+        let r = c
+            .score_candidates(pb::ScoreRequest {
+                context: raw("once upon a time", "", ""),
+                candidates: cuts.clone(),
+                string_prefix: true,
+            })
+            .await?
+            .into_inner();
+        assert_eq!(r.scores.len(), cuts.len());
+        let mut last = 0.0;
+        for (cut, s) in cuts.iter().zip(&r.scores) {
+            assert!(
+                s.sum_logprob.is_finite() && s.sum_logprob <= 0.0,
+                "{cut:?}: {}",
+                s.sum_logprob
+            );
+            assert!(
+                s.sum_logprob <= last + 1e-6,
+                "node {i}, {cut:?}: {} after {last}",
+                s.sum_logprob
+            );
+            assert_eq!(s.char_count as usize, cut.chars().count());
+            last = s.sum_logprob;
+        }
+        n.stop().await?;
+    }
     Ok(())
 }
 

@@ -49,6 +49,7 @@ async fn metrics_count_rpcs_codes_and_work_exactly() -> anyhow::Result<()> {
         .score_candidates(pb::ScoreRequest {
             context: raw("The Tarn", "", "m1"),
             candidates: vec![" flows".into(), " is".into(), " north".into()],
+            string_prefix: false,
         })
         .await?
         .into_inner();

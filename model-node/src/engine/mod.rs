@@ -63,6 +63,8 @@ pub enum Job {
     Propose(ContextSpec, ProposeParams),
     /// Score candidates.
     Score(ContextSpec, Vec<String>),
+    /// Score candidates as string prefixes, with these character-marginal options.
+    ScorePrefix(ContextSpec, Vec<String>, CharOptions),
     /// Next-character distribution.
     NextChar(ContextSpec, usize, CharOptions),
     /// Drop a session.
@@ -235,6 +237,12 @@ impl Engine {
             }),
             Job::Score(ctx, c) => self
                 .with_session(ctx, |e, s, u| e.score(s, &c, u))
+                .map(|(mut r, u)| {
+                    r.usage = u;
+                    Reply::Scores(r)
+                }),
+            Job::ScorePrefix(ctx, c, o) => self
+                .with_session(ctx, |e, s, u| e.score_prefix(s, &c, &o, u))
                 .map(|(mut r, u)| {
                     r.usage = u;
                     Reply::Scores(r)

@@ -289,6 +289,69 @@ impl Engine {
 
     /// A candidate whose tokens change the context's own tokenization: log P(tail + candidate) minus
     /// log P(tail of the context), both from the longest common prefix.
+    /// Scores every candidate as a string prefix ([`CharState::prefix_mass`]): one hypothesis set
+    /// for the context, committed through each candidate; a candidate that ends inside a token is
+    /// priced by every token path that spells it. `token_count` is the canonical tokenization's.
+    pub(super) fn score_prefix(
+        &mut self,
+        s: &mut Session,
+        candidates: &[String],
+        opts: &CharOptions,
+        usage: &mut Usage,
+    ) -> Result<Scores> {
+        let heal = self.codec.heal(&s.tokens, Self::text_empty(s));
+        let mut out = Vec::with_capacity(candidates.len());
+        for cand in candidates {
+            let mut answer = s.answer.clone();
+            answer.push_str(cand);
+            let full = self.codec.encode(&s.prompt, &answer)?;
+            if full.len() > self.limits.max_context {
+                return Err(Error::ContextTooLong {
+                    tokens: s.tokens.len(),
+                    new_tokens: full.len().saturating_sub(s.tokens.len()),
+                    limit: self.limits.max_context,
+                });
+            }
+            out.push(CandidateScore {
+                sum_logprob: 0.0,
+                token_count: full.len().saturating_sub(heal.prefix_len),
+                char_count: cand.chars().count(),
+            });
+        }
+        let vocab = &self.codec.vocab;
+        let mut m = CachedModel {
+            model: &self.model,
+            cache: &mut s.cache,
+            usage,
+        };
+        let opts = CharOptions {
+            lookahead: true,
+            ..opts.clone()
+        };
+        let base = CharState::new(
+            s.tokens[..heal.prefix_len].to_vec(),
+            heal.remainder,
+            opts,
+            vocab,
+            &mut m,
+        )?;
+        let base_mass = base.prefix_mass(vocab);
+        for (score, cand) in out.iter_mut().zip(candidates) {
+            let mut st = base.clone();
+            st.commit(cand, vocab, &mut m)?;
+            let mass = st.prefix_mass(vocab);
+            score.sum_logprob = if mass > 0.0 && base_mass > 0.0 {
+                (mass / base_mass).ln().max(MIN_LOGPROB)
+            } else {
+                MIN_LOGPROB
+            };
+        }
+        Ok(Scores {
+            scores: out,
+            usage: Usage::default(),
+        })
+    }
+
     fn score_alone(
         &self,
         s: &mut Session,
@@ -390,6 +453,10 @@ impl Engine {
         })
     }
 }
+
+/// The log-probability given to a candidate no token path spells (or pruned away): finite, so that
+/// softmaxes over candidates stay defined.
+pub const MIN_LOGPROB: f64 = -1e4;
 
 /// log Σ exp over `ids` (all entries when `None`).
 pub(super) fn log_sum_exp(row: &[f32], ids: Option<&[u32]>) -> f32 {
