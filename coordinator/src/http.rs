@@ -69,15 +69,7 @@ pub fn router(coordinator: Arc<Coordinator>) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
         .route("/v1/models/{id}", get(model))
-        .fallback(|| async {
-            ApiError {
-                status: StatusCode::NOT_FOUND,
-                kind: "invalid_request_error",
-                code: "unknown_url",
-                param: None,
-                message: "unknown endpoint: see /v1/chat/completions, /v1/completions, /v1/models".into(),
-            }
-        })
+        .fallback(|| async { unknown_url() })
         .layer(axum::middleware::from_fn_with_state(app.clone(), authenticate));
     let body_limit = app.coordinator.settings().input.max_request_bytes;
     Router::new()
@@ -85,17 +77,7 @@ pub fn router(coordinator: Arc<Coordinator>) -> Router {
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .merge(v1)
-        .fallback(|| async {
-            ApiError {
-                status: StatusCode::NOT_FOUND,
-                kind: "invalid_request_error",
-                code: "unknown_url",
-                param: None,
-                message: "unknown endpoint: see /v1/chat/completions, /v1/completions, /v1/models, \
-                          /health, /ready, /metrics"
-                    .into(),
-            }
-        })
+        .fallback(|| async { unknown_url() })
         .method_not_allowed_fallback(|| async {
             ApiError {
                 status: StatusCode::METHOD_NOT_ALLOWED,
@@ -110,6 +92,19 @@ pub fn router(coordinator: Arc<Coordinator>) -> Router {
         .layer(axum::extract::DefaultBodyLimit::max(body_limit))
         .layer(axum::middleware::from_fn_with_state(app.clone(), count))
         .with_state(app)
+}
+
+/// A 404 in OpenAI's shape for a path no route serves.
+fn unknown_url() -> ApiError {
+    ApiError {
+        status: StatusCode::NOT_FOUND,
+        kind: "invalid_request_error",
+        code: "unknown_url",
+        param: None,
+        message: "unknown endpoint: see /v1/chat/completions, /v1/completions, /v1/models, /health, \
+                  /ready, /metrics"
+            .into(),
+    }
 }
 
 /// Liveness, with each member's state: 200 while the process serves.

@@ -16,20 +16,15 @@ use coordinator::config::{NodeConfig, Settings};
 use coordinator::replicas::SystemResolver;
 use coordinator::service::{Coordinator, NodeSpec};
 use ensemble_proto::v1 as pb;
+#[path = "../../tests/fuzz/shared.rs"]
+mod shared;
+
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::TestRunner;
 use prost::Message as _;
 use serde_json::{Value, json};
 use tower::ServiceExt as _;
-
-fn budget() -> Duration {
-    let secs = std::env::var("FUZZ_SECONDS")
-        .ok()
-        .and_then(|s| s.parse::<f64>().ok())
-        .unwrap_or(2.0);
-    Duration::from_secs_f64(secs)
-}
 
 /// Draws from `strategy` until the budget is spent, awaiting `check` on each; a panic prints the
 /// input and fails the target.
@@ -41,7 +36,7 @@ where
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let mut runner = TestRunner::default();
-    let (start, budget) = (Instant::now(), budget());
+    let (start, budget) = (Instant::now(), shared::budget());
     let mut cases = 0u64;
     while start.elapsed() < budget {
         let Ok(tree) = strategy.new_tree(&mut runner) else {
@@ -190,21 +185,6 @@ fn arb_generate() -> impl Strategy<Value = pb::GenerateRequest> {
         )
 }
 
-fn mutate(mut bytes: Vec<u8>, edits: &[(u16, u8, u8)]) -> Vec<u8> {
-    for &(at, byte, op) in edits {
-        let i = usize::from(at) % (bytes.len() + 1);
-        match op % 3 {
-            0 if i < bytes.len() => bytes[i] ^= byte,
-            1 => bytes.insert(i, byte),
-            _ if i < bytes.len() => {
-                bytes.remove(i);
-            }
-            _ => {}
-        }
-    }
-    bytes
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generate_requests() -> anyhow::Result<()> {
     let c = coordinator().await?;
@@ -220,7 +200,8 @@ async fn generate_requests() -> anyhow::Result<()> {
             let c = c.clone();
             let seen = seen.clone();
             async move {
-                let Ok(req) = pb::GenerateRequest::decode(mutate(req.encode_to_vec(), &edits).as_slice())
+                let Ok(req) =
+                    pb::GenerateRequest::decode(shared::mutate(req.encode_to_vec(), &edits).as_slice())
                 else {
                     return;
                 };
@@ -316,7 +297,7 @@ async fn http_bodies() -> anyhow::Result<()> {
             0usize..3,
             proptest::collection::vec((any::<u16>(), any::<u8>(), any::<u8>()), 1..4)
         )
-            .prop_map(|(i, e)| mutate(seeds()[i].1.to_string().into_bytes(), &e)),
+            .prop_map(|(i, e)| shared::mutate(seeds()[i].1.to_string().into_bytes(), &e)),
     ];
     let path = prop_oneof![Just("/v1/chat/completions"), Just("/v1/completions")];
     let statuses = Arc::new(std::sync::Mutex::new(

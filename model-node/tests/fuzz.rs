@@ -12,26 +12,20 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use ensemble_proto::limits::InputLimits;
 use ensemble_proto::v1 as pb;
 use model_node::chars::{CharOptions, CharState, NextTokenModel};
 use model_node::engine::Job;
 use model_node::vocab::{TokenizerKind, Vocab};
+#[path = "../../tests/fuzz/shared.rs"]
+mod shared;
+
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::TestRunner;
 use prost::Message as _;
-
-/// How long each target runs.
-fn budget() -> Duration {
-    let secs = std::env::var("FUZZ_SECONDS")
-        .ok()
-        .and_then(|s| s.parse::<f64>().ok())
-        .unwrap_or(2.0);
-    Duration::from_secs_f64(secs)
-}
 
 /// Draws from `strategy` until the budget is spent, running `check` on each; a panic prints the
 /// input and fails the target. Prints the number of cases.
@@ -40,7 +34,7 @@ where
     S::Value: std::fmt::Debug + Clone,
 {
     let mut runner = TestRunner::default();
-    let (start, budget) = (Instant::now(), budget());
+    let (start, budget) = (Instant::now(), shared::budget());
     let mut cases = 0u64;
     while start.elapsed() < budget {
         let Ok(tree) = strategy.new_tree(&mut runner) else {
@@ -187,22 +181,6 @@ fn arb_request() -> impl Strategy<Value = Req> {
     ]
 }
 
-/// Flips, inserts and deletes bytes of an encoding.
-fn mutate(mut bytes: Vec<u8>, edits: &[(u16, u8, u8)]) -> Vec<u8> {
-    for &(at, byte, op) in edits {
-        let i = usize::from(at) % (bytes.len() + 1);
-        match op % 3 {
-            0 if i < bytes.len() => bytes[i] ^= byte,
-            1 => bytes.insert(i, byte),
-            _ if i < bytes.len() => {
-                bytes.remove(i);
-            }
-            _ => {}
-        }
-    }
-    bytes
-}
-
 fn tiny_engine() -> anyhow::Result<model_node::engine::Engine> {
     let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("fuzz-{}", std::process::id()));
     let dir = model_node::fixtures::tiny_model_dir(&root, "llama", "byte_level", 5)?;
@@ -242,7 +220,7 @@ fn node_requests() -> anyhow::Result<()> {
             Req::Score(r) => (r.context.clone(), r.encode_to_vec()),
             Req::NextChar(r) => (r.context.clone(), r.encode_to_vec()),
         };
-        let corrupt = mutate(encoded, &edits);
+        let corrupt = shared::mutate(encoded, &edits);
         let req = match req {
             Req::Propose(_) => pb::ProposeRequest::decode(corrupt.as_slice())
                 .ok()

@@ -231,16 +231,7 @@ impl Engine {
         ];
         let mut batch: Vec<(usize, Vec<u32>)> = Vec::new();
         for (i, cand) in candidates.iter().enumerate() {
-            let mut answer = s.answer.clone();
-            answer.push_str(cand);
-            let full = self.codec.encode(&s.prompt, &answer)?;
-            if full.len() > self.limits.max_context {
-                return Err(Error::ContextTooLong {
-                    tokens: s.tokens.len(),
-                    new_tokens: full.len().saturating_sub(s.tokens.len()),
-                    limit: self.limits.max_context,
-                });
-            }
+            let full = self.with_candidate(s, cand)?;
             out[i].char_count = cand.chars().count();
             if full.len() > plen && full[..plen] == prefix[..] {
                 batch.push((i, full[plen..].to_vec()));
@@ -289,6 +280,22 @@ impl Engine {
 
     /// A candidate whose tokens change the context's own tokenization: log P(tail + candidate) minus
     /// log P(tail of the context), both from the longest common prefix.
+    /// The canonical tokens of the context with `cand` appended to the answer; past the context limit
+    /// the client's to shorten.
+    fn with_candidate(&self, s: &Session, cand: &str) -> Result<Vec<u32>> {
+        let mut answer = s.answer.clone();
+        answer.push_str(cand);
+        let full = self.codec.encode(&s.prompt, &answer)?;
+        if full.len() > self.limits.max_context {
+            return Err(Error::ContextTooLong {
+                tokens: s.tokens.len(),
+                new_tokens: full.len().saturating_sub(s.tokens.len()),
+                limit: self.limits.max_context,
+            });
+        }
+        Ok(full)
+    }
+
     /// Scores every candidate as a string prefix ([`CharState::prefix_mass`]): one hypothesis set
     /// for the context, committed through each candidate; a candidate that ends inside a token is
     /// priced by every token path that spells it. `token_count` is the canonical tokenization's.
@@ -302,16 +309,7 @@ impl Engine {
         let heal = self.codec.heal(&s.tokens, Self::text_empty(s));
         let mut out = Vec::with_capacity(candidates.len());
         for cand in candidates {
-            let mut answer = s.answer.clone();
-            answer.push_str(cand);
-            let full = self.codec.encode(&s.prompt, &answer)?;
-            if full.len() > self.limits.max_context {
-                return Err(Error::ContextTooLong {
-                    tokens: s.tokens.len(),
-                    new_tokens: full.len().saturating_sub(s.tokens.len()),
-                    limit: self.limits.max_context,
-                });
-            }
+            let full = self.with_candidate(s, cand)?;
             out.push(CandidateScore {
                 sum_logprob: 0.0,
                 token_count: full.len().saturating_sub(heal.prefix_len),
