@@ -90,7 +90,11 @@ impl Dist {
     /// Small ranges are summed directly: a difference of prefix sums loses ~1e-16 absolutely, which is
     /// everything when the range's mass is itself tiny (text the model finds very unlikely).
     fn mass(&self, v: &Vocab, prefix: &[u8]) -> f64 {
-        let r = v.prefix_range(prefix);
+        self.range_mass(v, v.prefix_range(prefix))
+    }
+
+    /// Mass of the tokens at trie positions `r`.
+    fn range_mass(&self, v: &Vocab, r: std::ops::Range<usize>) -> f64 {
         if r.len() <= DIRECT_SUM {
             return r.map(|pos| self.p(v.sorted_id(pos))).sum();
         }
@@ -117,12 +121,19 @@ impl Dist {
         })
     }
 
-    /// Mass of the tokens strictly longer than `prefix` that start with it.
+    /// Mass of the tokens strictly longer than `prefix` that start with it: the prefix's trie range
+    /// without its leading exact matches, summed on its own (subtracting a dominant exact token from
+    /// the whole range's mass would cancel away the digits of a small remainder).
     fn mass_beyond(&self, v: &Vocab, prefix: &[u8]) -> f64 {
+        let r = v.prefix_range(prefix);
         if prefix.is_empty() {
-            return self.mass(v, prefix);
+            return self.range_mass(v, r);
         }
-        self.mass(v, prefix) - exact(v, prefix).map(|id| self.p(id)).sum::<f64>()
+        let exact = r
+            .clone()
+            .take_while(|&pos| v.sorted_bytes(pos).len() == prefix.len())
+            .count();
+        self.range_mass(v, r.start + exact..r.end)
     }
 }
 
@@ -634,18 +645,8 @@ impl CharState {
                 _ => {}
             }
         }
-        let mut eos = a.eos / a.z;
-        let mut listed: f64 = chars.iter().map(|c| c.1).sum();
-        // Guard found by fuzzing (`char_marginals_regressions`): on some vocabularies of odd byte
-        // pieces, without look-ahead, the listed mass exceeds the normaliser by ~1e-5 (a token counted
-        // both as a character's and as one that cannot start a character). Never return more than 1.
-        if listed + eos > 1.0 {
-            let total = listed + eos;
-            for c in &mut chars {
-                c.1 /= total;
-            }
-            (listed, eos) = (listed / total, eos / total);
-        }
+        let eos = a.eos / a.z;
+        let listed: f64 = chars.iter().map(|c| c.1).sum();
         Ok(CharDistribution {
             chars,
             eos,
