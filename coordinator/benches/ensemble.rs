@@ -103,6 +103,37 @@ impl ModelNode for Trivial {
         }))
     }
 
+    async fn next_char_distributions(
+        &self,
+        r: Request<pb::NextCharsRequest>,
+    ) -> Result<Response<pb::NextCharsResponse>, Status> {
+        self.next_char_bytes
+            .fetch_add(r.get_ref().encoded_len() as u64, Ordering::Relaxed);
+        self.next_char_calls.fetch_add(1, Ordering::Relaxed);
+        tokio::time::sleep(self.delay).await;
+        let n = r.get_ref().continuation.chars().count() + 1;
+        let dist = pb::CharDistribution {
+            chars: vec![
+                pb::CharProb {
+                    char: "a".into(),
+                    prob: 0.6,
+                },
+                pb::CharProb {
+                    char: "b".into(),
+                    prob: 0.3,
+                },
+            ],
+            eos_prob: 0.0,
+            residual: 0.1,
+        };
+        Ok(Response::new(pb::NextCharsResponse {
+            positions: vec![dist; n],
+            drafted: String::new(),
+            hypotheses: 1,
+            usage: None,
+        }))
+    }
+
     async fn close_session(
         &self,
         _r: Request<pb::CloseSessionRequest>,

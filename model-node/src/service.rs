@@ -12,7 +12,7 @@ use ensemble_proto::v1::model_node_server::ModelNode;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, Span, field::Empty, info_span};
 
-use crate::chars::CharOptions;
+use crate::chars::{CharDistribution, CharOptions};
 use crate::engine::{EngineHandle, Finish, Job, Reply, Usage};
 use crate::error::Error;
 use crate::metrics::NodeMetrics;
@@ -246,6 +246,33 @@ impl ModelNode for NodeService {
         self.observed("NextCharDistribution", started, &span, r)
     }
 
+    async fn next_char_distributions(
+        &self,
+        req: Request<pb::NextCharsRequest>,
+    ) -> Result<Response<pb::NextCharsResponse>, Status> {
+        let started = Instant::now();
+        let span = span_for(rpc_span!("NextCharDistributions"), &req);
+        let r = async {
+            validate::input(req.get_ref().context.as_ref(), &self.input)?;
+            let (ctx, params) = validate::next_chars(req.into_inner(), &self.char_defaults)?;
+            let Reply::CharRun(c) = run(&self.engine, Job::NextChars(ctx, params), &span).await? else {
+                return Err(unexpected());
+            };
+            record(&span, &c.usage);
+            span.record("items", c.positions.len() as i64);
+            self.metrics.usage("NextCharDistributions", &c.usage);
+            Ok(Response::new(pb::NextCharsResponse {
+                positions: c.positions.iter().map(char_dist).collect(),
+                drafted: c.drafted,
+                hypotheses: c.hypotheses as u32,
+                usage: Some(usage(&c.usage)),
+            }))
+        }
+        .instrument(span.clone())
+        .await;
+        self.observed("NextCharDistributions", started, &span, r)
+    }
+
     async fn close_session(
         &self,
         req: Request<pb::CloseSessionRequest>,
@@ -265,5 +292,21 @@ impl ModelNode for NodeService {
         .instrument(span.clone())
         .await;
         self.observed("CloseSession", started, &span, r)
+    }
+}
+
+/// One distribution on the wire.
+fn char_dist(d: &CharDistribution) -> pb::CharDistribution {
+    pb::CharDistribution {
+        chars: d
+            .chars
+            .iter()
+            .map(|(ch, p)| pb::CharProb {
+                char: ch.to_string(),
+                prob: *p,
+            })
+            .collect(),
+        eos_prob: d.eos,
+        residual: d.residual,
     }
 }

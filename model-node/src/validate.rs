@@ -5,7 +5,7 @@ use ensemble_proto::limits::InputLimits;
 use ensemble_proto::v1 as pb;
 
 use crate::chars::CharOptions;
-use crate::engine::{ContextBody, ContextSpec, PromptSpec, ProposeParams};
+use crate::engine::{ContextBody, ContextSpec, NextCharsParams, PromptSpec, ProposeParams};
 use crate::error::{Error, Result};
 use crate::sampling::SamplingParams;
 use crate::template::Message;
@@ -224,6 +224,45 @@ pub fn next_char(
         opts.lookahead = l;
     }
     Ok((context(r.context)?, r.top_k as usize, opts))
+}
+
+/// Most characters of a NextCharDistributions continuation.
+pub const MAX_CONTINUATION_CHARS: usize = 1024;
+/// Most characters a NextCharDistributions call may draft.
+pub const MAX_DRAFT_CHARS: u32 = 256;
+
+/// A NextCharDistributions request; `defaults` are the node's options.
+pub fn next_chars(r: pb::NextCharsRequest, defaults: &CharOptions) -> Result<(ContextSpec, NextCharsParams)> {
+    let n = r.continuation.chars().count();
+    if n > MAX_CONTINUATION_CHARS {
+        return Err(invalid(format!(
+            "continuation must be at most {MAX_CONTINUATION_CHARS} characters, got {n}"
+        )));
+    }
+    if r.draft_chars > MAX_DRAFT_CHARS {
+        return Err(invalid(format!(
+            "draft_chars must be in 0..={MAX_DRAFT_CHARS}, got {}",
+            r.draft_chars
+        )));
+    }
+    let (ctx, top_k, opts) = next_char(
+        pb::NextCharRequest {
+            context: r.context,
+            top_k: r.top_k,
+            max_hypotheses: r.max_hypotheses,
+            lookahead: r.lookahead,
+        },
+        defaults,
+    )?;
+    Ok((
+        ctx,
+        NextCharsParams {
+            continuation: r.continuation,
+            draft_chars: r.draft_chars as usize,
+            top_k,
+            opts,
+        },
+    ))
 }
 
 #[cfg(test)]

@@ -4,11 +4,13 @@
 //! # Layout
 //! - [`text`]: prompt rendering, canonical tokenization, the token-healing cut.
 //! - [`session`]: sessions, per-session prefix KV caches, LRU eviction, work counters.
-//! - [`ops`]: resolving a context into a session; scoring and the next character on it.
+//! - [`ops`]: resolving a context into a session; scoring on it.
+//! - [`nextchar`]: the next-character distribution, and the distributions along a continuation.
 //! - [`decode`]: proposals as resumable decodes and the scheduler that steps them together in one
 //!   batched forward pass (continuous batching).
 
 pub mod decode;
+pub mod nextchar;
 pub mod ops;
 pub mod session;
 pub mod text;
@@ -22,7 +24,8 @@ use tokio::sync::{mpsc, oneshot};
 use crate::chars::CharOptions;
 use crate::error::{Error, Result};
 use crate::model::Transformer;
-pub use ops::{CandidateScore, CharsOut, Finish, Proposal, ProposeParams, Scores};
+pub use nextchar::{CharRun, CharsOut};
+pub use ops::{CandidateScore, Finish, Proposal, ProposeParams, Scores};
 use session::Sessions;
 pub use session::Usage;
 pub use text::PromptSpec;
@@ -67,6 +70,8 @@ pub enum Job {
     ScorePrefix(ContextSpec, Vec<String>, CharOptions),
     /// Next-character distribution.
     NextChar(ContextSpec, usize, CharOptions),
+    /// Next-character distributions along a continuation (text, draft characters, top-k, options).
+    NextChars(ContextSpec, NextCharsParams),
     /// Drop a session.
     Close(String),
 }
@@ -80,8 +85,23 @@ pub enum Reply {
     Scores(Scores),
     /// For [`Job::NextChar`].
     Chars(CharsOut),
+    /// For [`Job::NextChars`].
+    CharRun(CharRun),
     /// For [`Job::Close`]: whether the session existed.
     Closed(bool),
+}
+
+/// What a [`Job::NextChars`] asks.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NextCharsParams {
+    /// Text after the answer whose positions are asked about.
+    pub continuation: String,
+    /// Most characters of the node's own greedy draft after it.
+    pub draft_chars: usize,
+    /// Characters listed per position.
+    pub top_k: usize,
+    /// Character-marginal options.
+    pub opts: CharOptions,
 }
 
 /// Limits of the engine.
@@ -247,6 +267,14 @@ impl Engine {
                     r.usage = u;
                     Reply::Scores(r)
                 }),
+            Job::NextChars(ctx, p) => self
+                .with_session(ctx, |e, s, u| {
+                    e.next_chars(s, &p.continuation, p.draft_chars, p.top_k, &p.opts, u)
+                })
+                .map(|(mut r, u)| {
+                    r.usage = u;
+                    Reply::CharRun(r)
+                }),
             Job::NextChar(ctx, k, o) => {
                 self.with_session(ctx, |e, s, u| e.next_char(s, k, &o, u))
                     .map(|(mut r, u)| {
@@ -261,6 +289,7 @@ impl Engine {
             Ok(Reply::Proposal(r)) => (r.usage.queue_ms, r.usage.compute_ms) = (queue_ms, ms),
             Ok(Reply::Scores(r)) => (r.usage.queue_ms, r.usage.compute_ms) = (queue_ms, ms),
             Ok(Reply::Chars(r)) => (r.usage.queue_ms, r.usage.compute_ms) = (queue_ms, ms),
+            Ok(Reply::CharRun(r)) => (r.usage.queue_ms, r.usage.compute_ms) = (queue_ms, ms),
             _ => {}
         }
         self.after_call();

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use candle_core::{D, Tensor};
 
-use super::session::{CharSlot, PrefixCache, Session, Usage};
+use super::session::{PrefixCache, Session, Usage};
 use super::{ContextBody, ContextSpec, Engine};
 use crate::chars::{CharDistribution, CharOptions, CharState, NextTokenModel};
 use crate::error::{Error, Result};
@@ -92,10 +92,10 @@ pub struct CharsOut {
 
 /// [`NextTokenModel`] over a session's prefix cache: each call is one forward pass of the positions
 /// the cache lacks.
-struct CachedModel<'a> {
-    model: &'a Transformer,
-    cache: &'a mut PrefixCache,
-    usage: &'a mut Usage,
+pub(super) struct CachedModel<'a> {
+    pub(super) model: &'a Transformer,
+    pub(super) cache: &'a mut PrefixCache,
+    pub(super) usage: &'a mut Usage,
 }
 
 impl NextTokenModel for CachedModel<'_> {
@@ -106,10 +106,6 @@ impl NextTokenModel for CachedModel<'_> {
         let probs = candle_nn::ops::softmax_last_dim(&logits)?.to_vec1::<f32>()?;
         Ok(probs.into())
     }
-}
-
-fn char_opts_eq(a: &CharOptions, b: &CharOptions) -> bool {
-    a.max_hypotheses == b.max_hypotheses && a.min_mass == b.min_mass && a.lookahead == b.lookahead
 }
 
 impl Engine {
@@ -387,67 +383,6 @@ impl Engine {
             sum_logprob: with - without - heal_lp,
             token_count: full.len().saturating_sub(common),
             char_count: 0,
-        })
-    }
-
-    /// The next-character distribution, continuing the session's hypothesis set when the context only
-    /// grew since the last call (no forward pass unless a hypothesis crosses a token boundary).
-    pub(super) fn next_char(
-        &mut self,
-        s: &mut Session,
-        top_k: usize,
-        opts: &CharOptions,
-        usage: &mut Usage,
-    ) -> Result<CharsOut> {
-        let pending = std::mem::take(&mut s.chars_pending);
-        let reuse = opts.lookahead && s.chars.as_ref().is_some_and(|c| char_opts_eq(&c.opts, opts));
-        let mut slot = if reuse { s.chars.take() } else { None };
-        let mut m = CachedModel {
-            model: &self.model,
-            cache: &mut s.cache,
-            usage,
-        };
-        let vocab = &self.codec.vocab;
-        if let Some(c) = slot.as_mut() {
-            if !pending.is_empty() {
-                c.state.commit(&pending, vocab, &mut m)?;
-            }
-            if c.state.hypotheses() == 0 {
-                slot = None; // committed text the hypotheses could not follow: rebuild canonically
-            }
-        }
-        let mut slot = match slot {
-            Some(c) => c,
-            None => {
-                let text_empty = s.prompt.text.is_empty() && s.answer.is_empty();
-                let mut heal = self.codec.heal(&s.tokens, text_empty);
-                if !opts.lookahead && !text_empty {
-                    // Published CharED: the canonical tokenization as is, no back-off.
-                    heal = super::text::Heal {
-                        prefix_len: s.tokens.len(),
-                        remainder: vec![],
-                    };
-                }
-                let state = CharState::new(
-                    s.tokens[..heal.prefix_len].to_vec(),
-                    heal.remainder,
-                    opts.clone(),
-                    vocab,
-                    &mut m,
-                )?;
-                CharSlot {
-                    state,
-                    opts: opts.clone(),
-                }
-            }
-        };
-        let dist = slot.state.distribution(top_k, vocab, &mut m)?;
-        let hypotheses = slot.state.hypotheses();
-        s.chars = Some(slot);
-        Ok(CharsOut {
-            dist,
-            hypotheses,
-            usage: Usage::default(),
         })
     }
 }

@@ -162,6 +162,12 @@ pub struct CharSlot {
     pub state: CharState,
     /// Options it was built with.
     pub opts: CharOptions,
+    /// The states along the text of the last `NextCharDistributions` call: after each of its first
+    /// characters (byte end, state after committing up to there and answering there). The next call
+    /// resumes from the longest of them that the answer's new text starts with.
+    pub ahead: Vec<(usize, CharState)>,
+    /// That text.
+    pub ahead_text: String,
 }
 
 /// One context kept between calls.
