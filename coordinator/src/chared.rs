@@ -42,6 +42,10 @@ pub struct CharedParams {
     pub top_k: u32,
     /// Outcomes reported in [`CharStep::alternatives`], 0..=256. Default 5.
     pub alternatives: usize,
+    /// Speculative CharED ("Speculative CharED" in `ALGORITHMS.md`), 0..=256: a node drafts up to
+    /// this many characters per round and the longest prefix the mixture agrees with is accepted
+    /// ([`CharEd::accept_draft`]). 0 (the default) asks every node once per character.
+    pub draft_chars: u32,
 }
 
 impl Default for CharedParams {
@@ -54,6 +58,7 @@ impl Default for CharedParams {
             published: false,
             top_k: 32,
             alternatives: 5,
+            draft_chars: 0,
         }
     }
 }
@@ -76,6 +81,13 @@ impl CharedParams {
         }
         if !(1..=256).contains(&self.top_k) {
             return Err(Error::invalid("top_k", self.top_k, "an integer in 1..=256"));
+        }
+        if self.draft_chars > 256 {
+            return Err(Error::invalid(
+                "draft_chars",
+                self.draft_chars,
+                "an integer in 0..=256 (0 = one call per character)",
+            ));
         }
         if self.alternatives > 256 {
             return Err(Error::invalid(
@@ -180,6 +192,10 @@ pub struct CharStep {
     pub skipped: Vec<SkippedNode>,
     /// Σ m over all listed outcomes (1 minus the weighted residual).
     pub listed_mass: f64,
+    /// The round of node calls that chose it, from 1 (per-character CharED: the step).
+    pub round: u64,
+    /// Whether it is a drafted character the mixture accepted.
+    pub drafted: bool,
 }
 
 /// The CharED state of one request over `n` nodes (indices `0..n`): weights and the seeded sampler.
@@ -189,7 +205,10 @@ pub struct CharEd {
     weights: Vec<f64>,
     rng: StdRng,
     steps: u64,
+    rounds: u64,
     contributing_node_steps: u64,
+    /// Per node, how far its own greedy choice followed the mixture in recent rounds (decayed).
+    agreement: Vec<f64>,
 }
 
 /// A contributing node's normalised distribution over the step's outcomes.
@@ -211,7 +230,9 @@ impl CharEd {
             weights,
             rng,
             steps: 0,
+            rounds: 0,
             contributing_node_steps: 0,
+            agreement: vec![0.0; nodes],
         })
     }
 
@@ -240,6 +261,11 @@ impl CharEd {
         self.steps
     }
 
+    /// Rounds of node calls so far: one per [`CharEd::combine`], one per [`CharEd::accept_draft`].
+    pub fn rounds(&self) -> u64 {
+        self.rounds
+    }
+
     /// Sum over steps of the nodes that contributed a distribution.
     pub fn contributing_node_steps(&self) -> u64 {
         self.contributing_node_steps
@@ -263,6 +289,84 @@ impl CharEd {
     /// Errors: [`Error::UnknownNode`] for an index outside the ensemble; [`Error::NoDistribution`]
     /// when no node contributes (the sampler is not advanced then).
     pub fn combine(&mut self, dists: &[(usize, NodeCharDist)]) -> Result<CharStep> {
+        self.rounds += 1;
+        self.mix(dists, None)
+    }
+
+    /// The node that drafts the next speculative round among the `live` ones: the one whose own
+    /// greedy choice followed the mixture furthest in recent rounds (each round's run from its start,
+    /// averaged with halving weights), then the larger weight, then the lower index. None when no
+    /// node is live.
+    pub fn drafter(&self, live: &[bool]) -> Option<usize> {
+        let key = |i: usize| (self.agreement.get(i).copied().unwrap_or(0.0), self.weights[i]);
+        (0..self.weights.len().min(live.len()))
+            .filter(|&i| live[i])
+            .fold(None, |best: Option<usize>, i| match best {
+                Some(b) if key(b) >= key(i) => Some(b),
+                _ => Some(i),
+            })
+    }
+
+    /// One round of speculative CharED: `positions[j]` holds the nodes' distributions after the
+    /// first j characters of `draft` (j = 0..=draft.len(); a node may be missing from a position).
+    /// Position by position the mixture chooses as [`CharEd::combine`] does, and the round goes on
+    /// while it chooses the draft's character; it ends with the first outcome that differs from the
+    /// draft (or the one after the whole draft, or EOS). Returns the steps taken, at least one.
+    ///
+    /// - Greedy: every step is argmax m, exactly as [`CharEd::combine`] would choose it after the
+    ///   same characters; the answer is the one per-character CharED gives.
+    /// - Sampled: the speculative acceptance test with the draft as a point mass q = 1 on its
+    ///   character (drafts are the drafting node's greedy choice): accept it with probability p(d),
+    ///   else draw from p without d, renormalised, which is max(0, p − q) normalised. Every
+    ///   character is then distributed as p, the mixture after temperature and top-p.
+    ///
+    /// A position that no node answers ends the round with [`Error::NoDistribution`] when it is
+    /// the first; later ones are not reached (the round stops before them).
+    pub fn accept_draft(
+        &mut self,
+        positions: &[Vec<(usize, NodeCharDist)>],
+        draft: &[char],
+    ) -> Result<Vec<CharStep>> {
+        self.rounds += 1;
+        let mut steps = Vec::new();
+        for (j, dists) in positions.iter().enumerate().take(draft.len() + 1) {
+            let want = draft.get(j).copied();
+            let step = match self.mix(dists, want) {
+                Ok(step) => step,
+                Err(e) if steps.is_empty() => return Err(e),
+                Err(_) => break,
+            };
+            let agreed = want.is_some_and(|d| step.chosen == CharOutcome::Char(d));
+            steps.push(CharStep {
+                drafted: agreed,
+                ..step
+            });
+            if !agreed {
+                break;
+            }
+        }
+        // How far each node's own greedy choice ran along the accepted steps.
+        let mut runs = vec![0.0; self.agreement.len()];
+        let mut alive: Vec<bool> = vec![true; self.agreement.len()];
+        for (dists, step) in positions.iter().zip(&steps) {
+            for (node, d) in dists {
+                if let (Some(run), Some(a)) = (runs.get_mut(*node), alive.get_mut(*node))
+                    && *a
+                {
+                    *a = own_choice(d) == Some(step.chosen);
+                    if *a {
+                        *run += 1.0;
+                    }
+                }
+            }
+        }
+        for (a, r) in self.agreement.iter_mut().zip(runs) {
+            *a = 0.5 * *a + 0.5 * r;
+        }
+        Ok(steps)
+    }
+
+    fn mix(&mut self, dists: &[(usize, NodeCharDist)], draft: Option<char>) -> Result<CharStep> {
         let n = self.weights.len();
         if let Some(&(node, _)) = dists.iter().find(|(node, _)| *node >= n) {
             return Err(Error::UnknownNode { node, nodes: n });
@@ -327,7 +431,8 @@ impl CharEd {
         let chosen = if temperature == 0.0 {
             argmax(&m)
         } else {
-            self.sample(&m, temperature)
+            let draft = draft.and_then(|d| index.get(&d).copied());
+            self.sample(&m, temperature, draft)
         };
         let prob = m[chosen];
         let shares = contributors
@@ -364,11 +469,14 @@ impl CharEd {
             shares,
             skipped,
             listed_mass: m.iter().sum(),
+            round: self.rounds,
+            drafted: false,
         })
     }
 
-    /// Samples an index of `m` (some entry is > 0) with temperature and top-p.
-    fn sample(&mut self, m: &[f64], temperature: f64) -> usize {
+    /// Samples an index of `m` (some entry is > 0) with temperature and top-p; with a `draft`
+    /// outcome, by the speculative acceptance test against it (see [`CharEd::accept_draft`]).
+    fn sample(&mut self, m: &[f64], temperature: f64, draft: Option<usize>) -> usize {
         let mut idx: Vec<usize> = (0..m.len()).filter(|&k| m[k] > 0.0).collect();
         // Stable sort: ties keep the tie-break order of the outcomes.
         idx.sort_by(|&a, &b| m[b].total_cmp(&m[a]));
@@ -389,15 +497,47 @@ impl CharEd {
                 break;
             }
         }
+        let mut skip = None;
+        if let Some(d) = draft {
+            let pd = idx[..kept].iter().position(|&k| k == d).map_or(0.0, |j| p[j]);
+            if self.rng.random::<f64>() * mass < pd {
+                return d;
+            }
+            if pd > 0.0 {
+                skip = Some(d);
+                mass -= pd;
+            }
+        }
         let u = self.rng.random::<f64>() * mass;
         let mut acc = 0.0;
+        let mut last = idx[0];
         for (j, &pj) in p.iter().take(kept).enumerate() {
+            if Some(idx[j]) == skip {
+                continue;
+            }
+            last = idx[j];
             acc += pj;
             if u < acc {
                 return idx[j];
             }
         }
-        idx[kept.saturating_sub(1)]
+        last
+    }
+}
+
+/// A node's own greedy choice: its most likely listed character (the first listed on ties), or EOS
+/// when that is at least as likely.
+fn own_choice(d: &NodeCharDist) -> Option<CharOutcome> {
+    let mut best: Option<(char, f64)> = None;
+    for &(c, p) in &d.chars {
+        if best.is_none_or(|(_, b)| p > b) {
+            best = Some((c, p));
+        }
+    }
+    match best {
+        Some((c, p)) if p > d.eos => Some(CharOutcome::Char(c)),
+        _ if d.eos > 0.0 => Some(CharOutcome::Eos),
+        _ => None,
     }
 }
 

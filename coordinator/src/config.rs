@@ -138,6 +138,8 @@ pub struct CharEdDefaults {
     pub seed: Option<u64>,
     /// The published K = 1 variant.
     pub published: Option<bool>,
+    /// Speculative CharED's draft length (0 = one call per character).
+    pub draft_chars: Option<u32>,
 }
 
 /// The file.
@@ -396,6 +398,9 @@ impl Settings {
         }
         if let Some(v) = c.published {
             s.chared.published = v;
+        }
+        if let Some(v) = c.draft_chars {
+            s.chared.draft_chars = v;
         }
         s.check()?;
         Ok(s)

@@ -8,10 +8,12 @@ use futures::future::join_all;
 use tracing::Instrument as _;
 use tracing::field::Empty;
 
-use crate::chared::{CharEd, CharOutcome, CharStep, CharedParams, NodeCharDist};
+use crate::chared::{CharEd, CharOutcome, CharStep, CharedParams};
 use crate::error::{Error, Result};
 use crate::node_client::NodeClient;
 use crate::specfuse::{DraftText, RoundOutcome, SpecFuse, SpecFuseParams};
+
+mod speculative;
 
 /// When the answer stops.
 #[derive(Debug, Clone)]
@@ -46,6 +48,8 @@ pub struct SpecFuseAnswer {
     pub failed: Vec<(usize, Error)>,
     /// Mean active nodes per round.
     pub mean_active: f64,
+    /// Waves of node calls that ran one after another (propose, then verify when there were drafts).
+    pub round_trips: u64,
 }
 
 /// Runs one SpecFuse request over `nodes` (already `begin`-ed with the request's session and prompt).
@@ -60,6 +64,7 @@ pub async fn specfuse(
     let mut answer = String::new();
     let mut rounds = Vec::new();
     let mut failed = Vec::new();
+    let mut round_trips = 0u64;
     let segment = sf.params().segment_tokens;
     let (string_prefix, per_char) = (sf.params().string_prefix, sf.params().per_char);
     let finish: Result<Finish> = async {
@@ -108,7 +113,9 @@ pub async fn specfuse(
             // VERIFY, in parallel: every active node scores every distinct draft.
             let texts: Vec<String> = drafts.texts().into_iter().map(str::to_owned).collect();
             let mut scores = Vec::new();
+            round_trips += 1;
             if !texts.is_empty() {
+                round_trips += 1;
                 let active = sf.active_nodes();
                 let calls = nodes
                     .iter_mut()
@@ -173,6 +180,7 @@ pub async fn specfuse(
         rounds,
         failed,
         mean_active: sf.mean_active_nodes().unwrap_or(0.0),
+        round_trips,
     })
 }
 
@@ -249,10 +257,13 @@ pub struct CharEdAnswer {
     pub steps: Vec<CharStep>,
     /// Nodes that failed during the request, with the error.
     pub failed: Vec<(usize, Error)>,
+    /// Waves of node calls that ran one after another.
+    pub round_trips: u64,
 }
 
 /// Runs one CharED request over `nodes` (already `begin`-ed): one next-character call per live node
-/// per character, in parallel.
+/// per character, in parallel; or, with `draft_chars` > 0, speculative rounds
+/// ([`speculative::round`]).
 pub async fn chared(
     nodes: &mut [NodeClient],
     params: CharedParams,
@@ -265,11 +276,31 @@ pub async fn chared(
     let mut answer = String::new();
     let mut steps = Vec::new();
     let mut failed = Vec::new();
+    let mut round_trips = 0;
     let finish: Result<Finish> = async {
         Ok(loop {
             if !live.iter().any(|&l| l) {
                 return Err(Error::NoActiveNode);
             }
+            if ce.params().draft_chars > 0 {
+                let r = speculative::round(
+                    &mut ce,
+                    nodes,
+                    &mut live,
+                    &mut answer,
+                    &mut steps,
+                    &mut failed,
+                    limits,
+                    observe,
+                )
+                .await?;
+                round_trips += r.waves;
+                match r.finish {
+                    Some(f) => break f,
+                    None => continue,
+                }
+            }
+            round_trips += 1;
             let span = tracing::info_span!(
                 "char_step",
                 step = steps.len() as i64 + 1,
@@ -291,21 +322,14 @@ pub async fn chared(
             let mut dists = Vec::new();
             for (i, r) in join_all(calls).instrument(span.clone()).await {
                 match r {
-                    Ok(d) => {
-                        let chars = d
-                            .chars
-                            .iter()
-                            .filter_map(|c| Some((c.char.chars().next()?, c.prob)))
-                            .collect();
-                        dists.push((
-                            i,
-                            NodeCharDist {
-                                chars,
-                                eos: d.eos_prob,
-                                residual: d.residual,
-                            },
-                        ));
-                    }
+                    Ok(d) => dists.push((
+                        i,
+                        speculative::node_dist(&pb::CharDistribution {
+                            chars: d.chars,
+                            eos_prob: d.eos_prob,
+                            residual: d.residual,
+                        }),
+                    )),
                     Err(e) => {
                         live[i] = false;
                         failed.push((i, e));
@@ -347,6 +371,7 @@ pub async fn chared(
         finish,
         steps,
         failed,
+        round_trips,
     })
 }
 

@@ -109,6 +109,15 @@ pub struct Outcome {
     pub steps: u32,
     /// Mean active nodes per SpecFuse round.
     pub mean_active_nodes: f64,
+    /// Waves of node calls that ran one after another.
+    #[serde(default)]
+    pub round_trips: u32,
+    /// Characters written (answer and reasoning).
+    #[serde(default)]
+    pub chars: u32,
+    /// Wall milliseconds of the request, as the client saw it.
+    #[serde(default)]
+    pub ms: f64,
 }
 
 /// Results of several strategies on one set.
@@ -181,6 +190,33 @@ impl Report {
         if active.iter().any(|a| a != "–") {
             s.push_str(&format!("| mean active nodes | {} |\n", active.join(" | ")));
         }
+        let per_strategy = |f: &dyn Fn(u32, u32, f64) -> String| -> Vec<String> {
+            self.strategies
+                .iter()
+                .map(|st| {
+                    let (mut trips, mut chars, mut ms) = (0u32, 0u32, 0.0);
+                    for o in self.outcomes.iter().filter(|o| &o.strategy == st && !o.error) {
+                        trips += o.round_trips;
+                        chars += o.chars;
+                        ms += o.ms;
+                    }
+                    if chars == 0 {
+                        "–".to_owned()
+                    } else {
+                        f(trips, chars, ms)
+                    }
+                })
+                .collect()
+        };
+        let trips = per_strategy(&|t, c, _| format!("{:.3}", f64::from(t) / f64::from(c)));
+        if trips.iter().any(|a| a != "–" && a != "0.000") {
+            s.push_str(&format!(
+                "| round trips per character | {} |\n",
+                trips.join(" | ")
+            ));
+            let speed = per_strategy(&|_, c, ms| format!("{:.0}", f64::from(c) / (ms / 1e3).max(1e-9)));
+            s.push_str(&format!("| characters per second | {} |\n", speed.join(" | ")));
+        }
         s
     }
 }
@@ -200,6 +236,9 @@ mod tests {
             error: false,
             steps: 1,
             mean_active_nodes: 0.0,
+            round_trips: 2,
+            chars: 4,
+            ms: 10.0,
         }
     }
 
@@ -220,6 +259,11 @@ mod tests {
         assert_eq!(t["b"]["words"], Count { correct: 1, total: 1 });
         let md = r.markdown();
         assert!(md.contains("| all (2) | 50.0% | 100.0% |"), "{md}");
+        assert!(
+            md.contains("| round trips per character | 0.500 | 0.500 |"),
+            "{md}"
+        );
+        assert!(md.contains("| characters per second | 400 | 400 |"), "{md}");
         assert!(exact_match(" 405\n", "405"));
         assert!(!exact_match("4050", "405"));
     }

@@ -337,6 +337,34 @@ impl NodeClient {
         })
     }
 
+    /// The next-character distributions at every position of `continuation` (not appended to the
+    /// answer), then along up to `draft_chars` characters of the node's own greedy draft.
+    pub async fn next_chars(
+        &mut self,
+        continuation: &str,
+        draft_chars: u32,
+        top_k: u32,
+        max_hypotheses: Option<u32>,
+        lookahead: Option<bool>,
+    ) -> Result<pb::NextCharsResponse> {
+        self.calls[2] += 1;
+        call_with_context!(
+            self,
+            next_char_distributions,
+            "NextCharDistributions",
+            |context| {
+                pb::NextCharsRequest {
+                    context,
+                    continuation: continuation.to_owned(),
+                    draft_chars,
+                    top_k,
+                    max_hypotheses,
+                    lookahead,
+                }
+            }
+        )
+    }
+
     /// Shares the member's ejection state: calls are skipped while it is ejected, and their outcomes
     /// move it.
     pub fn outlier(mut self, o: Arc<Outlier>) -> Self {

@@ -326,6 +326,9 @@ fn chared_params(
     if let Some(v) = o.published {
         p.published = v;
     }
+    if let Some(v) = o.draft_chars {
+        p.draft_chars = v;
+    }
     p
 }
 
@@ -470,6 +473,7 @@ impl Coordinator {
                     exited_nodes: a.rounds.iter().flat_map(|o| o.exited()).map(name_of).collect(),
                     failed_nodes: a.failed.iter().map(|(i, _)| name_of(*i)).collect(),
                     reasoning: String::new(),
+                    round_trips: a.round_trips as u32,
                 }
             }
             "chared" => {
@@ -490,6 +494,7 @@ impl Coordinator {
                     exited_nodes: vec![],
                     failed_nodes: a.failed.iter().map(|(i, _)| name_of(*i)).collect(),
                     reasoning: String::new(),
+                    round_trips: a.round_trips as u32,
                 }
             }
             s => {
@@ -516,6 +521,7 @@ impl Coordinator {
                     exited_nodes: vec![],
                     failed_nodes: vec![],
                     reasoning: String::new(),
+                    round_trips: a.steps,
                 }
             }
         };
@@ -685,6 +691,8 @@ fn char_trace(c: &CharStep, names: &[String]) -> pb::CharTrace {
         CharOutcome::Eos => String::new(),
     };
     pb::CharTrace {
+        round: c.round as u32,
+        drafted: c.drafted,
         char: text(&c.chosen),
         eos: c.chosen == CharOutcome::Eos,
         prob: c.prob,

@@ -90,13 +90,12 @@ async fn one_by_one(
             .await?
             .into_inner(),
     )];
-    let mut base = answer.chars().count() as u64;
-    for ch in text.chars() {
+    let start = answer.chars().count() as u64;
+    for (base, ch) in (start..).zip(text.chars()) {
         let d = c
             .next_char_distribution(one(delta(session, base, &ch.to_string()), lookahead))
             .await?
             .into_inner();
-        base += 1;
         out.push(as_dist(d));
     }
     Ok(out)
@@ -142,7 +141,8 @@ async fn every_position_equals_the_one_by_one_answer() -> anyhow::Result<()> {
             }
             assert_eq!(chain, got.drafted, "{what}");
             assert!(
-                got.drafted.chars().count() == 12 || greedy_char(got.positions.last().unwrap()).is_none()
+                got.drafted.chars().count() == 12
+                    || greedy_char(got.positions.last().expect("position 0 at least")).is_none()
             );
             let want = one_by_one(&mut c, &format!("d{lookahead}"), "Once", &got.drafted, lookahead).await?;
             for (j, (g, w)) in got.positions.iter().zip(&want).enumerate() {

@@ -104,6 +104,9 @@ enum Command {
         #[arg(long, default_value = "eval/mixed.jsonl")]
         set: PathBuf,
         /// Comma-separated strategies (default: single:NAME for every node, then specfuse, chared).
+        /// Options may follow a strategy after `/`, each `key=value`: `chared/draft_chars=8`,
+        /// `specfuse/segment_tokens=10/string_prefix=true` (keys of CharEdOptions and
+        /// SpecFuseOptions; unset ones are the coordinator's defaults).
         #[arg(long, alias = "strategy", value_delimiter = ',')]
         strategies: Vec<String>,
         /// Only the first N items.
@@ -358,22 +361,28 @@ async fn eval(
     for st in &strategies {
         bar.set_message(st.clone());
         for (i, item) in items.iter().enumerate() {
-            let req = pb::GenerateRequest {
-                prompt: Some(item.prompt()),
-                strategy: st.clone(),
-                max_chars,
-                ..Default::default()
-            };
-            let (got, error, steps, active) = match client.generate(req).await {
+            let mut req = strategy_request(st)?;
+            req.prompt = Some(item.prompt());
+            req.max_chars = max_chars;
+            let started = std::time::Instant::now();
+            let (got, error, steps, active, trips, chars) = match client.generate(req).await {
                 Ok(r) => {
                     let r = r.into_inner();
-                    (r.text, false, r.steps, r.mean_active_nodes)
+                    let chars = (r.text.chars().count() + r.reasoning.chars().count()) as u32;
+                    (r.text, false, r.steps, r.mean_active_nodes, r.round_trips, chars)
                 }
                 Err(s) if s.code() == tonic::Code::InvalidArgument => {
                     bar.abandon();
                     bail!("strategy {st}: {}", s.message())
                 }
-                Err(s) => (format!("error {:?}: {}", s.code(), s.message()), true, 0, 0.0),
+                Err(s) => (
+                    format!("error {:?}: {}", s.code(), s.message()),
+                    true,
+                    0,
+                    0.0,
+                    0,
+                    0,
+                ),
             };
             report.outcomes.push(Outcome {
                 strategy: st.clone(),
@@ -385,12 +394,51 @@ async fn eval(
                 error,
                 steps,
                 mean_active_nodes: active,
+                round_trips: trips,
+                chars,
+                ms: started.elapsed().as_secs_f64() * 1e3,
             });
             bar.inc(1);
         }
     }
     bar.finish_and_clear();
     Ok(report)
+}
+
+/// A request for an eval strategy spec: `NAME` or `NAME/key=value/...` (see `ensemble eval --help`).
+fn strategy_request(spec: &str) -> anyhow::Result<pb::GenerateRequest> {
+    let mut parts = spec.split('/');
+    let strategy = parts.next().unwrap_or_default().to_owned();
+    let mut req = pb::GenerateRequest {
+        strategy: strategy.clone(),
+        ..Default::default()
+    };
+    for kv in parts {
+        let Some((k, v)) = kv.split_once('=') else {
+            bail!("{spec}: options are key=value, got {kv:?}");
+        };
+        let num = || {
+            v.parse::<u32>()
+                .with_context(|| format!("{spec}: {k} takes an integer"))
+        };
+        let flag = || {
+            v.parse::<bool>()
+                .with_context(|| format!("{spec}: {k} takes true or false"))
+        };
+        match (strategy.as_str(), k) {
+            ("chared", "draft_chars") => req.chared.get_or_insert_default().draft_chars = Some(num()?),
+            ("chared", "published") => req.chared.get_or_insert_default().published = Some(flag()?),
+            ("specfuse", "segment_tokens") => {
+                req.specfuse.get_or_insert_default().segment_tokens = Some(num()?);
+            }
+            ("specfuse", "string_prefix") => {
+                req.specfuse.get_or_insert_default().string_prefix = Some(flag()?);
+            }
+            ("specfuse", "per_char") => req.specfuse.get_or_insert_default().per_char = Some(flag()?),
+            _ => bail!("{spec}: unknown option {k:?} for {strategy}"),
+        }
+    }
+    Ok(req)
 }
 
 fn main() -> anyhow::Result<()> {

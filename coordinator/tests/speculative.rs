@@ -1,0 +1,135 @@
+//! Speculative CharED against per-character CharED over real nodes: greedy answers identical
+//! character by character (the chosen outcome, and its mixed probability and the alternatives' to
+//! 1e-6: a node's forward passes may group positions differently, which moves f32 sums) on the bundled
+//! cluster and on the real TinyStories checkpoints of `../shared/real` (three tokenizers; skipped with
+//! a note when absent), with fewer waves of node calls.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use coordinator::chared::CharStep;
+use coordinator::evaluate::load_set;
+use coordinator::service::Coordinator;
+use ensemble_proto::v1 as pb;
+
+fn chared(prompt: pb::Prompt, max_chars: u32, draft_chars: u32) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        prompt: Some(prompt),
+        strategy: "chared".into(),
+        max_chars,
+        chared: Some(pb::CharEdOptions {
+            draft_chars: Some(draft_chars),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// One step: the chosen outcome and the (outcome, m) of the alternatives, the chosen one first.
+type Step = (String, Vec<(String, f64)>);
+
+/// (answer, finish, round trips, steps).
+type Run = (String, i32, u32, Vec<Step>);
+
+async fn run(c: &Coordinator, req: pb::GenerateRequest) -> anyhow::Result<Run> {
+    let mut steps = Vec::new();
+    let mut on_char = |s: &CharStep| {
+        let mut alts = vec![(format!("{:?}", s.chosen), s.prob)];
+        alts.extend(
+            s.alternatives
+                .iter()
+                .map(|a| (format!("{:?}", a.outcome), a.prob)),
+        );
+        steps.push((format!("{:?}", s.chosen), alts));
+        true
+    };
+    let r = c.run(req, &mut |_| true, &mut on_char).await?;
+    assert!(r.failed_nodes.is_empty(), "{:?}", r.failed_nodes);
+    Ok((r.text, r.finish_reason, r.round_trips, steps))
+}
+
+/// Runs every prompt both ways and checks the answers are the same; returns the round trips and
+/// characters (per-character, speculative, answer characters).
+async fn compare(
+    c: &Coordinator,
+    prompts: &[pb::Prompt],
+    max_chars: u32,
+) -> anyhow::Result<(u32, u32, usize)> {
+    let (mut per_char_trips, mut spec_trips, mut chars) = (0, 0, 0);
+    for (k, p) in prompts.iter().enumerate() {
+        let want = run(c, chared(p.clone(), max_chars, 0)).await?;
+        let got = run(c, chared(p.clone(), max_chars, 8)).await?;
+        assert_eq!(got.0, want.0, "prompt {k}: answers differ");
+        assert_eq!(got.1, want.1, "prompt {k}: finish");
+        assert_eq!(got.3.len(), want.3.len(), "prompt {k}: steps");
+        for (j, (g, w)) in got.3.iter().zip(&want.3).enumerate() {
+            assert_eq!(g.0, w.0, "prompt {k} step {j}");
+            assert_eq!(g.1.len(), w.1.len(), "prompt {k} step {j}");
+            for (a, b) in g.1.iter().zip(&w.1) {
+                assert!(
+                    a.0 == b.0 && (a.1 - b.1).abs() < 1e-6,
+                    "prompt {k} step {j}: {a:?} vs {b:?}"
+                );
+            }
+        }
+        assert_eq!(
+            want.2 as usize,
+            want.3.len(),
+            "prompt {k}: one round trip per character"
+        );
+        per_char_trips += want.2;
+        spec_trips += got.2;
+        chars += want.3.len();
+    }
+    Ok((per_char_trips, spec_trips, chars))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn greedy_speculative_chared_equals_per_character_on_the_bundled_models() -> anyhow::Result<()> {
+    let (_nodes, specs) = common::start_members(common::bundled_dirs()).await?;
+    let c = Coordinator::new(specs, Duration::from_secs(30)).await?;
+    let items = load_set(&common::repo().join("eval/mixed.jsonl")).map_err(anyhow::Error::msg)?;
+    let prompts: Vec<pb::Prompt> = items.iter().take(24).map(|it| it.prompt()).collect();
+    let (per_char, spec, chars) = compare(&c, &prompts, 64).await?;
+    eprintln!("bundled: {chars} steps, round trips {per_char} per character vs {spec} speculative");
+    assert!(spec < per_char, "{spec} vs {per_char}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn greedy_speculative_chared_equals_per_character_on_real_checkpoints() -> anyhow::Result<()> {
+    let real = common::repo().join("../shared/real");
+    if !real.is_dir() {
+        eprintln!(
+            "note: {} not found; real-checkpoint check skipped",
+            real.display()
+        );
+        return Ok(());
+    }
+    let dirs: Vec<(String, PathBuf)> = ["stories260K", "tinystories656K", "babyllama-tok105"]
+        .iter()
+        .map(|m| (m.to_string(), real.join("models").join(m)))
+        .collect();
+    let (_nodes, specs) = common::start_members(dirs).await?;
+    let c = Coordinator::new(specs, Duration::from_secs(30)).await?;
+    let text = std::fs::read_to_string(real.join("text/tinystories-valid-a.txt"))?;
+    // Prompts: the first three to seven words of held-out sentences.
+    let prompts: Vec<pb::Prompt> = text
+        .split(". ")
+        .filter(|s| s.split_whitespace().count() >= 8)
+        .take(16)
+        .enumerate()
+        .map(|(k, s)| {
+            let words: Vec<&str> = s.split_whitespace().take(3 + k % 5).collect();
+            pb::Prompt {
+                kind: Some(pb::prompt::Kind::Raw(words.join(" "))),
+            }
+        })
+        .collect();
+    let (per_char, spec, chars) = compare(&c, &prompts, 48).await?;
+    eprintln!("real: {chars} steps, round trips {per_char} per character vs {spec} speculative");
+    assert!(spec < per_char, "{spec} vs {per_char}");
+    Ok(())
+}
