@@ -46,6 +46,10 @@ pub struct CharedParams {
     /// this many characters per round and the longest prefix the mixture agrees with is accepted
     /// ([`CharEd::accept_draft`]). 0 (the default) asks every node once per character.
     pub draft_chars: u32,
+    /// The confidence gate (GaC's thresholded mode), in (0, 1]: while the lead node's own choice has
+    /// probability >= this, it decides alone and the other nodes are not asked
+    /// ([`CharEd::confident_prefix`]). Default `None`: every node is asked at every position.
+    pub gate: Option<f64>,
 }
 
 impl Default for CharedParams {
@@ -59,6 +63,7 @@ impl Default for CharedParams {
             top_k: 32,
             alternatives: 5,
             draft_chars: 0,
+            gate: None,
         }
     }
 }
@@ -81,6 +86,11 @@ impl CharedParams {
         }
         if !(1..=256).contains(&self.top_k) {
             return Err(Error::invalid("top_k", self.top_k, "an integer in 1..=256"));
+        }
+        if let Some(g) = self.gate
+            && !(g.is_finite() && g > 0.0 && g <= 1.0)
+        {
+            return Err(Error::invalid("gate", g, "a number in (0, 1] (unset = off)"));
         }
         if self.draft_chars > 256 {
             return Err(Error::invalid(
@@ -327,7 +337,25 @@ impl CharEd {
         positions: &[Vec<(usize, NodeCharDist)>],
         draft: &[char],
     ) -> Result<Vec<CharStep>> {
+        self.begin_round();
+        let steps = self.continue_round(positions, draft)?;
+        self.note_agreement(positions, &steps);
+        Ok(steps)
+    }
+
+    /// Starts a round whose steps [`CharEd::continue_round`] takes (a gated round takes its
+    /// confident prefix from the lead alone, then the rest from every node).
+    pub fn begin_round(&mut self) {
         self.rounds += 1;
+    }
+
+    /// The steps of the current round along `draft` from `positions` (relative to where the round
+    /// stands): as [`CharEd::accept_draft`], without starting a round or noting agreement.
+    pub fn continue_round(
+        &mut self,
+        positions: &[Vec<(usize, NodeCharDist)>],
+        draft: &[char],
+    ) -> Result<Vec<CharStep>> {
         let mut steps = Vec::new();
         for (j, dists) in positions.iter().enumerate().take(draft.len() + 1) {
             let want = draft.get(j).copied();
@@ -345,15 +373,20 @@ impl CharEd {
                 break;
             }
         }
-        // How far each node's own greedy choice ran along the accepted steps.
+        Ok(steps)
+    }
+
+    /// Notes how far each node's own greedy choice ran along a round's steps (see
+    /// [`CharEd::drafter`]).
+    pub fn note_agreement(&mut self, positions: &[Vec<(usize, NodeCharDist)>], steps: &[CharStep]) {
         let mut runs = vec![0.0; self.agreement.len()];
         let mut alive: Vec<bool> = vec![true; self.agreement.len()];
-        for (dists, step) in positions.iter().zip(&steps) {
+        for (dists, step) in positions.iter().zip(steps) {
             for (node, d) in dists {
                 if let (Some(run), Some(a)) = (runs.get_mut(*node), alive.get_mut(*node))
                     && *a
                 {
-                    *a = own_choice(d) == Some(step.chosen);
+                    *a = own_choice(d).map(|(o, _)| o) == Some(step.chosen);
                     if *a {
                         *run += 1.0;
                     }
@@ -363,7 +396,28 @@ impl CharEd {
         for (a, r) in self.agreement.iter_mut().zip(runs) {
             *a = 0.5 * *a + 0.5 * r;
         }
-        Ok(steps)
+    }
+
+    /// The confidence gate (GaC's thresholded mode): how many leading positions of a round the lead
+    /// node decides alone, given its distributions along its own greedy `draft` (positions
+    /// 0..=draft.len()). Position j counts while the lead's own choice there has normalised
+    /// probability >= `gate` (and, inside the draft, is the draft's character); the position after
+    /// the draft counts too, so the result is in 0..=draft.len() + 1. 0 when the gate is off.
+    pub fn confident_prefix(&self, lead: &[NodeCharDist], draft: &[char]) -> usize {
+        let Some(gate) = self.params.gate else {
+            return 0;
+        };
+        let mut k = 0;
+        for (j, d) in lead.iter().enumerate().take(draft.len() + 1) {
+            let Some((choice, p)) = own_choice(d) else { break };
+            let total: f64 = d.chars.iter().map(|c| c.1).sum::<f64>() + d.eos + d.residual;
+            let expected = draft.get(j).map(|&c| CharOutcome::Char(c));
+            if !(total > 0.0 && p / total >= gate) || expected.is_some_and(|e| e != choice) {
+                break;
+            }
+            k += 1;
+        }
+        k
     }
 
     fn mix(&mut self, dists: &[(usize, NodeCharDist)], draft: Option<char>) -> Result<CharStep> {
@@ -527,7 +581,7 @@ impl CharEd {
 
 /// A node's own greedy choice: its most likely listed character (the first listed on ties), or EOS
 /// when that is at least as likely.
-fn own_choice(d: &NodeCharDist) -> Option<CharOutcome> {
+fn own_choice(d: &NodeCharDist) -> Option<(CharOutcome, f64)> {
     let mut best: Option<(char, f64)> = None;
     for &(c, p) in &d.chars {
         if best.is_none_or(|(_, b)| p > b) {
@@ -535,8 +589,8 @@ fn own_choice(d: &NodeCharDist) -> Option<CharOutcome> {
         }
     }
     match best {
-        Some((c, p)) if p > d.eos => Some(CharOutcome::Char(c)),
-        _ if d.eos > 0.0 => Some(CharOutcome::Eos),
+        Some((c, p)) if p > d.eos => Some((CharOutcome::Char(c), p)),
+        _ if d.eos > 0.0 => Some((CharOutcome::Eos, d.eos)),
         _ => None,
     }
 }

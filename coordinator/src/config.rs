@@ -140,6 +140,8 @@ pub struct CharEdDefaults {
     pub published: Option<bool>,
     /// Speculative CharED's draft length (0 = one call per character).
     pub draft_chars: Option<u32>,
+    /// The confidence gate, in (0, 1] (unset = off).
+    pub gate: Option<f64>,
 }
 
 /// The file.
@@ -401,6 +403,9 @@ impl Settings {
         }
         if let Some(v) = c.draft_chars {
             s.chared.draft_chars = v;
+        }
+        if c.gate.is_some() {
+            s.chared.gate = c.gate;
         }
         s.check()?;
         Ok(s)

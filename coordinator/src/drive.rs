@@ -282,18 +282,14 @@ pub async fn chared(
             if !live.iter().any(|&l| l) {
                 return Err(Error::NoActiveNode);
             }
-            if ce.params().draft_chars > 0 {
-                let r = speculative::round(
-                    &mut ce,
-                    nodes,
-                    &mut live,
-                    &mut answer,
-                    &mut steps,
-                    &mut failed,
+            if ce.params().draft_chars > 0 || ce.params().gate.is_some() {
+                let mut w = speculative::Writer {
+                    answer: &mut answer,
+                    steps: &mut steps,
                     limits,
-                    observe,
-                )
-                .await?;
+                    observe: &mut *observe,
+                };
+                let r = speculative::round(&mut ce, nodes, &mut live, &mut failed, &mut w).await?;
                 round_trips += r.waves;
                 match r.finish {
                     Some(f) => break f,

@@ -118,6 +118,9 @@ pub struct Outcome {
     /// Wall milliseconds of the request, as the client saw it.
     #[serde(default)]
     pub ms: f64,
+    /// Calls made to nodes.
+    #[serde(default)]
+    pub node_calls: u32,
 }
 
 /// Results of several strategies on one set.
@@ -239,6 +242,7 @@ mod tests {
             round_trips: 2,
             chars: 4,
             ms: 10.0,
+            node_calls: 6,
         }
     }
 
@@ -261,6 +265,10 @@ mod tests {
         assert!(md.contains("| all (2) | 50.0% | 100.0% |"), "{md}");
         assert!(
             md.contains("| round trips per character | 0.500 | 0.500 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| node calls per character | 1.500 | 1.500 |"),
             "{md}"
         );
         assert!(md.contains("| characters per second | 400 | 400 |"), "{md}");

@@ -329,6 +329,9 @@ fn chared_params(
     if let Some(v) = o.draft_chars {
         p.draft_chars = v;
     }
+    if let Some(v) = o.gate {
+        p.gate = Some(v);
+    }
     p
 }
 
@@ -474,6 +477,7 @@ impl Coordinator {
                     failed_nodes: a.failed.iter().map(|(i, _)| name_of(*i)).collect(),
                     reasoning: String::new(),
                     round_trips: a.round_trips as u32,
+                    node_calls: 0,
                 }
             }
             "chared" => {
@@ -495,6 +499,7 @@ impl Coordinator {
                     failed_nodes: a.failed.iter().map(|(i, _)| name_of(*i)).collect(),
                     reasoning: String::new(),
                     round_trips: a.round_trips as u32,
+                    node_calls: 0,
                 }
             }
             s => {
@@ -522,9 +527,17 @@ impl Coordinator {
                     failed_nodes: vec![],
                     reasoning: String::new(),
                     round_trips: a.steps,
+                    node_calls: 0,
                 }
             }
         };
+        resp.node_calls = clients
+            .iter()
+            .map(|c| {
+                let (p, s, n) = c.calls();
+                (p + s + n) as u32
+            })
+            .sum();
         if let Some((reasoning, answer)) = ensemble_proto::reasoning::split(&resp.text) {
             (resp.reasoning, resp.text) = (reasoning.to_owned(), answer.to_owned());
         }

@@ -133,3 +133,27 @@ async fn greedy_speculative_chared_equals_per_character_on_real_checkpoints() ->
     assert!(spec < per_char, "{spec} vs {per_char}");
     Ok(())
 }
+
+/// With the confidence gate at its lowest the lead node decides every position alone: the other
+/// nodes are never called, and each round is one call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_gate_the_lead_always_passes_asks_no_other_node() -> anyhow::Result<()> {
+    let (_nodes, specs) = common::start_members(common::bundled_dirs()).await?;
+    let c = Coordinator::new(specs, Duration::from_secs(30)).await?;
+    let items = load_set(&common::repo().join("eval/mixed.jsonl")).map_err(anyhow::Error::msg)?;
+    for it in items.iter().take(4) {
+        for draft in [0, 8] {
+            let mut req = chared(it.prompt(), 48, draft);
+            req.chared.get_or_insert_default().gate = Some(1e-12);
+            let r = c.run(req, &mut |_| true, &mut |_| true).await?;
+            assert_eq!(r.node_calls, r.round_trips, "draft {draft}: one call per round, the lead's");
+            let rounds = if draft == 0 { r.steps } else { r.round_trips };
+            assert_eq!(r.round_trips, rounds);
+            assert!(r.node_calls > 0);
+            // Ungated, every node is asked in every round.
+            let r = c.run(chared(it.prompt(), 48, draft), &mut |_| true, &mut |_| true).await?;
+            assert!(r.node_calls >= 3 * r.round_trips / 2, "draft {draft}: {} calls, {} trips", r.node_calls, r.round_trips);
+        }
+    }
+    Ok(())
+}

@@ -39,6 +39,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         let text =
             std::fs::read_to_string(path).map_err(|e| Error::ModelDir(format!("{}: {e}", path.display())))?;
         serving::chars_table(&args.model, &limits(), &text, args.text_chars)?;
+        serving::char_runs_table(&args.model, &limits(), &text, args.text_chars)?;
     }
     if args.random_llama {
         let root = std::env::temp_dir().join(format!("model-node-bench-{}", std::process::id()));

@@ -365,11 +365,26 @@ async fn eval(
             req.prompt = Some(item.prompt());
             req.max_chars = max_chars;
             let started = std::time::Instant::now();
-            let (got, error, steps, active, trips, chars) = match client.generate(req).await {
+            let (got, error, steps, active, trips, chars, calls) = match client.generate(req).await {
                 Ok(r) => {
                     let r = r.into_inner();
-                    let chars = (r.text.chars().count() + r.reasoning.chars().count()) as u32;
-                    (r.text, false, r.steps, r.mean_active_nodes, r.round_trips, chars)
+                    let chars = r.text.chars().count() + r.reasoning.chars().count();
+                    // The reasoning block's markers were written too.
+                    let markers = if r.reasoning.is_empty() {
+                        0
+                    } else {
+                        "<think></think>".len()
+                    };
+                    let trips = (r.round_trips, r.node_calls);
+                    (
+                        r.text,
+                        false,
+                        r.steps,
+                        r.mean_active_nodes,
+                        trips.0,
+                        (chars + markers) as u32,
+                        trips.1,
+                    )
                 }
                 Err(s) if s.code() == tonic::Code::InvalidArgument => {
                     bar.abandon();
@@ -380,6 +395,7 @@ async fn eval(
                     true,
                     0,
                     0.0,
+                    0,
                     0,
                     0,
                 ),
@@ -397,6 +413,7 @@ async fn eval(
                 round_trips: trips,
                 chars,
                 ms: started.elapsed().as_secs_f64() * 1e3,
+                node_calls: calls,
             });
             bar.inc(1);
         }
@@ -428,6 +445,12 @@ fn strategy_request(spec: &str) -> anyhow::Result<pb::GenerateRequest> {
         match (strategy.as_str(), k) {
             ("chared", "draft_chars") => req.chared.get_or_insert_default().draft_chars = Some(num()?),
             ("chared", "published") => req.chared.get_or_insert_default().published = Some(flag()?),
+            ("chared", "gate") => {
+                let g = v
+                    .parse::<f64>()
+                    .with_context(|| format!("{spec}: gate takes a number"))?;
+                req.chared.get_or_insert_default().gate = Some(g);
+            }
             ("specfuse", "segment_tokens") => {
                 req.specfuse.get_or_insert_default().segment_tokens = Some(num()?);
             }

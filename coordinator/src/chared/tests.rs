@@ -515,3 +515,44 @@ fn sampled_rounds_keep_the_mixture_distribution() {
         assert_eq!(outside, 0, "draft {draft}: sampled outside the top-p cut");
     }
 }
+
+#[test]
+fn the_gate_counts_the_positions_the_lead_is_sure_of() {
+    let lead = vec![
+        dist(&[('a', 0.9), ('b', 0.1)], 0.0, 0.0),
+        dist(&[('b', 0.8), ('c', 0.2)], 0.0, 0.0),
+        dist(&[('c', 0.5), ('d', 0.3)], 0.2, 0.0),
+        dist(&[('x', 0.1)], 0.9, 0.0),
+    ];
+    let gated = |g: Option<f64>, draft: &str, upto: usize| {
+        let e = ed(
+            CharedParams {
+                gate: g,
+                ..CharedParams::default()
+            },
+            2,
+        );
+        e.confident_prefix(&lead[..upto], &draft_of(draft))
+    };
+    assert_eq!(gated(None, "abc", 4), 0, "off");
+    assert_eq!(gated(Some(0.75), "abc", 4), 2, "'c' at 0.5 is not sure");
+    assert_eq!(gated(Some(0.5), "abc", 4), 4, "the whole draft and the EOS after it");
+    assert_eq!(gated(Some(0.85), "abc", 4), 1);
+    assert_eq!(gated(Some(0.5), "ab", 3), 3, "the position after the draft counts");
+    assert_eq!(gated(Some(0.5), "ax", 4), 1, "a draft character that is not the lead's choice");
+    // Probabilities are normalised by the lead's own total.
+    let e = ed(
+        CharedParams {
+            gate: Some(0.9),
+            ..CharedParams::default()
+        },
+        1,
+    );
+    assert_eq!(e.confident_prefix(&[dist(&[('a', 1.8)], 0.2, 0.0)], &[]), 1);
+    assert_eq!(e.confident_prefix(&[dist(&[('a', 0.8)], 0.2, 0.0)], &[]), 0);
+    let bad = CharedParams {
+        gate: Some(0.0),
+        ..CharedParams::default()
+    };
+    assert!(bad.validate().is_err_and(|e| e.to_string().contains("gate")));
+}

@@ -34,25 +34,65 @@ pub(super) struct Round {
     pub(super) waves: u64,
 }
 
-/// Runs one round; appends accepted characters to `answer` (and every node's context) and the
-/// steps to `steps`. A node that fails is marked dead and recorded in `failed`; a failed drafter
-/// ends the round with nothing accepted (the next round drafts with another node).
-#[allow(clippy::too_many_arguments)]
+/// The answer being written and what the caller sees of it.
+pub(super) struct Writer<'a> {
+    pub(super) answer: &'a mut String,
+    pub(super) steps: &'a mut Vec<CharStep>,
+    pub(super) limits: &'a Limits,
+    pub(super) observe: &'a mut (dyn FnMut(&CharStep) -> bool + Send),
+}
+
+impl Writer<'_> {
+    /// Appends the steps' characters (to the answer and to `accepted`) until one ends the answer.
+    fn take(&mut self, taken: Vec<CharStep>, accepted: &mut String) -> Result<Option<Finish>> {
+        for step in taken {
+            if !(self.observe)(&step) {
+                return Err(Error::Cancelled);
+            }
+            let chosen = step.chosen;
+            self.steps.push(step);
+            match chosen {
+                CharOutcome::Eos => return Ok(Some(Finish::Eos)),
+                CharOutcome::Char(c) => {
+                    self.answer.push(c);
+                    accepted.push(c);
+                }
+            }
+            let stop = self
+                .limits
+                .stop
+                .iter()
+                .filter_map(|s| self.answer.find(s.as_str()))
+                .min();
+            if let Some(cut) = stop {
+                self.answer.truncate(cut);
+                return Ok(Some(Finish::Stop));
+            }
+            if self.answer.chars().count() >= self.limits.max_chars {
+                return Ok(Some(Finish::Length));
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// Runs one round; appends accepted characters to the answer (and every node's context). A node
+/// that fails is marked dead and recorded in `failed`; a failed drafter ends the round with nothing
+/// accepted (the next round drafts with another node). With the confidence gate, the positions the
+/// drafter is sure of are decided by it alone, and the others are asked only from the first one it
+/// is not sure of (not at all when it is sure of the whole draft and the character after it).
 pub(super) async fn round(
     ce: &mut CharEd,
     nodes: &mut [NodeClient],
     live: &mut [bool],
-    answer: &mut String,
-    steps: &mut Vec<CharStep>,
     failed: &mut Vec<(usize, Error)>,
-    limits: &Limits,
-    observe: &mut (dyn FnMut(&CharStep) -> bool + Send),
+    w: &mut Writer<'_>,
 ) -> Result<Round> {
     let query = ce.node_query();
     let Some(d) = ce.drafter(live) else {
         return Err(Error::NoActiveNode);
     };
-    let left = limits.max_chars.saturating_sub(answer.chars().count());
+    let left = w.limits.max_chars.saturating_sub(w.answer.chars().count());
     // A full draft plus the mixture's next character is at most what the answer may still take.
     let draft_chars = ce.params().draft_chars.min(left.saturating_sub(1) as u32);
     let span = tracing::info_span!(
@@ -60,6 +100,7 @@ pub(super) async fn round(
         round = ce.rounds() as i64 + 1,
         drafter = d as i64,
         drafted = Empty,
+        gated = Empty,
         accepted = Empty
     );
     let drafted = nodes[d]
@@ -84,76 +125,74 @@ pub(super) async fn round(
         }
     };
     let draft: Vec<char> = drafted.drafted.chars().collect();
+    let lead: Vec<NodeCharDist> = drafted.positions.iter().map(node_dist).collect();
+    ce.begin_round();
+    let k = ce.confident_prefix(&lead, &draft);
     span.record("drafted", draft.len() as i64);
-    let mut answers: Vec<(usize, Vec<pb::CharDistribution>)> = vec![(d, drafted.positions)];
-    let text = drafted.drafted;
-    let waves = if live.iter().enumerate().any(|(i, &l)| l && i != d) {
-        2
-    } else {
-        1
-    };
+    span.record("gated", k as i64);
+    let mut accepted = String::new();
+    if k > 0 {
+        let alone: Vec<Vec<(usize, NodeCharDist)>> = lead[..k].iter().map(|x| vec![(d, x.clone())]).collect();
+        let taken = ce.continue_round(&alone, &draft[..k.min(draft.len())])?;
+        let ended = taken.len() < k || taken.last().is_some_and(|s| !s.drafted);
+        let finish = w.take(taken, &mut accepted)?;
+        if finish.is_some() || ended {
+            for n in nodes.iter_mut() {
+                n.accept(&accepted);
+            }
+            return Ok(Round { finish, waves: 1 });
+        }
+        for n in nodes.iter_mut() {
+            n.accept(&accepted);
+        }
+    }
+    // Every other live node answers along the rest of the draft.
+    let rest: String = draft[k..].iter().collect();
+    let mut answers: Vec<(usize, Vec<NodeCharDist>)> = vec![(d, lead[k..].to_vec())];
+    let others = live.iter().enumerate().any(|(i, &l)| l && i != d);
     let calls = nodes
         .iter_mut()
         .enumerate()
         .filter(|(i, _)| live[*i] && *i != d)
         .map(|(i, n)| {
-            let text = &text;
+            let rest = &rest;
             async move {
                 let r = n
-                    .next_chars(text, 0, query.top_k, query.max_hypotheses, query.lookahead)
+                    .next_chars(rest, 0, query.top_k, query.max_hypotheses, query.lookahead)
                     .await;
                 (i, r)
             }
         });
     for (i, r) in join_all(calls).instrument(span.clone()).await {
         match r {
-            Ok(r) => answers.push((i, r.positions)),
+            Ok(r) => answers.push((i, r.positions.iter().map(node_dist).collect())),
             Err(e) => {
                 live[i] = false;
                 failed.push((i, e));
             }
         }
     }
-    let positions: Vec<Vec<(usize, NodeCharDist)>> = (0..=draft.len())
+    let positions: Vec<Vec<(usize, NodeCharDist)>> = (0..=draft.len() - k)
         .map(|j| {
             answers
                 .iter()
-                .filter_map(|(i, ps)| ps.get(j).map(|p| (*i, node_dist(p))))
+                .filter_map(|(i, ps)| ps.get(j).map(|p| (*i, p.clone())))
                 .collect()
         })
         .collect();
-    let taken = ce.accept_draft(&positions, &draft)?;
-    span.record("accepted", taken.iter().filter(|s| s.drafted).count() as i64);
-    let mut accepted = String::new();
-    let mut finish = None;
-    for step in taken {
-        if !observe(&step) {
-            return Err(Error::Cancelled);
-        }
-        let chosen = step.chosen;
-        steps.push(step);
-        match chosen {
-            CharOutcome::Eos => {
-                finish = Some(Finish::Eos);
-                break;
-            }
-            CharOutcome::Char(c) => {
-                answer.push(c);
-                accepted.push(c);
-            }
-        }
-        if let Some(cut) = limits.stop.iter().filter_map(|s| answer.find(s.as_str())).min() {
-            answer.truncate(cut);
-            finish = Some(Finish::Stop);
-            break;
-        }
-        if answer.chars().count() >= limits.max_chars {
-            finish = Some(Finish::Length);
-            break;
-        }
-    }
+    let taken = ce.continue_round(&positions, &draft[k..])?;
+    ce.note_agreement(&positions, &taken);
+    span.record(
+        "accepted",
+        (k + taken.iter().filter(|s| s.drafted).count()) as i64,
+    );
+    let mut rest_accepted = String::new();
+    let finish = w.take(taken, &mut rest_accepted)?;
     for n in nodes.iter_mut() {
-        n.accept(&accepted);
+        n.accept(&rest_accepted);
     }
-    Ok(Round { finish, waves })
+    Ok(Round {
+        finish,
+        waves: if others { 2 } else { 1 },
+    })
 }

@@ -258,3 +258,90 @@ pub fn chars_table(model: &ModelArgs, limits: &LimitArgs, text: &str, chars: usi
     println!();
     Ok(())
 }
+
+/// `NextCharDistributions` teacher-forced through a session: each call asks for the distributions
+/// along the next `chunk` characters of `text` (speculative CharED's verify call), then appends them.
+pub fn char_runs_table(model: &ModelArgs, limits: &LimitArgs, text: &str, chars: usize) -> Result<()> {
+    let node = Served::start(model, limits)?;
+    let mut client = pb::model_node_client::ModelNodeClient::new(node.channel()?);
+    let text: Vec<char> = text.chars().filter(|c| *c != '\n').take(chars).collect();
+    println!(
+        "NextCharDistributions on real text, {} ({} characters teacher-forced through one session, top_k 32; per character; chunk 1 asks NextCharDistribution)",
+        node.info.model_id,
+        text.len()
+    );
+    println!();
+    println!(
+        "| characters per call | calls | forward passes | positions | node compute ms | in forward passes ms | wall ms (client) |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    for chunk in [1usize, 4, 8, 16] {
+        let session = format!("bench-runs-{chunk}");
+        let (mut calls, mut passes, mut positions) = (0u64, 0u64, 0u64);
+        let (mut compute, mut forward, mut wall) = (0.0, 0.0, 0.0);
+        let mut done = 0usize;
+        let mut pending = String::new();
+        while done < text.len() {
+            let context = if done == 0 {
+                raw_context(&session, "", "")
+            } else {
+                Some(pb::Context {
+                    session_id: session.clone(),
+                    body: Some(pb::context::Body::Delta(pb::ContextDelta {
+                        base_chars: (done - pending.chars().count()) as u64,
+                        append: std::mem::take(&mut pending),
+                    })),
+                })
+            };
+            let end = (done + chunk).min(text.len());
+            // The call answers positions done..=end-1 given text[..done], plus the one after.
+            let continuation: String = text[done..end - 1].iter().collect();
+            let t0 = Instant::now();
+            let u = if chunk == 1 {
+                let req = pb::NextCharRequest {
+                    context,
+                    top_k: 32,
+                    ..Default::default()
+                };
+                let r = node
+                    .rt
+                    .block_on(client.next_char_distribution(req))
+                    .map_err(err)?;
+                r.into_inner().usage
+            } else {
+                let req = pb::NextCharsRequest {
+                    context,
+                    continuation,
+                    top_k: 32,
+                    ..Default::default()
+                };
+                let r = node
+                    .rt
+                    .block_on(client.next_char_distributions(req))
+                    .map_err(err)?;
+                r.into_inner().usage
+            };
+            wall += t0.elapsed().as_secs_f64() * 1e3;
+            let u = u.unwrap_or_default();
+            calls += 1;
+            passes += u64::from(u.forward_passes);
+            positions += u64::from(u.computed_positions);
+            compute += u.compute_ms;
+            forward += u.forward_ms;
+            pending = text[done..end].iter().collect();
+            done = end;
+        }
+        let n = text.len().max(1) as f64;
+        println!(
+            "| {chunk} | {:.3} | {:.2} | {:.2} | {:.3} | {:.3} | {:.3} |",
+            calls as f64 / n,
+            passes as f64 / n,
+            positions as f64 / n,
+            compute / n,
+            forward / n,
+            wall / n
+        );
+    }
+    println!();
+    Ok(())
+}
