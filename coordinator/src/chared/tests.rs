@@ -518,7 +518,7 @@ fn sampled_rounds_keep_the_mixture_distribution() {
 
 #[test]
 fn the_gate_counts_the_positions_the_lead_is_sure_of() {
-    let lead = vec![
+    let lead = [
         dist(&[('a', 0.9), ('b', 0.1)], 0.0, 0.0),
         dist(&[('b', 0.8), ('c', 0.2)], 0.0, 0.0),
         dist(&[('c', 0.5), ('d', 0.3)], 0.2, 0.0),
