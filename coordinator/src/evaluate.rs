@@ -193,31 +193,35 @@ impl Report {
         if active.iter().any(|a| a != "–") {
             s.push_str(&format!("| mean active nodes | {} |\n", active.join(" | ")));
         }
-        let per_strategy = |f: &dyn Fn(u32, u32, f64) -> String| -> Vec<String> {
+        // (round trips, node calls, characters, ms) per strategy, errors left out.
+        let per_strategy = |f: &dyn Fn(f64, f64, f64, f64) -> String| -> Vec<String> {
             self.strategies
                 .iter()
                 .map(|st| {
-                    let (mut trips, mut chars, mut ms) = (0u32, 0u32, 0.0);
+                    let (mut trips, mut calls, mut chars, mut ms) = (0.0, 0.0, 0.0, 0.0);
                     for o in self.outcomes.iter().filter(|o| &o.strategy == st && !o.error) {
-                        trips += o.round_trips;
-                        chars += o.chars;
+                        trips += f64::from(o.round_trips);
+                        calls += f64::from(o.node_calls);
+                        chars += f64::from(o.chars);
                         ms += o.ms;
                     }
-                    if chars == 0 {
+                    if chars == 0.0 {
                         "–".to_owned()
                     } else {
-                        f(trips, chars, ms)
+                        f(trips, calls, chars, ms)
                     }
                 })
                 .collect()
         };
-        let trips = per_strategy(&|t, c, _| format!("{:.3}", f64::from(t) / f64::from(c)));
+        let trips = per_strategy(&|t, _, c, _| format!("{:.3}", t / c));
         if trips.iter().any(|a| a != "–" && a != "0.000") {
             s.push_str(&format!(
                 "| round trips per character | {} |\n",
                 trips.join(" | ")
             ));
-            let speed = per_strategy(&|_, c, ms| format!("{:.0}", f64::from(c) / (ms / 1e3).max(1e-9)));
+            let calls = per_strategy(&|_, n, c, _| format!("{:.3}", n / c));
+            s.push_str(&format!("| node calls per character | {} |\n", calls.join(" | ")));
+            let speed = per_strategy(&|_, _, c, ms| format!("{:.0}", c / (ms / 1e3).max(1e-9)));
             s.push_str(&format!("| characters per second | {} |\n", speed.join(" | ")));
         }
         s

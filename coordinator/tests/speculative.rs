@@ -146,13 +146,23 @@ async fn a_gate_the_lead_always_passes_asks_no_other_node() -> anyhow::Result<()
             let mut req = chared(it.prompt(), 48, draft);
             req.chared.get_or_insert_default().gate = Some(1e-12);
             let r = c.run(req, &mut |_| true, &mut |_| true).await?;
-            assert_eq!(r.node_calls, r.round_trips, "draft {draft}: one call per round, the lead's");
+            assert_eq!(
+                r.node_calls, r.round_trips,
+                "draft {draft}: one call per round, the lead's"
+            );
             let rounds = if draft == 0 { r.steps } else { r.round_trips };
             assert_eq!(r.round_trips, rounds);
             assert!(r.node_calls > 0);
             // Ungated, every node is asked in every round.
-            let r = c.run(chared(it.prompt(), 48, draft), &mut |_| true, &mut |_| true).await?;
-            assert!(r.node_calls >= 3 * r.round_trips / 2, "draft {draft}: {} calls, {} trips", r.node_calls, r.round_trips);
+            let r = c
+                .run(chared(it.prompt(), 48, draft), &mut |_| true, &mut |_| true)
+                .await?;
+            assert!(
+                r.node_calls >= 3 * r.round_trips / 2,
+                "draft {draft}: {} calls, {} trips",
+                r.node_calls,
+                r.round_trips
+            );
         }
     }
     Ok(())

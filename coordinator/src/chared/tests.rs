@@ -536,10 +536,22 @@ fn the_gate_counts_the_positions_the_lead_is_sure_of() {
     };
     assert_eq!(gated(None, "abc", 4), 0, "off");
     assert_eq!(gated(Some(0.75), "abc", 4), 2, "'c' at 0.5 is not sure");
-    assert_eq!(gated(Some(0.5), "abc", 4), 4, "the whole draft and the EOS after it");
+    assert_eq!(
+        gated(Some(0.5), "abc", 4),
+        4,
+        "the whole draft and the EOS after it"
+    );
     assert_eq!(gated(Some(0.85), "abc", 4), 1);
-    assert_eq!(gated(Some(0.5), "ab", 3), 3, "the position after the draft counts");
-    assert_eq!(gated(Some(0.5), "ax", 4), 1, "a draft character that is not the lead's choice");
+    assert_eq!(
+        gated(Some(0.5), "ab", 3),
+        3,
+        "the position after the draft counts"
+    );
+    assert_eq!(
+        gated(Some(0.5), "ax", 4),
+        1,
+        "a draft character that is not the lead's choice"
+    );
     // Probabilities are normalised by the lead's own total.
     let e = ed(
         CharedParams {

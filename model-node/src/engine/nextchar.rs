@@ -9,7 +9,11 @@
 //! from the longest accepted prefix without recomputing it.
 
 use super::Engine;
-use super::ops::CachedModel;
+use std::sync::Arc;
+
+use candle_core::Tensor;
+
+use super::ops::{CachedModel, Memo};
 use super::session::{CharSlot, Session, Usage};
 use super::text::Heal;
 use crate::chars::{CharDistribution, CharOptions, CharState};
@@ -86,6 +90,7 @@ impl Engine {
             model: &self.model,
             cache: &mut s.cache,
             usage,
+            memo: None,
         };
         CharState::new(
             tokens[..heal.prefix_len].to_vec(),
@@ -119,6 +124,7 @@ impl Engine {
                 model: &self.model,
                 cache: &mut s.cache,
                 usage,
+                memo: None,
             };
             let mut buf = [0u8; 4];
             for ch in rest.chars() {
@@ -160,6 +166,7 @@ impl Engine {
             model: &self.model,
             cache: &mut s.cache,
             usage,
+            memo: None,
         };
         let dist = slot.state.distribution(top_k, &self.codec.vocab, &mut m)?;
         let hypotheses = slot.state.hypotheses();
@@ -184,6 +191,7 @@ impl Engine {
         opts: &CharOptions,
         usage: &mut Usage,
     ) -> Result<CharRun> {
+        let mut memo = Memo::new();
         if !continuation.is_empty() {
             let mut answer = s.answer.clone();
             answer.push_str(continuation);
@@ -195,7 +203,11 @@ impl Engine {
                     limit: self.limits.max_context,
                 });
             }
+            if opts.lookahead {
+                memo = self.path_probs(s, &tokens, usage)?;
+            }
         }
+        let memo = (!memo.is_empty()).then_some(&memo);
         let mut slot = self.char_slot(s, opts, usage)?;
         let vocab = &self.codec.vocab;
         let first = {
@@ -203,6 +215,7 @@ impl Engine {
                 model: &self.model,
                 cache: &mut s.cache,
                 usage,
+                memo,
             };
             slot.state.distribution(top_k, vocab, &mut m)?
         };
@@ -235,6 +248,7 @@ impl Engine {
                 model: &self.model,
                 cache: &mut s.cache,
                 usage,
+                memo,
             };
             if opts.lookahead {
                 state.commit(ch.encode_utf8(&mut buf), vocab, &mut m)?;
@@ -248,6 +262,7 @@ impl Engine {
                 model: &self.model,
                 cache: &mut s.cache,
                 usage,
+                memo,
             };
             positions.push(state.distribution(top_k, vocab, &mut m)?);
             if opts.lookahead {
@@ -264,4 +279,37 @@ impl Engine {
             usage: Usage::default(),
         })
     }
+
+    /// One forward pass over the positions of `tokens` (the canonical path of the context and a
+    /// continuation) that no cache entry holds, keeping the next-token probabilities after each of
+    /// them: the hypotheses that follow the canonical path find theirs here instead of running a
+    /// pass each. At most [`MEMO_POSITIONS`] positions (the memo holds one vocabulary row each).
+    fn path_probs(&self, s: &mut Session, tokens: &[u32], usage: &mut Usage) -> Result<Memo> {
+        let mut memo = Memo::new();
+        let (cached, kv) = s.cache.longest_prefix(tokens)?;
+        let start = cached.min(tokens.len().saturating_sub(1));
+        let end = tokens.len().min(start + MEMO_POSITIONS);
+        if start == 0 || end <= start + 1 {
+            return Ok(memo); // nothing cached to start from, or a single position: no gain
+        }
+        let kv = kv.truncate(start)?;
+        let t0 = std::time::Instant::now();
+        let input = Tensor::new(&tokens[start..end], self.model.device())?.unsqueeze(0)?;
+        let (logits, kv) = self.model.forward(&input, &kv, true)?;
+        let logits = logits.squeeze(0)?;
+        let probs = candle_nn::ops::softmax_last_dim(&logits)?.to_vec2::<f32>()?;
+        usage.forward_ms += t0.elapsed().as_secs_f64() * 1e3;
+        usage.forward_passes += 1;
+        usage.reused_positions += start;
+        usage.computed_positions += end - start;
+        for (i, row) in probs.into_iter().enumerate() {
+            memo.insert(tokens[..start + i + 1].to_vec(), Arc::from(row));
+        }
+        let last = logits.get(end - start - 1)?;
+        s.cache.insert(tokens[..end].to_vec(), kv, Some(last));
+        Ok(memo)
+    }
 }
+
+/// Most positions of a continuation's canonical path computed in one pass.
+const MEMO_POSITIONS: usize = 64;

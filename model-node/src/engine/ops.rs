@@ -96,12 +96,22 @@ pub(super) struct CachedModel<'a> {
     pub(super) model: &'a Transformer,
     pub(super) cache: &'a mut PrefixCache,
     pub(super) usage: &'a mut Usage,
+    /// Next-token probabilities already computed for these token sequences (one batched pass over a
+    /// continuation's canonical path), looked up before the cache.
+    pub(super) memo: Option<&'a Memo>,
 }
+
+/// Next-token probabilities by token sequence.
+pub(super) type Memo = std::collections::HashMap<Vec<u32>, Arc<[f32]>>;
 
 impl NextTokenModel for CachedModel<'_> {
     type Error = Error;
 
     fn next_probs(&mut self, tokens: &[u32]) -> Result<Arc<[f32]>> {
+        if let Some(p) = self.memo.and_then(|m| m.get(tokens)) {
+            self.usage.reused_positions += tokens.len();
+            return Ok(p.clone());
+        }
         let (logits, _) = self.cache.logits_after(self.model, tokens, self.usage)?;
         let probs = candle_nn::ops::softmax_last_dim(&logits)?.to_vec1::<f32>()?;
         Ok(probs.into())
@@ -317,6 +327,7 @@ impl Engine {
             model: &self.model,
             cache: &mut s.cache,
             usage,
+            memo: None,
         };
         let opts = CharOptions {
             lookahead: true,
