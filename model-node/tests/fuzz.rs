@@ -128,12 +128,13 @@ fn arb_sampling() -> impl Strategy<Value = Option<pb::Sampling>> {
     )
 }
 
-/// One request of any of the three work RPCs.
+/// One request of any of the four work RPCs.
 #[derive(Debug, Clone)]
 enum Req {
     Propose(pb::ProposeRequest),
     Score(pb::ScoreRequest),
     NextChar(pb::NextCharRequest),
+    NextChars(pb::NextCharsRequest),
 }
 
 fn arb_request() -> impl Strategy<Value = Req> {
@@ -178,6 +179,25 @@ fn arb_request() -> impl Strategy<Value = Req> {
                     lookahead
                 }
             )),
+        (
+            arb_context(),
+            text(),
+            prop_oneof![0u32..12, any::<u32>()],
+            prop_oneof![1u32..40, any::<u32>()],
+            proptest::option::of(any::<bool>())
+        )
+            .prop_map(
+                |(context, continuation, draft_chars, top_k, lookahead)| Req::NextChars(
+                    pb::NextCharsRequest {
+                        context,
+                        continuation,
+                        draft_chars,
+                        top_k,
+                        max_hypotheses: None,
+                        lookahead
+                    }
+                )
+            ),
     ]
 }
 
@@ -219,6 +239,7 @@ fn node_requests() -> anyhow::Result<()> {
             Req::Propose(r) => (r.context.clone(), r.encode_to_vec()),
             Req::Score(r) => (r.context.clone(), r.encode_to_vec()),
             Req::NextChar(r) => (r.context.clone(), r.encode_to_vec()),
+            Req::NextChars(r) => (r.context.clone(), r.encode_to_vec()),
         };
         let corrupt = shared::mutate(encoded, &edits);
         let req = match req {
@@ -229,6 +250,9 @@ fn node_requests() -> anyhow::Result<()> {
             Req::NextChar(_) => pb::NextCharRequest::decode(corrupt.as_slice())
                 .ok()
                 .map(Req::NextChar),
+            Req::NextChars(_) => pb::NextCharsRequest::decode(corrupt.as_slice())
+                .ok()
+                .map(Req::NextChars),
         };
         let Some(req) = req else { return };
         if model_node::validate::input(ctx.as_ref(), &limits).is_err() {
@@ -253,6 +277,10 @@ fn node_requests() -> anyhow::Result<()> {
             Req::NextChar(r) => {
                 model_node::validate::next_char(r, &defaults).map(|(c, k, o)| Job::NextChar(c, k, o))
             }
+            Req::NextChars(r) => model_node::validate::next_chars(r, &defaults).map(|(c, mut p)| {
+                p.draft_chars = p.draft_chars.min(8);
+                Job::NextChars(c, p)
+            }),
         };
         if let Ok(job) = job {
             // Ok or a clear error: never a panic.
