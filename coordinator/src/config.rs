@@ -124,6 +124,8 @@ pub struct SpecFuseDefaults {
     pub string_prefix: Option<bool>,
     /// Draft scores per character.
     pub per_char: Option<bool>,
+    /// The confidence gate, in (0, 1] (unset = off).
+    pub gate: Option<f64>,
 }
 
 /// CharED defaults.
@@ -387,6 +389,9 @@ impl Settings {
         }
         if let Some(v) = f.per_char {
             p.per_char = v;
+        }
+        if f.gate.is_some() {
+            p.gate = f.gate;
         }
         let c = &file.chared;
         if let Some(v) = c.temperature {

@@ -84,60 +84,80 @@ pub async fn specfuse(
                 winner_chars = Empty,
                 exited = Empty
             );
-            let calls = nodes
-                .iter_mut()
-                .enumerate()
-                .filter(|(i, _)| active.contains(i))
-                .map(|(i, n)| async move { (i, n.propose(segment, &limits.stop, sampling).await) });
+            // GATE (optional): the lead drafts alone; a sure draft wins the round unverified.
             let mut raw = Vec::new();
-            for (i, r) in join_all(calls).instrument(span.clone()).await {
-                match r {
+            let mut lead = None;
+            let mut gated = None;
+            if let (Some(gate), Some(l)) = (sf.params().gate, sf.lead()) {
+                lead = Some(l);
+                round_trips += 1;
+                match nodes[l]
+                    .propose(segment, &limits.stop, sampling)
+                    .instrument(span.clone())
+                    .await
+                {
                     Ok(p) => {
-                        let ended =
-                            matches!(p.finish_reason(), pb::FinishReason::Eos | pb::FinishReason::Stop);
-                        raw.push((
-                            i,
-                            DraftText {
-                                text: p.text,
-                                finished_by_eos_or_stop: ended,
-                            },
-                        ));
+                        let sure = p.token_logprobs.iter().all(|&lp| f64::from(lp).exp() >= gate);
+                        let draft = (l, draft_text(p));
+                        if sure {
+                            gated = Some(sf.accept_lead(&sf.prepare_drafts(vec![draft]), l)?);
+                        } else {
+                            raw.push(draft);
+                        }
                     }
                     Err(e) => {
-                        failed.push((i, e));
-                        sf.node_failed(i)?;
+                        failed.push((l, e));
+                        sf.node_failed(l)?;
                     }
                 }
             }
-            let drafts = sf.prepare_drafts(raw);
-            // VERIFY, in parallel: every active node scores every distinct draft.
-            let texts: Vec<String> = drafts.texts().into_iter().map(str::to_owned).collect();
-            let mut scores = Vec::new();
-            round_trips += 1;
-            if !texts.is_empty() {
-                round_trips += 1;
-                let active = sf.active_nodes();
-                let calls = nodes
-                    .iter_mut()
-                    .enumerate()
-                    .filter(|(i, _)| active.contains(i))
-                    .map(|(i, n)| {
-                        let texts = &texts;
-                        async move { (i, n.score(texts, string_prefix).await) }
-                    });
-                for (i, r) in join_all(calls).instrument(span.clone()).await {
-                    match r {
-                        Ok(s) => {
-                            scores.push((i, s.scores.iter().map(|c| draft_score(c, per_char)).collect()))
-                        }
-                        Err(e) => {
-                            failed.push((i, e));
-                            sf.node_failed(i)?;
+            let outcome = match gated {
+                Some(o) => o,
+                None => {
+                    round_trips += 1;
+                    let calls = nodes
+                        .iter_mut()
+                        .enumerate()
+                        .filter(|(i, _)| active.contains(i) && Some(*i) != lead)
+                        .map(|(i, n)| async move { (i, n.propose(segment, &limits.stop, sampling).await) });
+                    for (i, r) in join_all(calls).instrument(span.clone()).await {
+                        match r {
+                            Ok(p) => raw.push((i, draft_text(p))),
+                            Err(e) => {
+                                failed.push((i, e));
+                                sf.node_failed(i)?;
+                            }
                         }
                     }
+                    let drafts = sf.prepare_drafts(raw);
+                    // VERIFY, in parallel: every active node scores every distinct draft.
+                    let texts: Vec<String> = drafts.texts().into_iter().map(str::to_owned).collect();
+                    let mut scores = Vec::new();
+                    if !texts.is_empty() {
+                        round_trips += 1;
+                        let active = sf.active_nodes();
+                        let calls = nodes
+                            .iter_mut()
+                            .enumerate()
+                            .filter(|(i, _)| active.contains(i))
+                            .map(|(i, n)| {
+                                let texts = &texts;
+                                async move { (i, n.score(texts, string_prefix).await) }
+                            });
+                        for (i, r) in join_all(calls).instrument(span.clone()).await {
+                            match r {
+                                Ok(s) => scores
+                                    .push((i, s.scores.iter().map(|c| draft_score(c, per_char)).collect())),
+                                Err(e) => {
+                                    failed.push((i, e));
+                                    sf.node_failed(i)?;
+                                }
+                            }
+                        }
+                    }
+                    sf.combine(&drafts, &scores)?
                 }
-            }
-            let outcome = sf.combine(&drafts, &scores)?;
+            };
             span.record("candidates", outcome.candidates.len() as i64);
             span.record("winner_node", outcome.winner.node as i64);
             span.record("winner_chars", outcome.winner.text.chars().count() as i64);
@@ -369,6 +389,15 @@ pub async fn chared(
         failed,
         round_trips,
     })
+}
+
+/// A proposal as SpecFuse reads it.
+fn draft_text(p: pb::ProposeResponse) -> DraftText {
+    let ended = matches!(p.finish_reason(), pb::FinishReason::Eos | pb::FinishReason::Stop);
+    DraftText {
+        text: p.text,
+        finished_by_eos_or_stop: ended,
+    }
 }
 
 /// A verifier's score of one draft: mean log-probability per token, or per character.

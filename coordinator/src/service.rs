@@ -301,6 +301,9 @@ fn specfuse_params(
     if let Some(v) = o.per_char {
         p.per_char = v;
     }
+    if let Some(v) = o.gate {
+        p.gate = Some(v);
+    }
     p
 }
 

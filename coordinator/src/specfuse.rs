@@ -50,6 +50,10 @@ pub struct SpecFuseParams {
     /// **Ours**: a draft's score is its log-probability per character instead of per token of the
     /// verifier's canonical tokenization (tokenizer-independent). Default false.
     pub per_char: bool,
+    /// The confidence gate (GaC's thresholded mode), in (0, 1]: the lead node ([`SpecFuse::lead`])
+    /// drafts alone first, and a draft whose every token had at least this probability wins the
+    /// round unverified ([`SpecFuse::accept_lead`]). Default `None`: off.
+    pub gate: Option<f64>,
 }
 
 impl Default for SpecFuseParams {
@@ -63,6 +67,7 @@ impl Default for SpecFuseParams {
             online_weights: None,
             string_prefix: false,
             per_char: false,
+            gate: None,
         }
     }
 }
@@ -128,6 +133,11 @@ impl SpecFuseParams {
         }
         if let Some(o) = &self.online_weights {
             check_positive("online_weights.lr", o.lr)?;
+        }
+        if let Some(g) = self.gate
+            && !(g.is_finite() && g > 0.0 && g <= 1.0)
+        {
+            return Err(Error::invalid("gate", g, "a number in (0, 1] (unset = off)"));
         }
         Ok(())
     }
@@ -454,6 +464,49 @@ impl SpecFuse {
         out.combined = combined;
         out.exit = exit;
         out.rewards = rewards;
+        out.weights = self.weights.clone();
+        Ok(out)
+    }
+
+    /// The node that drafts alone first under the confidence gate: the active node with the highest
+    /// cumulative score Q (its drafts' combined scores so far), then the larger weight, then the lower
+    /// index. None when no node is active.
+    pub fn lead(&self) -> Option<usize> {
+        let key = |i: usize| (self.cumulative[i], self.weights[i]);
+        self.active_nodes()
+            .into_iter()
+            .fold(None, |best: Option<usize>, i| match best {
+                Some(b) if key(b) >= key(i) => Some(b),
+                _ => Some(i),
+            })
+    }
+
+    /// A round the confidence gate let `lead` decide alone: its draft (the only one in `drafts`)
+    /// wins unverified. Counts as a round with one active node; no score is added to Q and the exit
+    /// rule does not run (no other node took part).
+    ///
+    /// Errors: [`Error::NoCandidates`] when the lead's draft is empty and does not end the answer.
+    pub fn accept_lead(&mut self, drafts: &Drafts, lead: usize) -> Result<RoundOutcome> {
+        let winner = match drafts.candidate_of(lead) {
+            Some(c) => {
+                let cand = &drafts.candidates[c];
+                Winner {
+                    candidate: Some(c),
+                    node: lead,
+                    text: cand.text.clone(),
+                    ends_answer: cand.ends_answer,
+                }
+            }
+            None if drafts.ended_empty().contains(&lead) => Winner {
+                candidate: None,
+                node: lead,
+                text: String::new(),
+                ends_answer: true,
+            },
+            None => return Err(Error::NoCandidates),
+        };
+        self.start_round(1);
+        let mut out = self.outcome(vec![lead], drafts, winner);
         out.weights = self.weights.clone();
         Ok(out)
     }

@@ -167,3 +167,36 @@ async fn a_gate_the_lead_always_passes_asks_no_other_node() -> anyhow::Result<()
     }
     Ok(())
 }
+
+/// SpecFuse's confidence gate at its lowest: the lead drafts alone and wins every round unverified
+/// (one call per round, no other node asked); at its highest few drafts are sure enough, and a
+/// round that is not gated also runs the usual propose and verify waves: 6 calls in 3 waves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn specfuse_gate_skips_the_others_only_for_sure_drafts() -> anyhow::Result<()> {
+    let (_nodes, specs) = common::start_members(common::bundled_dirs()).await?;
+    let c = Coordinator::new(specs, Duration::from_secs(30)).await?;
+    let items = load_set(&common::repo().join("eval/mixed.jsonl")).map_err(anyhow::Error::msg)?;
+    for it in items.iter().take(4) {
+        let req = |gate: f64| pb::GenerateRequest {
+            prompt: Some(it.prompt()),
+            strategy: "specfuse".into(),
+            max_chars: 48,
+            specfuse: Some(pb::SpecFuseOptions {
+                gate: Some(gate),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let r = c.run(req(1e-12), &mut |_| true, &mut |_| true).await?;
+        assert_eq!((r.node_calls, r.round_trips), (r.steps, r.steps), "{r:?}");
+        assert_eq!(r.mean_active_nodes, 1.0);
+        let r = c.run(req(1.0), &mut |_| true, &mut |_| true).await?;
+        // g gated rounds (1 call, 1 wave) and u others (lead, two proposals, three scores: 6 calls
+        // in 3 waves): calls = g + 6u, waves = g + 3u.
+        let u = (r.round_trips - r.steps) / 2;
+        assert!(u >= 1, "{r:?}");
+        assert_eq!(r.node_calls, r.steps + 5 * u, "{r:?}");
+        assert_eq!(r.round_trips, r.steps + 2 * u, "{r:?}");
+    }
+    Ok(())
+}

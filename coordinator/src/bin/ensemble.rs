@@ -451,6 +451,12 @@ fn strategy_request(spec: &str) -> anyhow::Result<pb::GenerateRequest> {
                     .with_context(|| format!("{spec}: gate takes a number"))?;
                 req.chared.get_or_insert_default().gate = Some(g);
             }
+            ("specfuse", "gate") => {
+                let g = v
+                    .parse::<f64>()
+                    .with_context(|| format!("{spec}: gate takes a number"))?;
+                req.specfuse.get_or_insert_default().gate = Some(g);
+            }
             ("specfuse", "segment_tokens") => {
                 req.specfuse.get_or_insert_default().segment_tokens = Some(num()?);
             }

@@ -698,3 +698,44 @@ fn single_node_ensemble_and_empty_input_do_not_panic() {
         Err(Error::NoVerifier { ignored: 1 })
     );
 }
+
+#[test]
+fn the_gate_lead_is_the_best_so_far_and_wins_alone() {
+    let mut s = sf(no_exit(), 3);
+    assert_eq!(s.lead(), Some(0), "no score yet: the lowest index");
+    // Node 2's draft wins a full round: it leads from then on.
+    let d = distinct_drafts(&s);
+    combine(
+        &mut s,
+        &d,
+        &[(0, logs(&[0.1, 0.1, 0.8])), (1, logs(&[0.1, 0.1, 0.8]))],
+    );
+    assert_eq!(s.lead(), Some(2));
+    let before = s.cumulative().to_vec();
+    let d = s.prepare_drafts(vec![(2, DraftText::finished("sure"))]);
+    let o = match s.accept_lead(&d, 2) {
+        Ok(o) => o,
+        Err(e) => panic!("{e}"),
+    };
+    assert_eq!(
+        (o.winner.node, o.winner.text.as_str(), o.winner.ends_answer),
+        (2, "sure", true)
+    );
+    assert_eq!(o.active, vec![2]);
+    assert_eq!(s.cumulative(), &before[..], "a gated round scores nobody");
+    assert_eq!((s.rounds(), s.active_node_rounds()), (2, 4));
+    // A lead with no draft and no end cannot win.
+    let d = s.prepare_drafts(vec![(
+        2,
+        DraftText {
+            text: String::new(),
+            finished_by_eos_or_stop: false,
+        },
+    )]);
+    assert!(matches!(s.accept_lead(&d, 2), Err(Error::NoCandidates)));
+    let bad = SpecFuseParams {
+        gate: Some(1.5),
+        ..SpecFuseParams::default()
+    };
+    assert!(bad.validate().is_err_and(|e| e.to_string().contains("gate")));
+}
