@@ -1,6 +1,7 @@
 //! Coordinator benchmarks; prints tables (no timing assertions anywhere).
 //!
-//! `cargo bench -p coordinator --bench ensemble` (add `-- --quick` for a short run)
+//! `cargo bench -p coordinator --bench ensemble` (add `-- --quick` for a short run, `-- --overhead` for
+//! section 1 alone)
 //!
 //! 1. Overhead per SpecFuse round and per CharED character over three *trivial* nodes: real gRPC
 //!    servers on loopback that answer at once with fixed data, so the time is the coordinator's
@@ -36,6 +37,33 @@ struct Trivial {
     next_char_calls: Arc<AtomicU64>,
 }
 
+/// A realistic next-character answer: 32 listed characters ('a' most likely), EOS and the rest.
+fn char_list() -> pb::CharDistribution {
+    let mut chars = vec![pb::CharProb {
+        char: "a".into(),
+        prob: 0.5,
+    }];
+    chars.extend("bcdefghijklmnopqrstuvwxyz .,;:!".chars().map(|c| pb::CharProb {
+        char: c.to_string(),
+        prob: 0.4 / 31.0,
+    }));
+    pb::CharDistribution {
+        chars,
+        eos_prob: 0.05,
+        residual: 0.05,
+    }
+}
+
+impl Trivial {
+    /// The node's delay; none at all for 0 (a zero `sleep` still waits for the timer's next
+    /// millisecond tick, which would be charged to the coordinator).
+    async fn wait(&self) {
+        if !self.delay.is_zero() {
+            tokio::time::sleep(self.delay).await;
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl ModelNode for Trivial {
     async fn info(&self, _r: Request<pb::InfoRequest>) -> Result<Response<pb::InfoResponse>, Status> {
@@ -49,10 +77,10 @@ impl ModelNode for Trivial {
         &self,
         _r: Request<pb::ProposeRequest>,
     ) -> Result<Response<pb::ProposeResponse>, Status> {
-        tokio::time::sleep(self.delay).await;
+        self.wait().await;
         Ok(Response::new(pb::ProposeResponse {
-            text: "ab ".into(),
-            token_logprobs: vec![-0.1, -0.2],
+            text: "The quick brown fox jumps over the lazy dog ".into(),
+            token_logprobs: vec![-0.1, -0.2, -0.3, -0.4, -0.5, -0.6, -0.7, -0.8, -0.9, -1.0],
             finish_reason: pb::FinishReason::Length as i32,
             usage: None,
         }))
@@ -62,7 +90,7 @@ impl ModelNode for Trivial {
         &self,
         r: Request<pb::ScoreRequest>,
     ) -> Result<Response<pb::ScoreResponse>, Status> {
-        tokio::time::sleep(self.delay).await;
+        self.wait().await;
         let scores = r
             .into_inner()
             .candidates
@@ -84,20 +112,12 @@ impl ModelNode for Trivial {
         self.next_char_bytes
             .fetch_add(r.get_ref().encoded_len() as u64, Ordering::Relaxed);
         self.next_char_calls.fetch_add(1, Ordering::Relaxed);
-        tokio::time::sleep(self.delay).await;
+        self.wait().await;
+        let d = char_list();
         Ok(Response::new(pb::NextCharResponse {
-            chars: vec![
-                pb::CharProb {
-                    char: "a".into(),
-                    prob: 0.6,
-                },
-                pb::CharProb {
-                    char: "b".into(),
-                    prob: 0.3,
-                },
-            ],
-            eos_prob: 0.0,
-            residual: 0.1,
+            chars: d.chars,
+            eos_prob: d.eos_prob,
+            residual: d.residual,
             hypotheses: 1,
             usage: None,
         }))
@@ -110,25 +130,13 @@ impl ModelNode for Trivial {
         self.next_char_bytes
             .fetch_add(r.get_ref().encoded_len() as u64, Ordering::Relaxed);
         self.next_char_calls.fetch_add(1, Ordering::Relaxed);
-        tokio::time::sleep(self.delay).await;
+        self.wait().await;
         let n = r.get_ref().continuation.chars().count() + 1;
-        let dist = pb::CharDistribution {
-            chars: vec![
-                pb::CharProb {
-                    char: "a".into(),
-                    prob: 0.6,
-                },
-                pb::CharProb {
-                    char: "b".into(),
-                    prob: 0.3,
-                },
-            ],
-            eos_prob: 0.0,
-            residual: 0.1,
-        };
+        // A drafter drafts its own greedy choice, 'a', as far as asked (every draft is accepted).
+        let dist = char_list();
         Ok(Response::new(pb::NextCharsResponse {
-            positions: vec![dist; n],
-            drafted: String::new(),
+            positions: vec![dist; n + r.get_ref().draft_chars as usize],
+            drafted: "a".repeat(r.get_ref().draft_chars as usize),
             hypotheses: 1,
             usage: None,
         }))
@@ -156,7 +164,7 @@ async fn trivial_nodes(delays: &[u64]) -> anyhow::Result<(Vec<NodeSpec>, Vec<Tri
         tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(ModelNodeServer::new(node.clone()))
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+                .serve_with_incoming(ensemble_proto::net::incoming(listener)),
         );
         specs.push(NodeSpec {
             name: format!("t{i}"),
@@ -187,29 +195,82 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 async fn overhead(quick: bool, what: &str) -> anyhow::Result<()> {
     let (specs, _nodes) = trivial_nodes(&[0, 0, 0]).await?;
-    let c = Coordinator::new(specs, Duration::from_secs(10)).await?;
+    let c = Coordinator::new(specs.clone(), Duration::from_secs(10)).await?;
     let reps = if quick { 5 } else { 30 };
     println!(
         "\n## Coordinator overhead, three trivial nodes on loopback, {what} (median of {reps} requests)\n"
     );
     println!("| strategy | steps per request | µs per step |\n|---|---:|---:|");
-    for (strategy, max_chars) in [("specfuse", 60u32), ("chared", 60)] {
-        let mut per_step = Vec::new();
+    let speculative = |mut r: pb::GenerateRequest| {
+        r.chared = Some(pb::CharEdOptions {
+            draft_chars: Some(16),
+            ..Default::default()
+        });
+        r
+    };
+    let runs: [(&str, pb::GenerateRequest, &str); 3] = [
+        (
+            "specfuse",
+            raw("x".into(), "specfuse", 880),
+            "round (3 propose + 3 score calls; 10-token drafts with log-probabilities)",
+        ),
+        (
+            "chared",
+            raw("x".into(), "chared", 60),
+            "character (3 next-char calls; 32 characters listed)",
+        ),
+        (
+            "chared, draft_chars 16",
+            speculative(raw("x".into(), "chared", 255)),
+            "character (a round: 1 draft + 2 verify calls; every draft accepted)",
+        ),
+    ];
+    // The floor: the same calls from a bare tonic client, no coordinator.
+    let mut clients = Vec::new();
+    for spec in &specs {
+        clients.push(pb::model_node_client::ModelNodeClient::connect(spec.url.clone()).await?);
+    }
+    let mut waves = Vec::new();
+    for _ in 0..reps * 20 {
+        let t = Instant::now();
+        let calls = clients.iter_mut().map(|c| {
+            c.next_char_distribution(pb::NextCharRequest {
+                context: Some(pb::Context {
+                    session_id: "s".into(),
+                    body: Some(pb::context::Body::Delta(pb::ContextDelta {
+                        base_chars: 10,
+                        append: "a".into(),
+                    })),
+                }),
+                top_k: 32,
+                ..Default::default()
+            })
+        });
+        for r in futures::future::join_all(calls).await {
+            r?;
+        }
+        waves.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    println!(
+        "| (floor: a bare tonic client, the same 3 next-char calls in parallel) | {} | {:.0} per wave |",
+        reps * 20,
+        median(waves)
+    );
+    for (label, req, unit) in runs {
+        let mut per_char = Vec::new();
         let mut steps = 0;
         for _ in 0..reps {
             let t = Instant::now();
-            let r = c
-                .run(raw("x".into(), strategy, max_chars), &mut |_| true, &mut |_| true)
-                .await?;
+            let r = c.run(req.clone(), &mut |_| true, &mut |_| true).await?;
             steps = r.steps;
-            per_step.push(t.elapsed().as_secs_f64() * 1e6 / f64::from(r.steps.max(1)));
+            let per = if label == "specfuse" {
+                r.steps
+            } else {
+                r.text.chars().count() as u32
+            };
+            per_char.push(t.elapsed().as_secs_f64() * 1e6 / f64::from(per.max(1)));
         }
-        let unit = if strategy == "specfuse" {
-            "round (3 propose + 3 score calls)"
-        } else {
-            "character (3 next-char calls)"
-        };
-        println!("| {strategy} | {steps} | {:.0} per {unit} |", median(per_step));
+        println!("| {label} | {steps} | {:.0} per {unit} |", median(per_char));
     }
     Ok(())
 }
@@ -321,9 +382,14 @@ async fn active_nodes(quick: bool) -> anyhow::Result<()> {
 
 fn main() -> anyhow::Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
+    // `--overhead`: section 1 only, e.g. under a profiler.
+    let only_overhead = std::env::args().any(|a| a == "--overhead");
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async {
         overhead(quick, "trace export off").await?;
+        if only_overhead {
+            return Ok(());
+        }
         bytes_per_char().await?;
         fan_out().await?;
         active_nodes(quick).await?;
