@@ -50,17 +50,25 @@ async fn run(c: &Coordinator, req: pb::GenerateRequest) -> anyhow::Result<Run> {
     Ok((r.text, r.finish_reason, r.round_trips, steps))
 }
 
-/// Runs every prompt both ways and checks the answers are the same; returns the round trips and
-/// characters (per-character, speculative, answer characters).
+/// Runs every prompt both ways (speculative with `draft` characters) and checks the answers are the
+/// same; returns the round trips and steps (per-character, speculative, steps) and prints them with
+/// the steps per second of each way (a report, not a check).
 async fn compare(
     c: &Coordinator,
     prompts: &[pb::Prompt],
     max_chars: u32,
+    draft: u32,
+    what: &str,
 ) -> anyhow::Result<(u32, u32, usize)> {
     let (mut per_char_trips, mut spec_trips, mut chars) = (0, 0, 0);
+    let (mut per_char_s, mut spec_s) = (0.0, 0.0);
     for (k, p) in prompts.iter().enumerate() {
+        let t = std::time::Instant::now();
         let want = run(c, chared(p.clone(), max_chars, 0)).await?;
-        let got = run(c, chared(p.clone(), max_chars, 8)).await?;
+        per_char_s += t.elapsed().as_secs_f64();
+        let t = std::time::Instant::now();
+        let got = run(c, chared(p.clone(), max_chars, draft)).await?;
+        spec_s += t.elapsed().as_secs_f64();
         assert_eq!(got.0, want.0, "prompt {k}: answers differ");
         assert_eq!(got.1, want.1, "prompt {k}: finish");
         assert_eq!(got.3.len(), want.3.len(), "prompt {k}: steps");
@@ -83,6 +91,13 @@ async fn compare(
         spec_trips += got.2;
         chars += want.3.len();
     }
+    eprintln!(
+        "{what}, draft_chars {draft}: {chars} steps; round trips per step {:.3} per character vs {:.3} speculative; steps per second {:.0} vs {:.0}",
+        f64::from(per_char_trips) / chars as f64,
+        f64::from(spec_trips) / chars as f64,
+        chars as f64 / per_char_s,
+        chars as f64 / spec_s
+    );
     Ok((per_char_trips, spec_trips, chars))
 }
 
@@ -92,9 +107,10 @@ async fn greedy_speculative_chared_equals_per_character_on_the_bundled_models() 
     let c = Coordinator::new(specs, Duration::from_secs(30)).await?;
     let items = load_set(&common::repo().join("eval/mixed.jsonl")).map_err(anyhow::Error::msg)?;
     let prompts: Vec<pb::Prompt> = items.iter().take(24).map(|it| it.prompt()).collect();
-    let (per_char, spec, chars) = compare(&c, &prompts, 64).await?;
-    eprintln!("bundled: {chars} steps, round trips {per_char} per character vs {spec} speculative");
-    assert!(spec < per_char, "{spec} vs {per_char}");
+    for draft in [8, 16] {
+        let (per_char, spec, _) = compare(&c, &prompts, 64, draft, "bundled").await?;
+        assert!(spec < per_char, "{spec} vs {per_char}");
+    }
     Ok(())
 }
 
@@ -128,9 +144,10 @@ async fn greedy_speculative_chared_equals_per_character_on_real_checkpoints() ->
             }
         })
         .collect();
-    let (per_char, spec, chars) = compare(&c, &prompts, 48).await?;
-    eprintln!("real: {chars} steps, round trips {per_char} per character vs {spec} speculative");
-    assert!(spec < per_char, "{spec} vs {per_char}");
+    for draft in [8, 16] {
+        let (per_char, spec, _) = compare(&c, &prompts, 48, draft, "real").await?;
+        assert!(spec < per_char, "{spec} vs {per_char}");
+    }
     Ok(())
 }
 
