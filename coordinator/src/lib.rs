@@ -10,8 +10,10 @@
 //!   weights ([`SpecFuse`], [`SpecFuseParams`], [`RoundOutcome`]).
 //!   - `specfuse/drafts.rs`: word-boundary cuts, empty drafts, merging identical drafts.
 //! - [`chared`]: CharED character-wise ensembling of next-character distributions ([`CharEd`],
-//!   [`CharedParams`], [`CharStep`]).
-//! - [`drive`]: the async edge of SpecFuse: parallel fan-out, failures, broadcast ([`drive::specfuse`]).
+//!   [`CharedParams`], [`CharStep`]), with speculative rounds and the confidence gate.
+//! - [`drive`]: the async edge of the strategies: parallel fan-out, failures, broadcast
+//!   ([`drive::specfuse`], [`drive::chared`]); `drive/speculative.rs`: a speculative (or gated)
+//!   CharED round.
 //! - [`node_client`]: one node within one request: session deltas, full-context resend when the
 //!   node lost the session, per-call deadlines ([`NodeClient`]).
 //! - [`service`]: the `Ensemble` gRPC service ([`service::Coordinator`]) and the one mapping of
