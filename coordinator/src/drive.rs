@@ -132,6 +132,12 @@ pub async fn specfuse(
                     let drafts = sf.prepare_drafts(raw);
                     // VERIFY, in parallel: every active node scores every distinct draft.
                     let texts: Vec<String> = drafts.texts().into_iter().map(str::to_owned).collect();
+                    // With string-prefix scoring a draft that ends the answer is priced with its end.
+                    let ends: Vec<bool> = if string_prefix {
+                        drafts.candidates.iter().map(|c| c.ends_answer).collect()
+                    } else {
+                        vec![]
+                    };
                     let mut scores = Vec::new();
                     if !texts.is_empty() {
                         round_trips += 1;
@@ -141,8 +147,8 @@ pub async fn specfuse(
                             .enumerate()
                             .filter(|(i, _)| active.contains(i))
                             .map(|(i, n)| {
-                                let texts = &texts;
-                                async move { (i, n.score(texts, string_prefix).await) }
+                                let (texts, ends) = (&texts, &ends);
+                                async move { (i, n.score(texts, string_prefix, ends).await) }
                             });
                         for (i, r) in join_all(calls).instrument(span.clone()).await {
                             match r {

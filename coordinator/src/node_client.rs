@@ -308,13 +308,19 @@ impl NodeClient {
     }
 
     /// Scores candidate continuations (as string prefixes with `string_prefix`).
-    pub async fn score(&mut self, candidates: &[String], string_prefix: bool) -> Result<pb::ScoreResponse> {
+    pub async fn score(
+        &mut self,
+        candidates: &[String],
+        string_prefix: bool,
+        ends_answer: &[bool],
+    ) -> Result<pb::ScoreResponse> {
         self.calls[1] += 1;
         call_with_context!(self, score_candidates, "ScoreCandidates", |context| {
             pb::ScoreRequest {
                 context,
                 candidates: candidates.to_vec(),
                 string_prefix,
+                ends_answer: ends_answer.to_vec(),
             }
         })
     }

@@ -91,7 +91,7 @@ async fn deltas_follow_the_answer_and_lost_sessions_are_rebuilt() -> anyhow::Res
         b.resends()
     );
     // The same answer through a fresh, stateless client: identical scores.
-    let sa = a.score(&[" sat".to_owned()], false).await?;
+    let sa = a.score(&[" sat".to_owned()], false, &[]).await?;
     let mut replay = NodeClient::new("n0", ch, deadline);
     replay.begin("req-c", prompt("the cat"));
     // The same answer, built by a client whose session was never evicted, then sent in one go.
@@ -104,7 +104,7 @@ async fn deltas_follow_the_answer_and_lost_sessions_are_rebuilt() -> anyhow::Res
         whole.push_str(&p.text);
     }
     replay.accept(&whole);
-    let sr = replay.score(&[" sat".to_owned()], false).await?;
+    let sr = replay.score(&[" sat".to_owned()], false, &[]).await?;
     assert!((sa.scores[0].sum_logprob - sr.scores[0].sum_logprob).abs() < 1e-4);
     let _ = stop.send(());
     Ok(())

@@ -360,6 +360,17 @@ impl CharState {
             .sum()
     }
 
+    /// The probability that the text after the start token path is exactly everything committed so
+    /// far and then ends: the mass of the paths that spell it exactly times their EOS probability.
+    /// The ratio to [`CharState::prefix_mass`] before the text is P(the rest of the answer is the text).
+    pub fn end_mass(&self, _vocab: &Vocab) -> f64 {
+        self.hyps
+            .iter()
+            .filter(|h| h.rem.is_empty())
+            .map(|h| h.w * h.dist.eos)
+            .sum()
+    }
+
     /// Appends committed text.
     pub fn commit<M: NextTokenModel>(
         &mut self,
@@ -835,7 +846,8 @@ mod tests {
         }
     }
 
-    /// String-prefix masses against enumeration: P(the byte stream starts with C).
+    /// String-prefix masses against enumeration: P(the byte stream starts with C), and P(it is C and
+    /// then ends).
     fn check_prefix_mass(v: &Vocab, seed: u64, remainder: &[u8], text: &str) {
         let mut m = Synth { n: v.n_rows(), seed };
         let start = vec![1u32];
@@ -862,6 +874,14 @@ mod tests {
             assert!(
                 (got - want).abs() < 1e-9,
                 "seed {seed}, {:?}: {got} vs {want}",
+                String::from_utf8_lossy(&need)
+            );
+            // The text as the whole rest of the answer: exactly these bytes, then EOS.
+            let want = bf_eos(&mut m, v, &start, &need);
+            let got = st.end_mass(v);
+            assert!(
+                (got - want).abs() < 1e-9,
+                "seed {seed}, {:?} then EOS: {got} vs {want}",
                 String::from_utf8_lossy(&need)
             );
         }

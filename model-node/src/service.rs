@@ -177,10 +177,10 @@ impl ModelNode for NodeService {
         let r = async {
             validate::input(req.get_ref().context.as_ref(), &self.input)?;
             let prefix = req.get_ref().string_prefix;
-            let (ctx, cands) = validate::score(req.into_inner())?;
+            let (ctx, cands, ends) = validate::score(req.into_inner())?;
             span.record("items", cands.len() as i64);
             let job = if prefix {
-                Job::ScorePrefix(ctx, cands, self.char_defaults.clone())
+                Job::ScorePrefix(ctx, cands, ends, self.char_defaults.clone())
             } else {
                 Job::Score(ctx, cands)
             };

@@ -174,7 +174,9 @@ pub fn propose(r: pb::ProposeRequest) -> Result<(ContextSpec, ProposeParams)> {
 }
 
 /// A ScoreCandidates request.
-pub fn score(r: pb::ScoreRequest) -> Result<(ContextSpec, Vec<String>)> {
+/// A ScoreCandidates request: the context, the candidates and, per candidate, whether it ends the
+/// answer (all false when `ends_answer` is empty).
+pub fn score(r: pb::ScoreRequest) -> Result<(ContextSpec, Vec<String>, Vec<bool>)> {
     if r.candidates.is_empty() {
         return Err(invalid(
             "candidates is empty: give 1 to 64 candidate texts to score",
@@ -197,7 +199,18 @@ pub fn score(r: pb::ScoreRequest) -> Result<(ContextSpec, Vec<String>)> {
             c.len()
         )));
     }
-    Ok((context(r.context)?, r.candidates))
+    let ends = if r.ends_answer.is_empty() {
+        vec![false; r.candidates.len()]
+    } else if r.ends_answer.len() == r.candidates.len() {
+        r.ends_answer
+    } else {
+        return Err(invalid(format!(
+            "ends_answer must be empty or one flag per candidate ({}), got {}",
+            r.candidates.len(),
+            r.ends_answer.len()
+        )));
+    };
+    Ok((context(r.context)?, r.candidates, ends))
 }
 
 /// A NextCharDistribution request; `defaults` are the node's options.
@@ -283,6 +296,22 @@ mod tests {
     }
 
     #[test]
+    fn ends_answer_is_empty_or_one_flag_per_candidate() {
+        let req = |ends: Vec<bool>| pb::ScoreRequest {
+            context: raw_ctx(),
+            candidates: vec!["a".into(), "b".into()],
+            string_prefix: true,
+            ends_answer: ends,
+        };
+        assert!(matches!(score(req(vec![])), Ok((_, _, e)) if e == vec![false, false]));
+        assert!(matches!(score(req(vec![true, false])), Ok((_, _, e)) if e == vec![true, false]));
+        let e = score(req(vec![true]))
+            .map(|_| ())
+            .expect_err("one flag for two candidates");
+        assert!(e.to_string().contains("ends_answer"), "{e}");
+    }
+
+    #[test]
     fn error_messages_name_the_field() {
         let msg = |e: Error| e.to_string();
         let r = pb::ProposeRequest {
@@ -305,6 +334,7 @@ mod tests {
             context: raw_ctx(),
             candidates: vec![],
             string_prefix: false,
+            ends_answer: vec![],
         };
         assert!(msg(score(r).err().map_or(invalid(""), |e| e)).contains("candidates is empty"));
         let delta = pb::Context {
@@ -367,8 +397,8 @@ mod tests {
                 prop_assert!(params.sampling.temperature >= 0.0);
                 prop_assert!(params.sampling.top_k != Some(0));
             }
-            let s = score(pb::ScoreRequest { context: ctx.clone(), candidates: cands, string_prefix: false });
-            if let Ok((_, c)) = &s {
+            let s = score(pb::ScoreRequest { context: ctx.clone(), candidates: cands, string_prefix: false, ends_answer: vec![] });
+            if let Ok((_, c, _)) = &s {
                 prop_assert!(!c.is_empty() && c.iter().all(|c| !c.is_empty()));
             }
             let n = next_char(

@@ -161,8 +161,9 @@ fn arb_request() -> impl Strategy<Value = Req> {
             .prop_map(
                 |(context, candidates, string_prefix)| Req::Score(pb::ScoreRequest {
                     context,
+                    ends_answer: candidates.iter().map(|c| c.len() % 2 == 0).collect(),
                     candidates,
-                    string_prefix
+                    string_prefix,
                 })
             ),
         (
@@ -266,9 +267,9 @@ fn node_requests() -> anyhow::Result<()> {
             }),
             Req::Score(r) => {
                 let prefix = r.string_prefix;
-                model_node::validate::score(r).map(|(c, s)| {
+                model_node::validate::score(r).map(|(c, s, ends)| {
                     if prefix {
-                        Job::ScorePrefix(c, s, CharOptions::default())
+                        Job::ScorePrefix(c, s, ends, CharOptions::default())
                     } else {
                         Job::Score(c, s)
                     }

@@ -85,6 +85,7 @@ async fn propose_is_deterministic_and_sessions_compute_only_new_positions() -> a
                 context: chat("what is the cat?", "the", "s1"),
                 candidates: vec![" cat".into()],
                 string_prefix: false,
+                ends_answer: vec![],
             })
             .await?
             .into_inner();
@@ -97,6 +98,7 @@ async fn propose_is_deterministic_and_sessions_compute_only_new_positions() -> a
                 context: delta("s1", 3, " mat and the"),
                 candidates: vec![" dog".into()],
                 string_prefix: false,
+                ends_answer: vec![],
             })
             .await?
             .into_inner();
@@ -130,6 +132,7 @@ async fn scoring_is_one_batched_pass_and_matches_single_scores() -> anyhow::Resu
             context: raw("once upon a time", "", "warm"),
             candidates: vec!["!".into()],
             string_prefix: false,
+            ends_answer: vec![],
         })
         .await?;
         let r = c
@@ -137,6 +140,7 @@ async fn scoring_is_one_batched_pass_and_matches_single_scores() -> anyhow::Resu
                 context: delta("warm", 0, ""),
                 candidates: cands.clone(),
                 string_prefix: false,
+                ends_answer: vec![],
             })
             .await?
             .into_inner();
@@ -150,6 +154,7 @@ async fn scoring_is_one_batched_pass_and_matches_single_scores() -> anyhow::Resu
                     context: raw("once upon a time", "", ""),
                     candidates: vec![cand.clone()],
                     string_prefix: false,
+                    ends_answer: vec![],
                 })
                 .await?
                 .into_inner();
@@ -239,6 +244,7 @@ async fn char_level_distribution_is_the_token_distribution() -> anyhow::Result<(
             context: raw("the c", "", ""),
             candidates: d.chars.iter().take(3).map(|c| c.char.clone()).collect(),
             string_prefix: false,
+            ends_answer: vec![],
         })
         .await?
         .into_inner();
@@ -374,6 +380,7 @@ async fn bad_requests_get_clear_statuses() -> anyhow::Result<()> {
             context: raw("hi", "", ""),
             candidates: vec![],
             string_prefix: false,
+            ends_answer: vec![],
         })
         .await
         .expect_err("no candidates");
@@ -394,6 +401,7 @@ async fn bad_requests_get_clear_statuses() -> anyhow::Result<()> {
             context: raw("hi", "", ""),
             candidates: vec![" ok".into(), "the cat sat on the mat. ".repeat(100)],
             string_prefix: false,
+            ends_answer: vec![],
         })
         .await
         .expect_err("candidate past the context limit");
@@ -483,6 +491,7 @@ async fn string_prefix_scores_never_rise_as_a_cut_grows() -> anyhow::Result<()> 
                 context: raw("once upon a time", "", ""),
                 candidates: cuts.clone(),
                 string_prefix: true,
+                ends_answer: vec![],
             })
             .await?
             .into_inner();

@@ -50,6 +50,7 @@ async fn metrics_count_rpcs_codes_and_work_exactly() -> anyhow::Result<()> {
             context: raw("The Tarn", "", "m1"),
             candidates: vec![" flows".into(), " is".into(), " north".into()],
             string_prefix: false,
+            ends_answer: vec![],
         })
         .await?
         .into_inner();

@@ -463,6 +463,7 @@ fn strategy_request(spec: &str) -> anyhow::Result<pb::GenerateRequest> {
             ("specfuse", "string_prefix") => {
                 req.specfuse.get_or_insert_default().string_prefix = Some(flag()?);
             }
+            ("specfuse", "exit") => req.specfuse.get_or_insert_default().exit = Some(flag()?),
             ("specfuse", "per_char") => req.specfuse.get_or_insert_default().per_char = Some(flag()?),
             _ => bail!("{spec}: unknown option {k:?} for {strategy}"),
         }

@@ -66,8 +66,9 @@ pub enum Job {
     Propose(ContextSpec, ProposeParams),
     /// Score candidates.
     Score(ContextSpec, Vec<String>),
-    /// Score candidates as string prefixes, with these character-marginal options.
-    ScorePrefix(ContextSpec, Vec<String>, CharOptions),
+    /// Score candidates as string prefixes (with, per candidate, whether it ends the answer), with
+    /// these character-marginal options.
+    ScorePrefix(ContextSpec, Vec<String>, Vec<bool>, CharOptions),
     /// Next-character distribution.
     NextChar(ContextSpec, usize, CharOptions),
     /// Next-character distributions along a continuation (text, draft characters, top-k, options).
@@ -261,8 +262,8 @@ impl Engine {
                     r.usage = u;
                     Reply::Scores(r)
                 }),
-            Job::ScorePrefix(ctx, c, o) => self
-                .with_session(ctx, |e, s, u| e.score_prefix(s, &c, &o, u))
+            Job::ScorePrefix(ctx, c, ends, o) => self
+                .with_session(ctx, |e, s, u| e.score_prefix(s, &c, &ends, &o, u))
                 .map(|(mut r, u)| {
                     r.usage = u;
                     Reply::Scores(r)

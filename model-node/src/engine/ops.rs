@@ -304,15 +304,34 @@ impl Engine {
 
     /// Scores every candidate as a string prefix ([`CharState::prefix_mass`]): one hypothesis set
     /// for the context, committed through each candidate; a candidate that ends inside a token is
-    /// priced by every token path that spells it. `token_count` is the canonical tokenization's.
+    /// priced by every token path that spells it. A candidate flagged in `ends` is priced as the
+    /// whole rest of the answer ([`CharState::end_mass`]). `token_count` is the canonical
+    /// tokenization's (plus one for the end).
     pub(super) fn score_prefix(
         &mut self,
         s: &mut Session,
         candidates: &[String],
+        ends: &[bool],
         opts: &CharOptions,
         usage: &mut Usage,
     ) -> Result<Scores> {
         let heal = self.codec.heal(&s.tokens, Self::text_empty(s));
+        // Back off further, to whole tokens covering at least PREFIX_BACKOFF_BYTES of text: a
+        // draft often continues a word the context's canonical tokens split where the model never
+        // would ("</thi" + "nk>" is "</" + "think" + ">", not "</" + "th" + "ink" + ">"), and the
+        // hypotheses then explore every tokenization of that stretch, not just the last token's.
+        let (mut plen, mut remainder) = (heal.prefix_len, heal.remainder.clone());
+        while plen > 1 && remainder.len() < PREFIX_BACKOFF_BYTES {
+            match self.codec.vocab.token_bytes(s.tokens[plen - 1]) {
+                Some(b) if !b.is_empty() => {
+                    let mut r = b.to_vec();
+                    r.extend_from_slice(&remainder);
+                    remainder = r;
+                    plen -= 1;
+                }
+                _ => break, // a special token (template marker, BOS): not text
+            }
+        }
         let mut out = Vec::with_capacity(candidates.len());
         for cand in candidates {
             let full = self.with_candidate(s, cand)?;
@@ -333,18 +352,18 @@ impl Engine {
             lookahead: true,
             ..opts.clone()
         };
-        let base = CharState::new(
-            s.tokens[..heal.prefix_len].to_vec(),
-            heal.remainder,
-            opts,
-            vocab,
-            &mut m,
-        )?;
+        let base = CharState::new(s.tokens[..plen].to_vec(), remainder, opts, vocab, &mut m)?;
         let base_mass = base.prefix_mass(vocab);
-        for (score, cand) in out.iter_mut().zip(candidates) {
+        for (k, (score, cand)) in out.iter_mut().zip(candidates).enumerate() {
             let mut st = base.clone();
             st.commit(cand, vocab, &mut m)?;
-            let mass = st.prefix_mass(vocab);
+            let ends_here = ends.get(k).copied().unwrap_or(false);
+            let mass = if ends_here {
+                score.token_count += 1;
+                st.end_mass(vocab)
+            } else {
+                st.prefix_mass(vocab)
+            };
             score.sum_logprob = if mass > 0.0 && base_mass > 0.0 {
                 (mass / base_mass).ln().max(MIN_LOGPROB)
             } else {
@@ -397,6 +416,9 @@ impl Engine {
         })
     }
 }
+
+/// Bytes of context text that string-prefix scoring re-explores the tokenizations of.
+const PREFIX_BACKOFF_BYTES: usize = 8;
 
 /// The log-probability given to a candidate no token path spells (or pruned away): finite, so that
 /// softmaxes over candidates stay defined.
