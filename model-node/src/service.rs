@@ -225,18 +225,11 @@ impl ModelNode for NodeService {
             record(&span, &c.usage);
             span.record("items", c.hypotheses as i64);
             self.metrics.usage("NextCharDistribution", &c.usage);
+            let d = char_dist(&c.dist);
             Ok(Response::new(pb::NextCharResponse {
-                chars: c
-                    .dist
-                    .chars
-                    .iter()
-                    .map(|(ch, p)| pb::CharProb {
-                        char: ch.to_string(),
-                        prob: *p,
-                    })
-                    .collect(),
-                eos_prob: c.dist.eos,
-                residual: c.dist.residual,
+                chars: d.chars,
+                eos_prob: d.eos_prob,
+                residual: d.residual,
                 hypotheses: c.hypotheses as u32,
                 usage: Some(usage(&c.usage)),
             }))

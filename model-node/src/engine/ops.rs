@@ -1,6 +1,6 @@
-//! Resolving a context into a session, and two of the three questions a node answers on it: score
-//! candidates (one batched pass over the shared context cache) and the next-character distribution.
-//! Proposals are decodes stepped together by the scheduler ([`super::decode`]).
+//! Resolving a context into a session, and scoring candidates on it (one batched pass over the shared
+//! context cache, or as string prefixes). The next-character questions are in [`super::nextchar`];
+//! proposals are decodes stepped together by the scheduler ([`super::decode`]).
 
 use std::sync::Arc;
 
@@ -8,7 +8,7 @@ use candle_core::{D, Tensor};
 
 use super::session::{PrefixCache, Session, Usage};
 use super::{ContextBody, ContextSpec, Engine};
-use crate::chars::{CharDistribution, CharOptions, CharState, NextTokenModel};
+use crate::chars::{CharOptions, CharState, NextTokenModel};
 use crate::error::{Error, Result};
 use crate::model::Transformer;
 use crate::sampling::SamplingParams;
@@ -75,17 +75,6 @@ impl CandidateScore {
 pub struct Scores {
     /// One per candidate.
     pub scores: Vec<CandidateScore>,
-    /// Work done.
-    pub usage: Usage,
-}
-
-/// A next-character distribution.
-#[derive(Debug, Clone)]
-pub struct CharsOut {
-    /// The distribution.
-    pub dist: CharDistribution,
-    /// Hypotheses alive.
-    pub hypotheses: usize,
     /// Work done.
     pub usage: Usage,
 }
