@@ -217,3 +217,71 @@ async fn specfuse_gate_skips_the_others_only_for_sure_drafts() -> anyhow::Result
     }
     Ok(())
 }
+
+/// Sampled speculative CharED keeps the mixture's distribution: over the bundled models, the first
+/// three characters of 400 sampled answers (temperature 1, seeds 0..400) per mode, per-character
+/// against speculative, pass a two-sample chi-square test at the 0.1% level (categories with fewer
+/// than 10 answers in both modes pooled). The seeds are fixed, so the check is deterministic; the
+/// sampler's draws differ between the modes (the acceptance test draws once or twice per position),
+/// so the answers do not match one by one, only in distribution.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sampled_speculative_chared_keeps_the_mixture_distribution() -> anyhow::Result<()> {
+    let (_nodes, specs) = common::start_members(common::bundled_dirs()).await?;
+    let c = Coordinator::new(specs, Duration::from_secs(30)).await?;
+    let prompt = pb::Prompt {
+        kind: Some(pb::prompt::Kind::Conversation(pb::Conversation {
+            messages: vec![pb::ChatMessage {
+                role: "user".into(),
+                content: "What is the plural of blarch?".into(),
+            }],
+        })),
+    };
+    const N: u64 = 400;
+    let mut counts: std::collections::BTreeMap<String, [f64; 2]> = std::collections::BTreeMap::new();
+    let mut same = 0;
+    for seed in 0..N {
+        let mut got = Vec::new();
+        for (mode, draft) in [(0usize, 0u32), (1, 8)] {
+            let mut req = chared(prompt.clone(), 3, draft);
+            let o = req.chared.get_or_insert_default();
+            (o.temperature, o.seed) = (Some(1.0), Some(seed));
+            let mut text = String::new();
+            let mut on_char = |s: &CharStep| {
+                text.push_str(&format!("{:?}", s.chosen));
+                true
+            };
+            c.run(req, &mut |_| true, &mut on_char).await?;
+            counts.entry(text.clone()).or_default()[mode] += 1.0;
+            got.push(text);
+        }
+        same += usize::from(got[0] == got[1]);
+    }
+    // Pool the rare categories, then the two-sample statistic: Σ (a − b)² / (a + b) (equal totals).
+    let (mut cells, mut rare) = (Vec::new(), [0.0; 2]);
+    for v in counts.values() {
+        if v[0] + v[1] < 10.0 {
+            rare[0] += v[0];
+            rare[1] += v[1];
+        } else {
+            cells.push(*v);
+        }
+    }
+    if rare[0] + rare[1] > 0.0 {
+        cells.push(rare);
+    }
+    assert!(cells.len() >= 3, "too few outcomes to compare: {counts:?}");
+    let chi2: f64 = cells.iter().map(|v| (v[0] - v[1]).powi(2) / (v[0] + v[1])).sum();
+    // The 99.9% quantile of chi-square with k degrees of freedom (Wilson–Hilferty).
+    let k = (cells.len() - 1) as f64;
+    let q = k * (1.0 - 2.0 / (9.0 * k) + 3.090 * (2.0 / (9.0 * k)).sqrt()).powi(3);
+    eprintln!(
+        "sampled: {} outcome classes, chi2 {chi2:.2} (99.9% quantile {q:.2}); {same} of {N} answers equal by seed",
+        cells.len()
+    );
+    assert!(chi2 < q, "chi2 {chi2} >= {q}: {counts:?}");
+    assert!(
+        (same as u64) < N,
+        "the modes draw differently; equal answers for every seed would be a bug"
+    );
+    Ok(())
+}
