@@ -359,29 +359,21 @@ pub async fn chared(
                 }
             }
             let step = ce.combine(&dists)?;
-            let chosen = step.chosen;
             span.record("prob", step.prob);
-            span.record("eos", chosen == CharOutcome::Eos);
-            if !observe(&step) {
-                return Err(Error::Cancelled);
+            span.record("eos", step.chosen == CharOutcome::Eos);
+            let mut w = speculative::Writer {
+                answer: &mut answer,
+                steps: &mut steps,
+                limits,
+                observe: &mut *observe,
+            };
+            let mut accepted = String::new();
+            let finish = w.take(vec![step], &mut accepted)?;
+            for n in nodes.iter_mut() {
+                n.accept(&accepted);
             }
-            steps.push(step);
-            match chosen {
-                CharOutcome::Eos => break Finish::Eos,
-                CharOutcome::Char(c) => {
-                    answer.push(c);
-                    let text = c.to_string();
-                    for n in nodes.iter_mut() {
-                        n.accept(&text);
-                    }
-                }
-            }
-            if let Some(cut) = limits.stop.iter().filter_map(|s| answer.find(s.as_str())).min() {
-                answer.truncate(cut);
-                break Finish::Stop;
-            }
-            if answer.chars().count() >= limits.max_chars {
-                break Finish::Length;
+            if let Some(f) = finish {
+                break f;
             }
         })
     }

@@ -34,7 +34,7 @@ pub(super) struct Round {
     pub(super) waves: u64,
 }
 
-/// The answer being written and what the caller sees of it.
+/// The answer being written and what the caller sees of it (both CharED modes append through it).
 pub(super) struct Writer<'a> {
     pub(super) answer: &'a mut String,
     pub(super) steps: &'a mut Vec<CharStep>,
@@ -44,7 +44,7 @@ pub(super) struct Writer<'a> {
 
 impl Writer<'_> {
     /// Appends the steps' characters (to the answer and to `accepted`) until one ends the answer.
-    fn take(&mut self, taken: Vec<CharStep>, accepted: &mut String) -> Result<Option<Finish>> {
+    pub(super) fn take(&mut self, taken: Vec<CharStep>, accepted: &mut String) -> Result<Option<Finish>> {
         for step in taken {
             if !(self.observe)(&step) {
                 return Err(Error::Cancelled);
