@@ -18,6 +18,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .type_attribute("ensemble.v1.SpecFuseOptions", json)
         .type_attribute("ensemble.v1.CharEdOptions", json)
+        .type_attribute("ensemble.v1.CoLlmOptions", json)
+        .type_attribute("ensemble.v1.PipelineOptions", json)
+        .type_attribute("ensemble.v1.PipelineStage", json)
+        .type_attribute("ensemble.v1.PipelineRoute", json)
         .compile_fds(fds)?;
     Ok(())
 }

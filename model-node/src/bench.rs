@@ -91,6 +91,7 @@ fn propose_job(n: usize) -> crate::engine::Job {
             max_new_tokens: n,
             stop: vec![],
             sampling: Default::default(),
+            defer_threshold: None,
         },
     )
 }
@@ -145,6 +146,7 @@ fn decode(args: &BenchArgs) -> Result<()> {
             max_new_tokens: n as u32,
             stop: vec![],
             sampling: Some(pb::Sampling::default()),
+            defer_threshold: None,
         };
         let t0 = Instant::now();
         let resp = rt

@@ -118,6 +118,21 @@ pub struct ServeArgs {
     /// Input size limits.
     #[command(flatten)]
     pub input: InputArgs,
+    /// Co-LLM deferral.
+    #[command(flatten)]
+    pub deferral: DeferralArgs,
+}
+
+/// Co-LLM: the deferral head this node serves (ALGORITHMS.md "Co-LLM"; the file format is in
+/// [`crate::deferral`]).
+#[derive(Debug, Clone, Default, Args)]
+pub struct DeferralArgs {
+    /// Deferral head file (safetensors, written by `ensemble-train deferral`). A relative path that
+    /// does not exist from the working directory is looked up in the model directory. Default: none;
+    /// a `deferral.safetensors` beside the checkpoint is never loaded unless named here. With a head,
+    /// ProposeSegment honours `defer_threshold` and Info reports the head.
+    #[arg(long, env = "MODEL_NODE_DEFERRAL_HEAD")]
+    pub deferral_head: Option<PathBuf>,
 }
 
 /// Input size limits, checked before anything is tokenized ([`ensemble_proto::limits`]).

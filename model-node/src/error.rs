@@ -8,6 +8,9 @@ pub enum Error {
     /// The model directory is missing a file or holds an invalid one (start-up only).
     #[error("model directory: {0}")]
     ModelDir(String),
+    /// The Co-LLM deferral head file is unreadable or does not fit the model (start-up only).
+    #[error("deferral head {0}")]
+    DeferralHead(String),
     /// The server could not start: TLS files, listener, reflection.
     #[error("server: {0}")]
     Server(String),
@@ -108,6 +111,7 @@ impl From<Error> for Status {
             Error::ShuttingDown => Code::Unavailable,
             Error::Cancelled => Code::Cancelled,
             Error::ModelDir(_)
+            | Error::DeferralHead(_)
             | Error::Server(_)
             | Error::Candle(_)
             | Error::Vocab(_)

@@ -6,6 +6,7 @@
 //! # Layout
 //! - [`config`]: clap/env configuration of the `model-node` binary.
 //! - [`modeldir`]: reading a model directory (config, tokenizer, template, safetensors).
+//! - [`deferral`]: Co-LLM deferral heads (the file format, loading, saving).
 //! - [`model`]: architectures and the forward pass with an external KV cache.
 //! - [`vocab`]: token ↔ bytes for byte-level BPE, SentencePiece and plain vocabularies; the byte trie.
 //! - [`chars`]: the next-character distribution (hypothesis sets over token paths).
@@ -24,6 +25,7 @@
 pub mod bench;
 pub mod chars;
 pub mod config;
+pub mod deferral;
 pub mod engine;
 pub mod error;
 pub mod fixtures;

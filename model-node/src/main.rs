@@ -57,7 +57,8 @@ fn serve(args: ServeArgs, threads: usize) -> anyhow::Result<()> {
         let _enter = rt.enter();
         ensemble_proto::telemetry::init("model-node").map_err(anyhow::Error::msg)?
     };
-    let node = model_node::node::load(&args.model, &args.limits).context("loading the model")?;
+    let node = model_node::node::load_with(&args.model, &args.limits, &args.deferral)
+        .context("loading the model")?;
     tracing::info!(model = %node.info.model_id, arch = %node.info.architecture, listen = %args.listen, kernel_threads = threads, "model loaded");
     let char_defaults = CharOptions {
         max_hypotheses: args.limits.char_hypotheses.max(1),
@@ -156,6 +157,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
                 top_k: args.top_k,
                 seed: args.seed,
             },
+            defer_threshold: None,
         },
     );
     let Reply::Proposal(p) = engine.run(job, 0.0, &|| false)? else {

@@ -4,7 +4,8 @@
 use candle_core::{DType, Device};
 use ensemble_proto::v1 as pb;
 
-use crate::config::{DTypeArg, LimitArgs, ModelArgs};
+use crate::config::{DTypeArg, DeferralArgs, LimitArgs, ModelArgs};
+use crate::deferral::DeferralHead;
 use crate::engine::text::TextCodec;
 use crate::engine::{Engine, EngineLimits};
 use crate::error::{Error, Result};
@@ -63,8 +64,14 @@ pub struct Loaded {
     pub info: pb::InfoResponse,
 }
 
-/// Loads the model described by `args` with `limits`.
+/// Loads the model described by `args` with `limits` (no deferral head).
 pub fn load(args: &ModelArgs, limits: &LimitArgs) -> Result<Loaded> {
+    load_with(args, limits, &DeferralArgs::default())
+}
+
+/// Loads the model described by `args` with `limits` and, when `deferral` names one, its Co-LLM
+/// deferral head (a head that does not fit the model is a start-up error naming the file).
+pub fn load_with(args: &ModelArgs, limits: &LimitArgs, deferral: &DeferralArgs) -> Result<Loaded> {
     let files = ModelFiles::open(&args.model_dir)?;
     let device = device(&args.device)?;
     let dtype = dtype(args.dtype, &device);
@@ -73,7 +80,26 @@ pub fn load(args: &ModelArgs, limits: &LimitArgs) -> Result<Loaded> {
         .unwrap_or(files.config.max_position_embeddings.min(DEFAULT_CONTEXT_CAP))
         .min(files.config.max_position_embeddings)
         .max(2);
-    let model = files.load_model(&device, dtype, max_context)?;
+    let head = match &deferral.deferral_head {
+        Some(file) => {
+            let path = crate::deferral::resolve_path(file, &args.model_dir);
+            let head = DeferralHead::load(&path)?;
+            head.check_hidden(&path, files.config.hidden_size)?;
+            Some((path, head))
+        }
+        None => None,
+    };
+    let mut model = files.load_model(&device, dtype, max_context)?;
+    if let Some((path, head)) = &head {
+        let (g, b) = head.tensors(&device)?;
+        model.set_deferral(&g, &b).map_err(|e| {
+            Error::DeferralHead(format!(
+                "{}: {}",
+                path.display(),
+                crate::error::candle_message(&e)
+            ))
+        })?;
+    }
     let vocab = Vocab::from_tokenizer(&files.tokenizer, files.config.vocab_size, &files.eos_ids)?;
     let kind = match vocab.kind() {
         TokenizerKind::ByteLevel => pb::TokenizerKind::ByteLevel,
@@ -111,6 +137,11 @@ pub fn load(args: &ModelArgs, limits: &LimitArgs) -> Result<Loaded> {
         max_sessions: limits.max_sessions as u32,
         kv_cache_budget_bytes: engine_limits.kv_budget_bytes as u64,
         kernel_threads: crate::threads::current() as u32,
+        deferral_head: head.as_ref().map(|(path, h)| pb::DeferralHeadInfo {
+            assistants: h.assistants.clone(),
+            eta: h.eta,
+            path: path.display().to_string(),
+        }),
         // Load fields: filled in by the service from the engine's counters on every Info.
         ..Default::default()
     };

@@ -155,12 +155,15 @@ impl ModelNode for NodeService {
                 Finish::Eos => pb::FinishReason::Eos,
                 Finish::Length => pb::FinishReason::Length,
                 Finish::Stop => pb::FinishReason::Stop,
+                Finish::Defer => pb::FinishReason::Defer,
             };
             Ok(Response::new(pb::ProposeResponse {
                 text: p.text,
                 token_logprobs: p.token_logprobs,
                 finish_reason: finish as i32,
                 usage: Some(usage(&p.usage)),
+                defer_probs: p.defer_probs,
+                defer_head_probs: p.defer_head_probs,
             }))
         }
         .instrument(span.clone())

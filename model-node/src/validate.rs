@@ -161,6 +161,13 @@ pub fn propose(r: pb::ProposeRequest) -> Result<(ContextSpec, ProposeParams)> {
             s.len()
         )));
     }
+    if let Some(t) = r.defer_threshold
+        && !(t.is_finite() && t > 0.0 && t < 1.0)
+    {
+        return Err(invalid(format!(
+            "defer_threshold must be in (0, 1) exclusive (a deferral probability; leave it unset for no deferral), got {t}"
+        )));
+    }
     let sampling = sampling(r.sampling)?;
     let ctx = context(r.context)?;
     Ok((
@@ -169,6 +176,7 @@ pub fn propose(r: pb::ProposeRequest) -> Result<(ContextSpec, ProposeParams)> {
             max_new_tokens: r.max_new_tokens as usize,
             stop: r.stop,
             sampling,
+            defer_threshold: r.defer_threshold,
         },
     ))
 }
@@ -391,7 +399,7 @@ mod tests {
             hyps in proptest::option::of(any::<u32>()),
         ) {
             let sampling = Some(pb::Sampling { temperature: temp, top_p, top_k, seed: None });
-            let p = propose(pb::ProposeRequest { context: ctx.clone(), max_new_tokens: max_new, stop, sampling });
+            let p = propose(pb::ProposeRequest { context: ctx.clone(), max_new_tokens: max_new, stop, sampling, defer_threshold: None });
             if let Ok((_, params)) = &p {
                 prop_assert!(params.max_new_tokens >= 1 && params.max_new_tokens <= MAX_NEW_TOKENS as usize);
                 prop_assert!(params.sampling.temperature >= 0.0);

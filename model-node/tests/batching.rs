@@ -38,6 +38,7 @@ fn requests() -> Vec<pb::ProposeRequest> {
                     seed: Some(u64::from(i)),
                 }
             }),
+            defer_threshold: None,
         })
         .collect()
 }

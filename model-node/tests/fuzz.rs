@@ -150,7 +150,8 @@ fn arb_request() -> impl Strategy<Value = Req> {
                     context,
                     max_new_tokens,
                     stop,
-                    sampling
+                    sampling,
+                    defer_threshold: None,
                 })
             ),
         (

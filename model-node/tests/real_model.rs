@@ -43,6 +43,7 @@ fn stories260k_greedy_matches_llama2c_in_process() -> anyhow::Result<()> {
             max_new_tokens: 256,
             stop: vec![],
             sampling: SamplingParams::default(),
+            defer_threshold: None,
         },
     );
     let Reply::Proposal(p) = engine.run(job, 0.0, &|| false)? else {

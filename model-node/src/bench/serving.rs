@@ -138,6 +138,7 @@ pub fn streams_table(model: &ModelArgs, limits: &LimitArgs, streams: &[usize], t
                         max_new_tokens: tokens as u32,
                         stop: vec![],
                         sampling: Some(pb::Sampling::default()),
+                        defer_threshold: None,
                     };
                     let t = Instant::now();
                     let r = c.propose_segment(req).await.map_err(err)?.into_inner();
@@ -184,8 +185,8 @@ pub fn kv_table(model: &ModelArgs, limits: &LimitArgs) -> Result<()> {
         let (_, mut kv) = m.forward(&input, &KvCache::default(), false)?;
         let t0 = Instant::now();
         for i in 0..steps {
-            let (_, next) = m.forward_ragged(&[5 + i as u32 % 100], &[&kv])?;
-            kv = next.into_iter().next().unwrap_or_default();
+            let next = m.forward_ragged(&[5 + i as u32 % 100], &[&kv])?;
+            kv = next.caches.into_iter().next().unwrap_or_default();
         }
         let ms = t0.elapsed().as_secs_f64() * 1e3 / steps as f64;
         println!("| {ctx} | {ms:.3} | {} |", kv.capacity());

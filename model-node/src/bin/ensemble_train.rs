@@ -3,6 +3,8 @@
 //! ```text
 //! ensemble-train model --recipe arith --out models/arith      # one model (deterministic)
 //! ensemble-train eval-sets --out eval                         # eval/*.jsonl
+//! ensemble-train deferral --base models/general \
+//!     --assistant arith=models/arith --assistant atlas=models/atlas  # models/general/deferral.safetensors
 //! ```
 
 use std::io::Write as _;
@@ -10,6 +12,8 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use model_node::train::deferral::{EtaRule, FitOptions, PosWeight};
+use model_node::train::deferral_data;
 use model_node::train::world::{Domain, World};
 use model_node::train::{recipe, train};
 
@@ -78,6 +82,50 @@ enum Command {
         #[arg(long, default_value_t = 100)]
         eval_items: usize,
     },
+    /// Train Co-LLM deferral heads for a base model, one per assistant, on the synthetic world's
+    /// training items (weak labels from each model's own greedy guesses), choose η on a disjoint
+    /// validation split, and write the head file.
+    Deferral {
+        /// The base model directory.
+        #[arg(long)]
+        base: PathBuf,
+        /// An assistant, NAME=DIR (repeat for several; one head each, in this order).
+        #[arg(long = "assistant", value_parser = name_dir, required = true)]
+        assistants: Vec<(String, PathBuf)>,
+        /// Seed of the synthetic world.
+        #[arg(long, default_value_t = 2026)]
+        world_seed: u64,
+        /// Training items (the three domains in turn).
+        #[arg(long, default_value_t = 2000)]
+        train_items: usize,
+        /// Validation items for η (disjoint from the training items).
+        #[arg(long, default_value_t = 600)]
+        val_items: usize,
+        /// Positive class weight of the BCE: `auto` (negatives / positives per head) or a number.
+        #[arg(long, default_value = "auto")]
+        pos_weight: PosWeight,
+        /// How η is chosen on validation: `youden` (max TPR − FPR) or `rate:R` (defer at a share R).
+        #[arg(long, default_value = "youden")]
+        eta_rule: EtaRule,
+        /// Full-batch Adam steps.
+        #[arg(long, default_value_t = 400)]
+        epochs: usize,
+        /// Adam step size.
+        #[arg(long, default_value_t = 0.02)]
+        lr: f64,
+        /// L2 penalty on each head's vector.
+        #[arg(long, default_value_t = 1e-4)]
+        l2: f64,
+        /// The head file (default: deferral.safetensors in the base directory).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Also write the report as JSON here.
+        #[arg(long)]
+        report: Option<PathBuf>,
+        /// CPU threads (0: the cgroup's CPU quota, else the available cores).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
     /// Write the held-out evaluation sets (JSON Lines) to a directory.
     EvalSets {
         /// Output directory.
@@ -101,10 +149,73 @@ fn line(item: &model_node::train::world::Item) -> String {
     .to_string()
 }
 
+/// `NAME=DIR`.
+fn name_dir(s: &str) -> Result<(String, PathBuf), String> {
+    match s.split_once('=') {
+        Some((n, d)) if !n.is_empty() && !d.is_empty() => Ok((n.to_owned(), PathBuf::from(d))),
+        _ => Err(format!("expected NAME=DIR, got {s:?}")),
+    }
+}
+
+fn deferral(o: &deferral_data::Options, report_path: Option<&PathBuf>) -> anyhow::Result<()> {
+    let r = deferral_data::run(o).context("training the deferral heads")?;
+    if let Some(p) = report_path {
+        std::fs::write(p, serde_json::to_string_pretty(&r)?)
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    let pct = |x: f64| format!("{:.1}%", 100.0 * x);
+    println!(
+        "base {}: {} train / {} val positions ({} / {} items); base right at {} of train positions",
+        r.base,
+        r.train.positions,
+        r.val.positions,
+        r.train.items,
+        r.val.items,
+        pct(r.train.base_right as f64 / r.train.positions.max(1) as f64),
+    );
+    println!("| head | positives train / val | pos weight | train loss | val loss | val AUC |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for h in &r.heads {
+        println!(
+            "| {} | {} / {} | {:.2} | {:.3} → {:.3} | {:.3} → {:.3} | {} |",
+            h.assistant,
+            r.train.positives.get(&h.assistant).unwrap_or(&0),
+            r.val.positives.get(&h.assistant).unwrap_or(&0),
+            h.pos_weight,
+            h.train_loss.0,
+            h.train_loss.1,
+            h.val_loss.0,
+            h.val_loss.1,
+            h.val_auc.map_or("-".into(), |a| format!("{a:.3}")),
+        );
+    }
+    let (rate, tpr, fpr) = r.at_eta;
+    let by: Vec<String> = r
+        .val_defer_rate_by_domain
+        .iter()
+        .map(|(d, x)| format!("{d} {}", pct(*x)))
+        .collect();
+    println!(
+        "η = {:.4} ({}): on val, defers at {} of positions (TPR {}, FPR {}; AUC of max over heads {}); by domain: {}",
+        r.eta,
+        r.eta_rule,
+        pct(rate),
+        pct(tpr),
+        pct(fpr),
+        r.val_auc_any.map_or("-".into(), |a| format!("{a:.3}")),
+        by.join(", "),
+    );
+    println!(
+        "labels {:.1} s, fit {:.1} s, total {:.1} s; written to {}",
+        r.seconds.0, r.seconds.1, r.seconds.2, r.out
+    );
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let requested = match &cli.command {
-        Command::Model { threads, .. } => *threads,
+        Command::Model { threads, .. } | Command::Deferral { threads, .. } => *threads,
         _ => 0,
     };
     // SAFETY: first thing in main, before any other thread starts.
@@ -197,6 +308,39 @@ fn main() -> anyhow::Result<()> {
                 v["report"]["accuracy"] = serde_json::to_value(&acc)?;
                 std::fs::write(&tj, serde_json::to_string_pretty(&v)?)?;
             }
+        }
+        Command::Deferral {
+            base,
+            assistants,
+            world_seed,
+            train_items,
+            val_items,
+            pos_weight,
+            eta_rule,
+            epochs,
+            lr,
+            l2,
+            out,
+            report,
+            threads: _,
+        } => {
+            let o = deferral_data::Options {
+                out: out.unwrap_or_else(|| deferral_data::default_out(&base)),
+                base,
+                assistants,
+                world_seed,
+                train_items,
+                val_items,
+                pos_weight,
+                eta_rule,
+                fit: FitOptions {
+                    epochs,
+                    lr,
+                    l2,
+                    pos_weight: 1.0,
+                },
+            };
+            deferral(&o, report.as_ref())?;
         }
         Command::EvalSets { out, world_seed, n } => {
             std::fs::create_dir_all(&out)?;

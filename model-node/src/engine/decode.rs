@@ -41,6 +41,12 @@ pub(super) struct Decode {
     kv: KvCache,
     /// Logits of the next position.
     logits: Vec<f32>,
+    /// Deferral logits (one per head) of the next position, when the node has deferral heads.
+    deferral: Option<Vec<f32>>,
+    /// Deferral probability of each position decided so far (with a threshold only).
+    defer_probs: Vec<f32>,
+    /// Each head's probability where it deferred.
+    defer_head_probs: Vec<f32>,
     sampler: Sampler,
     bytes: Vec<u8>,
     logprobs: Vec<f32>,
@@ -69,6 +75,11 @@ enum Next {
     Done(Finish),
 }
 
+/// σ(x) in f32.
+fn sigmoid(x: f32) -> f32 {
+    crate::deferral::sigmoid(f64::from(x)) as f32
+}
+
 impl Engine {
     /// KV bytes one position costs over all layers.
     pub(super) fn kv_bytes_per_position(&self) -> usize {
@@ -86,6 +97,13 @@ impl Engine {
         mut params: ProposeParams,
         held: usize,
     ) -> Result<Start> {
+        if params.defer_threshold.is_some() && self.model.deferral_heads() == 0 {
+            return Err(Error::InvalidArgument(
+                "defer_threshold is set but this node has no deferral head: start it with --deferral-head FILE \
+                 (trained by `ensemble-train deferral`), or leave defer_threshold unset"
+                    .into(),
+            ));
+        }
         let mut session = self.resolve(ctx)?;
         let tokens = session.tokens.len();
         let text_empty = Self::text_empty(&session);
@@ -132,6 +150,30 @@ impl Engine {
                 return Err(e);
             }
         };
+        // The first position's deferral logits: the prefill keeps no hidden state, so its last token
+        // runs once more (one position, attending to the cache without writing it). Not needed when
+        // the first token heals (a healing step never defers) or without a threshold.
+        let mut deferral = None;
+        if params.defer_threshold.is_some()
+            && heal.remainder.is_empty()
+            && let Some((&last, _)) = seq.split_last()
+        {
+            let t0 = Instant::now();
+            let d = kv
+                .truncate(seq.len() - 1)
+                .and_then(|before| self.model.deferral_after(last, &before))
+                .and_then(|d| d.map(|d| d.to_vec1::<f32>()).transpose());
+            match d {
+                Ok(d) => deferral = d,
+                Err(e) => {
+                    self.sessions.put(session);
+                    return Err(e.into());
+                }
+            }
+            usage.forward_ms += t0.elapsed().as_secs_f64() * 1e3;
+            usage.computed_positions += 1;
+            usage.forward_passes += 1;
+        }
         let seed = session.answer_chars as u64 ^ (tokens as u64).rotate_left(32);
         let params_limit = params.max_new_tokens + usize::from(!heal.remainder.is_empty());
         Ok(Start::Run(Box::new(Decode {
@@ -145,6 +187,9 @@ impl Engine {
             seq,
             kv,
             logits,
+            deferral,
+            defer_probs: Vec::new(),
+            defer_head_probs: Vec::new(),
             bytes: Vec::new(),
             logprobs: Vec::new(),
             text: String::new(),
@@ -160,6 +205,20 @@ impl Engine {
         }
         let vocab = &self.codec.vocab;
         let healing = d.step == 0 && !d.remainder.is_empty();
+        if let Some(eta) = d.params.defer_threshold {
+            // Co-LLM: decide before picking. A healing step re-spells the context's backed-off last
+            // token (text the ensemble already accepted), so it never defers; it reports 0.
+            let probs: Vec<f32> = match (&d.deferral, healing) {
+                (Some(z), false) => z.iter().map(|&z| sigmoid(z)).collect(),
+                _ => vec![],
+            };
+            let p = probs.iter().copied().fold(0.0f32, f32::max);
+            d.defer_probs.push(p);
+            if f64::from(p) > eta {
+                d.defer_head_probs = probs;
+                return Next::Done(Finish::Defer);
+            }
+        }
         let healed: Vec<u32>;
         let candidates: &[u32] = if healing {
             let mut ids: Vec<u32> = vocab
@@ -173,6 +232,7 @@ impl Engine {
             &self.text_ids
         };
         let Some(tok) = d.sampler.pick(&d.logits, candidates) else {
+            d.defer_probs.truncate(d.logprobs.len());
             return Next::Done(Finish::Length);
         };
         let lse = log_sum_exp(&d.logits, None);
@@ -214,11 +274,20 @@ impl Engine {
     fn feed(&mut self, decodes: &mut [&mut Decode], tokens: &[u32]) -> Result<()> {
         let t0 = Instant::now();
         let caches: Vec<&KvCache> = decodes.iter().map(|d| &d.kv).collect();
-        let (logits, kvs) = self.model.forward_ragged(tokens, &caches)?;
-        let rows = logits.to_vec2::<f32>()?;
+        let step = self.model.forward_ragged(tokens, &caches)?;
+        let rows = step.logits.to_vec2::<f32>()?;
+        let mut deferral = match &step.deferral {
+            Some(z) => z.to_vec2::<f32>()?.into_iter().map(Some).collect(),
+            None => vec![None; rows.len()],
+        };
         let ms = t0.elapsed().as_secs_f64() * 1e3;
-        for ((d, row), kv) in decodes.iter_mut().zip(rows).zip(kvs) {
-            (d.logits, d.kv) = (row, kv);
+        for (((d, row), kv), z) in decodes
+            .iter_mut()
+            .zip(rows)
+            .zip(step.caches)
+            .zip(deferral.drain(..))
+        {
+            (d.logits, d.kv, d.deferral) = (row, kv, z);
             d.usage.computed_positions += 1;
             d.usage.forward_passes += 1;
             d.usage.forward_ms += ms;
@@ -247,6 +316,8 @@ impl Engine {
             text: d.text,
             token_logprobs: d.logprobs,
             finish,
+            defer_probs: d.defer_probs,
+            defer_head_probs: d.defer_head_probs,
             usage: Usage::default(),
         };
         (proposal, d.usage)

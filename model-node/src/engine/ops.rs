@@ -22,6 +22,9 @@ pub struct ProposeParams {
     pub stop: Vec<String>,
     /// Sampling.
     pub sampling: SamplingParams,
+    /// Co-LLM: stop before the first token whose deferral probability (the highest over the node's
+    /// heads) exceeds this threshold in (0, 1) ([`Finish::Defer`]). `None`: no deferral.
+    pub defer_threshold: Option<f64>,
 }
 
 /// Why a proposal ended.
@@ -33,6 +36,8 @@ pub enum Finish {
     Length,
     /// Stop string.
     Stop,
+    /// Co-LLM: the deferral head asked to hand the next token to an assistant.
+    Defer,
 }
 
 /// A drafted segment.
@@ -44,6 +49,12 @@ pub struct Proposal {
     pub token_logprobs: Vec<f32>,
     /// Why it ended.
     pub finish: Finish,
+    /// With a deferral threshold: the deferral probability (highest over the heads) at each position
+    /// decided (one per token log-probability; 0 at a healing step, which never defers), plus the
+    /// position deferred at when it ended with [`Finish::Defer`].
+    pub defer_probs: Vec<f32>,
+    /// With [`Finish::Defer`]: each head's probability at the position deferred at.
+    pub defer_head_probs: Vec<f32>,
     /// Work done.
     pub usage: Usage,
 }

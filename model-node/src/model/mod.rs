@@ -8,4 +8,4 @@ pub mod config;
 pub mod transformer;
 
 pub use config::{Arch, ArchConfig, SUPPORTED};
-pub use transformer::{KvCache, Transformer};
+pub use transformer::{KvCache, RaggedStep, Transformer};

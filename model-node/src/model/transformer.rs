@@ -230,6 +230,19 @@ pub struct Transformer {
     sin: Tensor,
     device: Device,
     dtype: DType,
+    /// Co-LLM deferral heads: `(hidden, H)` (the vectors as columns) and the biases `(H,)`, f32.
+    deferral: Option<(Tensor, Tensor)>,
+}
+
+/// What one [`Transformer::forward_ragged`] step returns.
+#[derive(Debug)]
+pub struct RaggedStep {
+    /// f32 logits `(n, vocab)`.
+    pub logits: Tensor,
+    /// f32 deferral logits `(n, H)` (`h·g_j + b_j` per head), when deferral heads are set.
+    pub deferral: Option<Tensor>,
+    /// The extended caches, one per sequence.
+    pub caches: Vec<KvCache>,
 }
 
 fn inv_freq(cfg: &ArchConfig) -> Vec<f32> {
@@ -367,7 +380,47 @@ impl Transformer {
             sin,
             device,
             dtype,
+            deferral: None,
         })
+    }
+
+    /// Sets the Co-LLM deferral heads: `heads` `(H, hidden)` (one vector g per assistant) and `bias`
+    /// `(H,)`. Every [`Transformer::forward_ragged`] step then also returns the deferral logits
+    /// `h·g + b` of its rows, `h` the last hidden state after the final norm.
+    pub fn set_deferral(&mut self, heads: &Tensor, bias: &Tensor) -> CResult<()> {
+        let (n, hidden) = heads.dims2()?;
+        if hidden != self.cfg.hidden_size || bias.dims1()? != n || n == 0 {
+            candle_core::bail!(
+                "deferral heads {:?} and bias {:?} do not fit hidden size {}",
+                heads.dims(),
+                bias.dims(),
+                self.cfg.hidden_size
+            );
+        }
+        let g = heads
+            .to_dtype(DType::F32)?
+            .to_device(&self.device)?
+            .t()?
+            .contiguous()?;
+        let b = bias.to_dtype(DType::F32)?.to_device(&self.device)?;
+        self.deferral = Some((g, b));
+        Ok(())
+    }
+
+    /// Deferral heads set (0: none).
+    pub fn deferral_heads(&self) -> usize {
+        self.deferral
+            .as_ref()
+            .and_then(|(g, _)| g.dim(1).ok())
+            .unwrap_or(0)
+    }
+
+    /// The deferral logits `(n, H)` of normed hidden states `(n, hidden)`, when heads are set.
+    fn deferral_logits(&self, normed: &Tensor) -> CResult<Option<Tensor>> {
+        let Some((g, b)) = &self.deferral else {
+            return Ok(None);
+        };
+        Ok(Some(normed.to_dtype(DType::F32)?.matmul(g)?.broadcast_add(b)?))
     }
 
     /// The configuration.
@@ -431,8 +484,10 @@ impl Transformer {
     /// One decode step of several sequences at once: `tokens[i]` follows `caches[i]` (each of batch 1,
     /// of any length). The embedding, projections, MLPs and LM head run once over all the rows (one
     /// matmul per weight instead of one per sequence); attention runs per sequence against its own
-    /// cache, so nothing is padded. Returns f32 logits `(n, vocab)` and the extended caches.
-    pub fn forward_ragged(&self, tokens: &[u32], caches: &[&KvCache]) -> CResult<(Tensor, Vec<KvCache>)> {
+    /// cache, so nothing is padded. Returns f32 logits `(n, vocab)`, the deferral logits `(n, H)` when
+    /// heads are set ([`Transformer::set_deferral`]; one small matmul on the same hidden states), and
+    /// the extended caches.
+    pub fn forward_ragged(&self, tokens: &[u32], caches: &[&KvCache]) -> CResult<RaggedStep> {
         let n = tokens.len();
         if n == 0 || caches.len() != n {
             candle_core::bail!("forward_ragged: {n} tokens for {} caches", caches.len());
@@ -461,7 +516,66 @@ impl Transformer {
         for out in &mut outs {
             out.len += 1;
         }
-        Ok((self.logits(&x, false)?, outs))
+        let normed = self.norm.forward(&x)?;
+        Ok(RaggedStep {
+            logits: self.lm_logits(&normed)?.squeeze(1)?,
+            deferral: self.deferral_logits(&normed.squeeze(1)?)?,
+            caches: outs,
+        })
+    }
+
+    /// The deferral logits `(H,)` of the position holding `token` right after `cache` (the last
+    /// position of a prefix, `cache` holding the rest): one position through the model, attending to
+    /// `cache` without writing to it, so views of its storage stay untouched. `None` without heads.
+    /// The decode's first position needs it; the prefill that computed its logits keeps no hidden state.
+    pub fn deferral_after(&self, token: u32, cache: &KvCache) -> CResult<Option<Tensor>> {
+        if self.deferral.is_none() {
+            return Ok(None);
+        }
+        let offset = cache.len;
+        self.check_positions(offset + 1)?;
+        let cos = self.cos.narrow(0, offset, 1)?;
+        let sin = self.sin.narrow(0, offset, 1)?;
+        let input = Tensor::new(&[token], &self.device)?.reshape((1, 1))?;
+        let x = self.layers_forward(&input, &mut |li, layer, hn| {
+            let (q, k, v) = self.project(layer, hn, &cos, &sin)?;
+            self.attend_detached(layer, li, (&q, &k, &v), cache, offset)
+        })?;
+        let normed = self.norm.forward(&x)?.reshape((1, self.cfg.hidden_size))?;
+        self.deferral_logits(&normed)?.map(|d| d.squeeze(0)).transpose()
+    }
+
+    /// The last hidden state after the final norm at every position of `tokens` (run from an empty
+    /// cache): f32 `(seq, hidden)`, the vectors the LM head multiplies (and the deferral heads'
+    /// features; the trainer's path).
+    pub fn hidden_states(&self, tokens: &[u32]) -> CResult<Tensor> {
+        let s = tokens.len();
+        self.check_positions(s)?;
+        let input = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
+        let out = KvCache::default().for_append(1, s, &self.kv_shape(), &self.device)?;
+        let cos = self.cos.narrow(0, 0, s)?;
+        let sin = self.sin.narrow(0, 0, s)?;
+        let x = self.layers_forward(&input, &mut |li, layer, hn| {
+            let (q, k, v) = self.project(layer, hn, &cos, &sin)?;
+            self.attend(layer, li, (&q, &k, &v), &out, 0)
+        })?;
+        self.norm.forward(&x)?.squeeze(0)?.to_dtype(DType::F32)
+    }
+
+    /// f32 logits of normed hidden states (any leading shape, last dimension hidden): the LM head
+    /// and the final soft-capping.
+    pub fn lm_logits(&self, normed: &Tensor) -> CResult<Tensor> {
+        let normed = normed.to_dtype(self.dtype)?;
+        let mut logits = self.lm_head.forward(&normed)?.to_dtype(DType::F32)?;
+        if let Some(cap) = self.cfg.final_logit_softcapping {
+            logits = ((logits / cap)?.tanh()? * cap)?;
+        }
+        Ok(logits)
+    }
+
+    /// The mean of the LM head's rows, f32 `(hidden,)`: Co-LLM's initial deferral vector.
+    pub fn lm_head_mean(&self) -> CResult<Tensor> {
+        self.lm_head.0.weight().to_dtype(DType::F32)?.mean(0)
     }
 
     /// Embedding and every layer; `attention(layer index, layer, normed input)` returns the attention
@@ -508,11 +622,7 @@ impl Transformer {
         } else {
             x.narrow(1, s - 1, 1)?
         };
-        let x = self.norm.forward(&x)?;
-        let mut logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
-        if let Some(cap) = self.cfg.final_logit_softcapping {
-            logits = ((logits / cap)?.tanh()? * cap)?;
-        }
+        let logits = self.lm_logits(&self.norm.forward(&x)?)?;
         if all_logits { Ok(logits) } else { logits.squeeze(1) }
     }
 
@@ -589,6 +699,59 @@ impl Transformer {
         let att = candle_nn::ops::softmax_last_dim(&att)?.to_dtype(v.dtype())?;
         att.matmul(&v)?
             .reshape((b, nh, s, hd))?
+            .transpose(1, 2)?
+            .reshape((b, s, nh * hd))
+    }
+
+    /// Attention of one new position (`q`, `k`, `v` of sequence length 1, batch 1) at `offset` over
+    /// `cache`'s positions and itself, reading the cache without writing it: the cached and the own
+    /// scores are softmaxed together and the two value products summed (no K/V copy).
+    fn attend_detached(
+        &self,
+        layer: &Layer,
+        li: usize,
+        (q, k, v): (&Tensor, &Tensor, &Tensor),
+        cache: &KvCache,
+        offset: usize,
+    ) -> CResult<Tensor> {
+        let (b, nh, s, hd) = q.dims4()?;
+        let nkv = self.cfg.num_kv_heads;
+        let rep = nh / nkv;
+        // The sliding window masks cached positions j with offset >= j + w.
+        let start = layer
+            .sliding_window
+            .map_or(0, |w| (offset + 1).saturating_sub(w))
+            .min(offset);
+        let held = offset - start;
+        let scale = match self.cfg.query_pre_attn_scalar {
+            Some(q) => q.powf(-0.5),
+            None => (hd as f64).powf(-0.5),
+        };
+        let q = q.reshape((b, nkv, rep * s, hd))?.to_dtype(DType::F32)?;
+        let own = q.matmul(&k.to_dtype(DType::F32)?.t()?)?;
+        let cached = if held > 0 {
+            let Some((kb, vb)) = cache.layers.get(li) else {
+                candle_core::bail!("KV cache has no layer {li}");
+            };
+            let ck = kb.narrow(2, start, held)?.to_dtype(DType::F32)?;
+            Some((q.matmul(&ck.t()?)?, vb.narrow(2, start, held)?))
+        } else {
+            None
+        };
+        let mut att = match &cached {
+            Some((sc, _)) => Tensor::cat(&[sc, &own], 3)?,
+            None => own,
+        };
+        att = (att * scale)?;
+        if let Some(cap) = self.cfg.attn_logit_softcapping {
+            att = ((att / cap)?.tanh()? * cap)?;
+        }
+        let att = candle_nn::ops::softmax_last_dim(&att)?.to_dtype(v.dtype())?;
+        let mut y = att.narrow(3, held, 1)?.contiguous()?.matmul(v)?;
+        if let Some((_, cv)) = &cached {
+            y = (y + att.narrow(3, 0, held)?.contiguous()?.matmul(cv)?)?;
+        }
+        y.reshape((b, nh, s, hd))?
             .transpose(1, 2)?
             .reshape((b, s, nh * hd))
     }

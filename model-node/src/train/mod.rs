@@ -4,8 +4,12 @@
 //! - [`model`]: a trainable decoder with HuggingFace tensor names;
 //! - [`recipe`]: the three bundled recipes (arithmetic specialist, atlas specialist, generalist),
 //!   their tokenizers and chat templates;
+//! - [`deferral`], [`deferral_data`]: Co-LLM deferral heads for a base and its assistants (weak
+//!   labels, logistic regression, η) and the run that collects their data through the engines;
 //! - this file: batching, the AdamW loop, a greedy held-out check, and writing the model directory.
 
+pub mod deferral;
+pub mod deferral_data;
 pub mod model;
 pub mod recipe;
 pub mod world;
@@ -171,8 +175,13 @@ fn batch(items: &[Encoded], pad: u32, device: &Device) -> Result<(Tensor, Tensor
 /// Exact-match accuracy per domain on `n` held-out items each: the written model directory loaded by
 /// the node's own engine (template, token healing, EOS handling exactly as served), greedy.
 pub fn accuracy(dir: &Path, world: &World, n: usize) -> Result<Vec<(Domain, f64)>> {
+    accuracy_of(&mut load_engine(dir)?.engine, world, n)
+}
+
+/// A model directory loaded by the node's own loader, on the CPU in f32, with small limits (no
+/// deferral head): what the trainer's checks drive in-process.
+pub fn load_engine(dir: &Path) -> Result<crate::node::Loaded> {
     use crate::config::{DTypeArg, LimitArgs, ModelArgs};
-    use crate::engine::{ContextBody, ContextSpec, Job, ProposeParams, Reply};
     let args = ModelArgs {
         model_dir: dir.to_path_buf(),
         model_id: None,
@@ -188,7 +197,11 @@ pub fn accuracy(dir: &Path, world: &World, n: usize) -> Result<Vec<(Domain, f64)
         char_hypotheses: 4,
         char_min_mass: 1e-4,
     };
-    let mut engine = crate::node::load(&args, &limits)?.engine;
+    Ok(crate::node::load(&args, &limits)?)
+}
+
+fn accuracy_of(engine: &mut crate::engine::Engine, world: &World, n: usize) -> Result<Vec<(Domain, f64)>> {
+    use crate::engine::{ContextBody, ContextSpec, Job, ProposeParams, Reply};
     let mut out = Vec::new();
     for d in Domain::ALL {
         let set = world.eval_set(d, n);
@@ -206,6 +219,7 @@ pub fn accuracy(dir: &Path, world: &World, n: usize) -> Result<Vec<(Domain, f64)
                     max_new_tokens: 48,
                     stop: vec![],
                     sampling: Default::default(),
+                    defer_threshold: None,
                 },
             );
             if let Reply::Proposal(p) = engine.run(job, 0.0, &|| false)?

@@ -68,7 +68,14 @@ impl TestNode {
         limits: LimitArgs,
         opts: model_node::server::ServeOptions,
     ) -> anyhow::Result<Self> {
-        let loaded = model_node::node::load(&args, &limits)?;
+        Self::start_loaded(model_node::node::load(&args, &limits)?, opts).await
+    }
+
+    /// Serves an already loaded node (e.g. one with a deferral head).
+    pub async fn start_loaded(
+        loaded: model_node::node::Loaded,
+        opts: model_node::server::ServeOptions,
+    ) -> anyhow::Result<Self> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let (tx, rx) = oneshot::channel::<()>();
@@ -160,6 +167,7 @@ pub fn greedy(ctx: Option<pb::Context>, n: u32) -> pb::ProposeRequest {
         max_new_tokens: n,
         stop: vec![],
         sampling: Some(pb::Sampling::default()),
+        defer_threshold: None,
     }
 }
 
