@@ -84,7 +84,7 @@ impl ModelNode for Trivial {
             text: "The quick brown fox jumps over the lazy dog ".into(),
             token_logprobs: vec![-0.1, -0.2, -0.3, -0.4, -0.5, -0.6, -0.7, -0.8, -0.9, -1.0],
             finish_reason: pb::FinishReason::Length as i32,
-            usage: None,
+            ..Default::default()
         }))
     }
 
@@ -263,7 +263,7 @@ async fn overhead(quick: bool, what: &str) -> anyhow::Result<()> {
         let mut steps = 0;
         for _ in 0..reps {
             let t = Instant::now();
-            let r = c.run(req.clone(), &mut |_| true, &mut |_| true).await?;
+            let r = c.run(req.clone(), &mut |_| true).await?;
             steps = r.steps;
             let per = if label == "specfuse" {
                 r.steps
@@ -291,13 +291,10 @@ async fn bytes_per_char() -> anyhow::Result<()> {
             .take(context)
             .collect();
         // One character first, to see the full-context call alone.
-        c.run(raw(prompt.clone(), "chared", 1), &mut |_| true, &mut |_| true)
-            .await?;
+        c.run(raw(prompt.clone(), "chared", 1), &mut |_| true).await?;
         let first = nodes[0].next_char_bytes.load(Ordering::Relaxed);
         let first_calls = nodes[0].next_char_calls.load(Ordering::Relaxed);
-        let r = c
-            .run(raw(prompt, "chared", 200), &mut |_| true, &mut |_| true)
-            .await?;
+        let r = c.run(raw(prompt, "chared", 200), &mut |_| true).await?;
         let total = nodes[0].next_char_bytes.load(Ordering::Relaxed) - first;
         let calls = nodes[0].next_char_calls.load(Ordering::Relaxed) - first_calls;
         // Of this request's calls, the first carries the full context; the rest are deltas.
@@ -314,11 +311,7 @@ async fn fan_out() -> anyhow::Result<()> {
     let rounds = 10u32;
     let t = Instant::now();
     let r = c
-        .run(
-            raw("x".into(), "specfuse", 3 * rounds),
-            &mut |_| true,
-            &mut |_| true,
-        )
+        .run(raw("x".into(), "specfuse", 3 * rounds), &mut |_| true)
         .await?;
     let per_round = t.elapsed().as_secs_f64() * 1e3 / f64::from(r.steps.max(1));
     let slowest = 2.0 * 40.0;
@@ -368,7 +361,7 @@ async fn active_nodes(quick: bool) -> anyhow::Result<()> {
                 }),
                 ..Default::default()
             };
-            let r = c.run(req, &mut |_| true, &mut |_| true).await?;
+            let r = c.run(req, &mut |_| true).await?;
             active += r.mean_active_nodes * f64::from(r.steps);
             rounds += r.steps;
             correct += usize::from(r.text.trim() == it.answer);

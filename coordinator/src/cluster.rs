@@ -13,8 +13,8 @@ use ensemble_proto::v1 as pb;
 use tokio::process::{Child, Command};
 
 use crate::config::{FileConfig, Settings};
+use crate::core::Coordinator;
 use crate::replicas::SystemResolver;
-use crate::service::Coordinator;
 
 /// Errors starting a cluster (all of them for a person to act on).
 pub type ClusterError = String;
@@ -95,8 +95,17 @@ impl LocalCluster {
             let log_path = logs.join(format!("{}.log", n.name));
             let log = std::fs::File::create(&log_path).map_err(|e| format!("{}: {e}", log_path.display()))?;
             let err = log.try_clone().map_err(|e| e.to_string())?;
-            let child = Command::new(&bin)
-                .arg("serve")
+            let mut cmd = Command::new(&bin);
+            cmd.arg("serve");
+            if let Some(head) = &n.deferral_head {
+                let head = if head.is_relative() {
+                    base.join(head)
+                } else {
+                    head.clone()
+                };
+                cmd.arg("--deferral-head").arg(head);
+            }
+            let child = cmd
                 .arg("--model-dir")
                 .arg(&dir)
                 .arg("--model-id")

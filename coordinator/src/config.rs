@@ -24,6 +24,25 @@
 //! [chared]
 //! temperature = 0.0
 //!
+//! [colm]                        # Co-LLM defaults (every field optional)
+//! base = "general"              # default: the first member whose node has a deferral head
+//! assistants = ["arith"]        # default: every member the base's head names
+//! eta = 0.65                    # default: the threshold stored with the head
+//! handoff = "token"             # or "word"
+//!
+//! [pipeline]                    # FSLM: the default stages (a request may give its own)
+//! fallback = "general"          # runs any stage whose member fails
+//! [[pipeline.stages]]
+//! name = "draft"
+//! node = "general"
+//! template = "{{ request }}"    # minijinja: request, previous, stages.NAME
+//! max_chars = 64
+//! [[pipeline.stages]]
+//! name = "answer"
+//! node = "general"
+//! template = "{{ request }}"
+//! route = [{ pattern = "^[0-9]", node = "arith" }] # first match on the previous output picks the member
+//!
 //! [[nodes]]
 //! name = "qwen"
 //! url = "http://ensemble-node-qwen.default.svc.cluster.local:50051"
@@ -31,6 +50,7 @@
 //! discovery = "dns"             # "static" (default) or "dns": every address of the host is a replica
 //! dns_refresh_ms = 5000
 //! model_dir = "models/arith"    # only for `ensemble up`, which starts the node itself
+//! deferral_head = "models/general/deferral.safetensors" # `ensemble up`: the node's Co-LLM head
 //!
 //! http_listen = "0.0.0.0:8080"  # OpenAI-compatible HTTP API, /metrics, /health; "off" for none
 //! api_key_file = "/etc/ensemble/api-keys" # one bearer token per line; none: no authentication
@@ -57,6 +77,8 @@ use crate::auth::ApiKeys;
 use crate::chared::CharedParams;
 use crate::error::{Error, Result};
 use crate::specfuse::{OnlineWeights, SpecFuseParams};
+use crate::strategy::colm::CoLlmParams;
+use crate::strategy::pipeline::PipelineParams;
 
 /// How a node's address becomes replicas.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -90,6 +112,9 @@ pub struct NodeConfig {
     /// Model directory, for `ensemble up` only (ignored by `coordinator serve`).
     #[serde(default)]
     pub model_dir: Option<PathBuf>,
+    /// Co-LLM deferral head the node loads (`model-node --deferral-head`), for `ensemble up` only.
+    #[serde(default)]
+    pub deferral_head: Option<PathBuf>,
 }
 
 fn one() -> f64 {
@@ -184,6 +209,12 @@ pub struct FileConfig {
     /// CharED defaults.
     #[serde(default)]
     pub chared: CharEdDefaults,
+    /// Co-LLM defaults.
+    #[serde(default)]
+    pub colm: CoLlmParams,
+    /// FSLM pipeline defaults.
+    #[serde(default)]
+    pub pipeline: PipelineParams,
     /// The members.
     #[serde(default)]
     pub nodes: Vec<NodeConfig>,
@@ -281,6 +312,10 @@ pub struct Settings {
     pub specfuse: SpecFuseParams,
     /// CharED defaults.
     pub chared: CharedParams,
+    /// Co-LLM defaults.
+    pub colm: CoLlmParams,
+    /// FSLM pipeline defaults.
+    pub pipeline: PipelineParams,
     /// TLS towards `https://` nodes.
     pub node_tls: Option<ensemble_proto::tls::ClientTls>,
     /// Bearer tokens clients must present (empty: no authentication).
@@ -304,6 +339,8 @@ impl Settings {
             input: ensemble_proto::limits::InputLimits::default(),
             specfuse: SpecFuseParams::default(),
             chared: CharedParams::default(),
+            colm: CoLlmParams::default(),
+            pipeline: PipelineParams::default(),
             node_tls: None,
             api_keys: ApiKeys::default(),
         }
@@ -412,6 +449,8 @@ impl Settings {
         if c.gate.is_some() {
             s.chared.gate = c.gate;
         }
+        s.colm = file.colm.clone();
+        s.pipeline = file.pipeline.clone();
         s.check()?;
         Ok(s)
     }
@@ -446,7 +485,7 @@ impl Settings {
         if self.deadline.is_zero() {
             return Err(bad("deadline_ms", "0".into(), "> 0"));
         }
-        if self.max_chars == 0 || self.max_chars > crate::service::MAX_CHARS {
+        if self.max_chars == 0 || self.max_chars > crate::core::MAX_CHARS {
             return Err(bad("max_chars", self.max_chars.to_string(), "1..=65536"));
         }
         if self.max_concurrent_requests == 0 {
@@ -462,17 +501,35 @@ impl Settings {
         if let Err(e) = self.input.validate() {
             return Err(bad("max_*_bytes / max_messages", e, ">= 1"));
         }
-        let ok_strategy = matches!(self.default_strategy.as_str(), "specfuse" | "chared")
-            || self
-                .default_strategy
-                .strip_prefix("single:")
-                .is_some_and(|n| self.nodes.iter().any(|x| x.name == n));
-        if !ok_strategy {
-            return Err(bad(
-                "default_strategy",
-                self.default_strategy.clone(),
-                "\"specfuse\", \"chared\" or \"single:NAME\" of a configured node",
-            ));
+        let names: Vec<String> = self.nodes.iter().map(|n| n.name.clone()).collect();
+        if !crate::core::is_strategy(&self.default_strategy, &names) {
+            return Err(Error::InvalidParameter {
+                name: "default_strategy".into(),
+                value: self.default_strategy.clone(),
+                allowed: "a strategy (specfuse, chared, colm, pipeline) or \"single:NAME\" of a configured node",
+            });
+        }
+        self.colm.validate()?;
+        for (field, name) in self
+            .colm
+            .base
+            .iter()
+            .map(|b| ("colm.base", b))
+            .chain(self.colm.assistants.iter().map(|a| ("colm.assistants", a)))
+            .chain(self.pipeline.fallback.iter().map(|f| ("pipeline.fallback", f)))
+            .chain(
+                self.pipeline
+                    .stages
+                    .iter()
+                    .map(|s| ("pipeline.stages.node", &s.node)),
+            )
+        {
+            if !names.contains(name) {
+                return Err(Error::bad_field(
+                    field,
+                    format!("unknown node {name:?}; configured: {names:?}"),
+                ));
+            }
         }
         let mut sf = self.specfuse.clone();
         sf.weights = None;
@@ -504,6 +561,7 @@ pub fn parse_node(s: &str) -> std::result::Result<NodeConfig, String> {
         discovery: Discovery::Static,
         dns_refresh_ms: dns_refresh_default(),
         model_dir: None,
+        deferral_head: None,
     })
 }
 

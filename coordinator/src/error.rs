@@ -30,6 +30,14 @@ pub enum Error {
         /// Number of weights given.
         got: usize,
     },
+    /// A request field the client must fix. Maps to `INVALID_ARGUMENT`: the field, and what is wrong.
+    #[error("{field}: {message}")]
+    Invalid {
+        /// The field, e.g. `colm.assistants`.
+        field: String,
+        /// What is wrong and what would be accepted.
+        message: String,
+    },
     /// An ensemble was asked for with no node at all. Maps to `INVALID_ARGUMENT`.
     #[error("an ensemble needs at least one node; none were configured")]
     NoNodes,
@@ -113,6 +121,14 @@ pub enum Error {
 }
 
 impl Error {
+    /// Builds [`Error::Invalid`]: `field` is wrong, `message` says how.
+    pub fn bad_field(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Error::Invalid {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
     /// Builds [`Error::InvalidParameter`].
     pub(crate) fn invalid(
         name: impl Into<String>,

@@ -121,6 +121,12 @@ pub struct Outcome {
     /// Calls made to nodes.
     #[serde(default)]
     pub node_calls: u32,
+    /// Co-LLM: the base's deferrals to an assistant.
+    #[serde(default)]
+    pub deferrals: u32,
+    /// Co-LLM: answer characters the assistants wrote.
+    #[serde(default)]
+    pub assisted_chars: u32,
 }
 
 /// Results of several strategies on one set.
@@ -224,6 +230,27 @@ impl Report {
             let speed = per_strategy(&|_, _, c, ms| format!("{:.0}", c / (ms / 1e3).max(1e-9)));
             s.push_str(&format!("| characters per second | {} |\n", speed.join(" | ")));
         }
+        let assisted: Vec<String> = self
+            .strategies
+            .iter()
+            .map(|st| {
+                let (mut n, mut a, mut c) = (0u32, 0u32, 0u32);
+                for o in self.outcomes.iter().filter(|o| &o.strategy == st && !o.error) {
+                    (n, a, c) = (n + o.deferrals, a + o.assisted_chars, c + o.chars);
+                }
+                if n == 0 {
+                    "–".to_owned()
+                } else {
+                    format!("{n} · {:.1}%", 100.0 * f64::from(a) / f64::from(c.max(1)))
+                }
+            })
+            .collect();
+        if assisted.iter().any(|a| a != "–") {
+            s.push_str(&format!(
+                "| deferrals · characters by assistants | {} |\n",
+                assisted.join(" | ")
+            ));
+        }
         s
     }
 }
@@ -247,6 +274,8 @@ mod tests {
             chars: 4,
             ms: 10.0,
             node_calls: 6,
+            deferrals: u32::from(strategy == "b"),
+            assisted_chars: 1,
         }
     }
 
@@ -276,6 +305,10 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("| characters per second | 400 | 400 |"), "{md}");
+        assert!(
+            md.contains("| deferrals · characters by assistants | – | 2 · 25.0% |"),
+            "{md}"
+        );
         assert!(exact_match(" 405\n", "405"));
         assert!(!exact_match("4050", "405"));
     }

@@ -34,9 +34,8 @@ use futures::StreamExt as _;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
-use crate::chared::{CharOutcome, CharStep};
-use crate::service::{Coordinator, request_span};
-use crate::specfuse::RoundOutcome;
+use crate::core::{Coordinator, request_span};
+use crate::strategy::Step;
 use openai::{ApiError, Common};
 use stream::StreamText;
 
@@ -123,7 +122,7 @@ async fn ready(State(app): State<App>) -> Response {
     (status, Json(health_body(&app.coordinator))).into_response()
 }
 
-fn health_body(c: &crate::service::Coordinator) -> Value {
+fn health_body(c: &Coordinator) -> Value {
     let members: Vec<Value> = c
         .member_status()
         .into_iter()
@@ -338,9 +337,7 @@ async fn run(
     if stream {
         return Ok(streamed(coordinator, span, call, req).into_response());
     }
-    let resp = coordinator
-        .run_in(span, "http", req, &mut |_| true, &mut |_| true)
-        .await?;
+    let resp = coordinator.run_in(span, "http", req, &mut |_| true).await?;
     Ok(Json(whole(&call, &resp)).into_response())
 }
 
@@ -444,15 +441,12 @@ fn streamed(
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Piece>();
     let mut text = StreamText::new(req.stop.clone(), req.max_chars as usize);
     tokio::spawn(async move {
-        let (tx_r, tx_c) = (tx.clone(), tx.clone());
-        let mut on_round = move |o: &RoundOutcome| tx_r.send(Piece::Text(o.winner.text.clone())).is_ok();
-        let mut on_char = move |c: &CharStep| match c.chosen {
-            CharOutcome::Char(ch) => tx_c.send(Piece::Text(ch.to_string())).is_ok(),
-            CharOutcome::Eos => !tx_c.is_closed(),
+        let steps = tx.clone();
+        let mut on_step = move |s: Step<'_>| match s.delta() {
+            Some(d) => steps.send(Piece::Text(d.into_owned())).is_ok(),
+            None => !steps.is_closed(),
         };
-        let out = coordinator
-            .run_in(span, "http", req, &mut on_round, &mut on_char)
-            .await;
+        let out = coordinator.run_in(span, "http", req, &mut on_step).await;
         let _ = tx.send(Piece::Done(out));
     });
     let mut first = call.kind == Kind::Chat;

@@ -6,18 +6,23 @@
 //!
 //! # Layout
 //! - [`error`]: the crate's one error type, [`Error`]; each variant documents its gRPC code.
-//! - [`specfuse`]: SpecFuse propose / verify rounds with model exit and optional SpecEM online
-//!   weights ([`SpecFuse`], [`SpecFuseParams`], [`RoundOutcome`]).
-//!   - `specfuse/drafts.rs`: word-boundary cuts, empty drafts, merging identical drafts.
-//! - [`chared`]: CharED character-wise ensembling of next-character distributions ([`CharEd`],
-//!   [`CharedParams`], [`CharStep`]), with speculative rounds and the confidence gate.
-//! - [`drive`]: the async edge of the strategies: parallel fan-out, failures, broadcast
-//!   ([`drive::specfuse`], [`drive::chared`]); `drive/speculative.rs`: a speculative (or gated)
-//!   CharED round.
+//! - [`strategy`]: every ensemble strategy behind one interface ([`Strategy`], [`Step`],
+//!   [`Answer`]) and its [`strategy::registry`]; each strategy's state machine, driver and options
+//!   live in its own module there:
+//!   - [`specfuse`]: SpecFuse propose / verify rounds with model exit and optional SpecEM online
+//!     weights ([`SpecFuse`], [`SpecFuseParams`], [`RoundOutcome`]).
+//!   - [`chared`]: CharED character-wise ensembling of next-character distributions ([`CharEd`],
+//!     [`CharedParams`], [`CharStep`]), with speculative rounds and the confidence gate.
+//!   - [`strategy::colm`]: Co-LLM learned deferral from a base member to assistants across
+//!     tokenizers.
+//!   - [`strategy::pipeline`]: FSLM stacked pipelines of members with role prompts and routes.
+//!   - [`strategy::single`]: `single:NAME`, one member alone.
+//! - [`core`]: the [`Coordinator`]: members, request checks, the run of one request through its
+//!   strategy, the answer on the wire.
 //! - [`node_client`]: one node within one request: session deltas, full-context resend when the
 //!   node lost the session, per-call deadlines ([`NodeClient`]).
-//! - [`service`]: the `Ensemble` gRPC service ([`service::Coordinator`]) and the one mapping of
-//!   [`Error`] to gRPC status codes.
+//! - [`service`]: the `Ensemble` gRPC service and the one mapping of [`Error`] to gRPC status
+//!   codes.
 //! - [`http`]: the HTTP face: OpenAI-compatible `/v1` API (with `http/openai.rs`, the wire format,
 //!   and `http/stream.rs`, what a stream may show yet), `/metrics`, `/health`.
 //! - [`metrics`]: the coordinator's Prometheus metrics.
@@ -38,10 +43,9 @@
 //! with its default on the params structs.
 
 pub mod auth;
-pub mod chared;
 pub mod cluster;
 pub mod config;
-pub mod drive;
+pub mod core;
 pub mod error;
 pub mod evaluate;
 pub mod http;
@@ -53,9 +57,13 @@ pub mod probe;
 pub mod replicas;
 pub mod server;
 pub mod service;
-pub mod specfuse;
+pub mod strategy;
+
+pub use strategy::{chared, specfuse};
 
 pub use chared::{CharEd, CharOutcome, CharStep, CharedParams, NodeCharDist};
+pub use core::Coordinator;
 pub use error::{Error, Result};
 pub use node_client::NodeClient;
 pub use specfuse::{DraftText, Drafts, RoundOutcome, SpecFuse, SpecFuseParams};
+pub use strategy::{Answer, Step, Strategy};

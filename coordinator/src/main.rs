@@ -9,8 +9,8 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use coordinator::auth::ApiKeys;
 use coordinator::config::{FileConfig, Settings, parse_node};
+use coordinator::core::Coordinator;
 use coordinator::replicas::SystemResolver;
-use coordinator::service::Coordinator;
 
 /// The ensemble coordinator.
 #[derive(Debug, Parser)]

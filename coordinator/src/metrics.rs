@@ -34,6 +34,9 @@ pub struct Metrics {
     node_ejections: IntCounterVec,
     auth_failures: IntCounterVec,
     http_requests: IntCounterVec,
+    spans: IntCounterVec,
+    span_chars: IntCounterVec,
+    stage: HistogramVec,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -67,6 +70,21 @@ impl Metrics {
             )
         };
         Self {
+            spans: counter(
+                "ensemble_colm_spans_total",
+                "Co-LLM spans of the answer by writer: `base`, or `assistant` (the base deferred); the deferral rate is assistant / all.",
+                &["writer"],
+            ),
+            span_chars: counter(
+                "ensemble_colm_chars_total",
+                "Co-LLM answer characters by writer (`base`, `assistant`).",
+                &["writer"],
+            ),
+            stage: hist(
+                "ensemble_stage_duration_seconds",
+                "One FSLM pipeline stage, seconds, by stage index (0 first).",
+                &["stage"],
+            ),
             requests: counter(
                 "ensemble_requests_total",
                 "Requests finished, by strategy, API (grpc, http) and gRPC status code.",
@@ -210,6 +228,23 @@ impl Metrics {
             .with_label_values(&["chared"])
             .observe(elapsed.as_secs_f64());
         self.steps.with_label_values(&["chared"]).inc();
+    }
+
+    /// Records one Co-LLM span of `chars` characters (`deferred`: an assistant's).
+    pub fn span(&self, deferred: bool, chars: usize) {
+        let writer = if deferred { "assistant" } else { "base" };
+        self.spans.with_label_values(&[writer]).inc();
+        self.span_chars.with_label_values(&[writer]).inc_by(chars as u64);
+        self.steps.with_label_values(&["colm"]).inc();
+    }
+
+    /// Records one finished pipeline stage (its index: names are the client's and unbounded) that
+    /// took `elapsed`.
+    pub fn stage(&self, index: usize, elapsed: Duration) {
+        self.stage
+            .with_label_values(&[index.to_string().as_str()])
+            .observe(elapsed.as_secs_f64());
+        self.steps.with_label_values(&["pipeline"]).inc();
     }
 
     /// Records one step of a single-node request.

@@ -239,8 +239,15 @@ impl NodeClient {
         &self.name
     }
 
-    /// Starts a request: its session id (unique per request) and prompt.
+    /// The session id of the request in progress (empty before `begin` and after `close`).
+    pub fn session(&self) -> &str {
+        &self.session
+    }
+
+    /// Starts a request: its session id (unique per request) and prompt. A session still open from
+    /// an earlier `begin` (a pipeline's earlier stage) is freed in the background.
     pub fn begin(&mut self, session: impl Into<String>, prompt: pb::Prompt) {
+        drop(self.close_in_background());
         self.session = session.into();
         self.prompt = Some(prompt);
         self.answer.clear();
@@ -296,6 +303,18 @@ impl NodeClient {
         stop: &[String],
         sampling: pb::Sampling,
     ) -> Result<pb::ProposeResponse> {
+        self.propose_deferring(max_new_tokens, stop, sampling, None).await
+    }
+
+    /// [`NodeClient::propose`] that stops before the first token the node's deferral head hands to an
+    /// assistant (Co-LLM), when `defer_threshold` is set.
+    pub async fn propose_deferring(
+        &mut self,
+        max_new_tokens: u32,
+        stop: &[String],
+        sampling: pb::Sampling,
+        defer_threshold: Option<f64>,
+    ) -> Result<pb::ProposeResponse> {
         self.calls[0] += 1;
         call_with_context!(self, propose_segment, "ProposeSegment", |context| {
             pb::ProposeRequest {
@@ -303,6 +322,7 @@ impl NodeClient {
                 max_new_tokens,
                 stop: stop.to_vec(),
                 sampling: Some(sampling),
+                defer_threshold,
             }
         })
     }

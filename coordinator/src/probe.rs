@@ -2,7 +2,8 @@
 //! short timeout. A member none of whose replicas answers is down: the coordinator's readiness turns
 //! NOT_SERVING (HTTP `/ready` 503) while fewer than `min_healthy_nodes` are up; a down member that its
 //! failed calls ejected stays ejected while its probes fail, and the first probe that answers
-//! reinstates it (before its ejection time is over).
+//! reinstates it (before its ejection time is over). Each answer is kept as the member's last `Info`,
+//! which strategies plan from (Co-LLM checks the base's deferral head before calling any node).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,10 +11,13 @@ use std::time::Duration;
 use ensemble_proto::v1 as pb;
 use tokio::sync::watch;
 
-use crate::service::Coordinator;
+use crate::core::Coordinator;
 
 /// Asks one member's replicas for `Info`; `Err` is the cause when none answered in `timeout`.
-async fn probe_member(replicas: &crate::replicas::Replicas, timeout: Duration) -> Result<(), String> {
+pub(crate) async fn probe_member(
+    replicas: &crate::replicas::Replicas,
+    timeout: Duration,
+) -> Result<pb::InfoResponse, String> {
     let urls = replicas.urls();
     if urls.is_empty() {
         return Err("no replica resolved".into());
@@ -23,7 +27,7 @@ async fn probe_member(replicas: &crate::replicas::Replicas, timeout: Duration) -
         let Some(r) = replicas.pick() else { break };
         let mut c = pb::model_node_client::ModelNodeClient::new(r.channel.clone());
         match tokio::time::timeout(timeout, c.info(pb::InfoRequest {})).await {
-            Ok(Ok(_)) => return Ok(()),
+            Ok(Ok(info)) => return Ok(info.into_inner()),
             Ok(Err(s)) => {
                 last = format!(
                     "{}: Info failed: {} {}",
@@ -41,9 +45,10 @@ async fn probe_member(replicas: &crate::replicas::Replicas, timeout: Duration) -
 /// Probes every member once, in parallel, and records the outcome; returns whether the coordinator
 /// is ready afterwards.
 pub async fn probe_once(c: &Coordinator, timeout: Duration) -> bool {
-    let checks = c.members().map(|(name, replicas, outlier)| async move {
+    let checks = c.members().enumerate().map(|(i, (name, replicas, outlier))| async move {
         match probe_member(replicas, timeout).await {
-            Ok(()) => {
+            Ok(info) => {
+                c.set_info(i, info);
                 if outlier.probe_ok() {
                     tracing::info!(node = %name, "node is up again (health probe answered)");
                 }

@@ -6,9 +6,9 @@ mod common;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use coordinator::RoundOutcome;
 use coordinator::evaluate::{exact_match, load_set};
 use coordinator::service::{Coordinator, NodeSpec};
+use coordinator::{RoundOutcome, Step};
 use ensemble_proto::v1 as pb;
 
 async fn bundled(extra: Option<PathBuf>) -> anyhow::Result<(Vec<common::Node>, Vec<NodeSpec>)> {
@@ -50,7 +50,7 @@ async fn both_strategies_answer_held_out_questions() -> anyhow::Result<()> {
         let mut ok = 0;
         let mut arith_ok = 0;
         for it in items {
-            let r = c.run(request(it, strategy), &mut |_| true, &mut |_| true).await?;
+            let r = c.run(request(it, strategy), &mut |_| true).await?;
             assert!(r.failed_nodes.is_empty(), "{strategy}: {:?}", r.failed_nodes);
             let hit = exact_match(&r.text, &it.answer);
             ok += usize::from(hit);
@@ -100,14 +100,11 @@ async fn a_random_weight_node_is_exited_within_three_rounds() -> anyhow::Result<
         });
         let mut rounds: Vec<RoundOutcome> = Vec::new();
         let r = c
-            .run(
-                req,
-                &mut |o| {
-                    rounds.push(o.clone());
-                    true
-                },
-                &mut |_| true,
-            )
+            .run(req, &mut |s| {
+                let Step::Round(o) = s else { return true };
+                rounds.push(o.clone());
+                true
+            })
             .await?;
         let exit_round = rounds.iter().find(|o| o.exited().contains(&3)).map(|o| o.round);
         assert!(

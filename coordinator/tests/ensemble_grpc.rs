@@ -5,6 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use coordinator::Step;
 use coordinator::service::{Coordinator, EnsembleService, NodeSpec};
 use ensemble_proto::v1 as pb;
 use ensemble_proto::v1::ensemble_client::EnsembleClient;
@@ -219,6 +220,9 @@ async fn generate_stream_sends_deltas_and_a_trace_of_every_step() -> anyhow::Res
                     assert!((total - 1.0).abs() < 1e-9);
                 }
                 Some(pb::generate_event::Event::Done(d)) => done = Some(d),
+                Some(pb::generate_event::Event::Span(_) | pb::generate_event::Event::Stage(_)) => {
+                    anyhow::bail!("{s}: spans and stages are Co-LLM's and pipelines'")
+                }
                 None => anyhow::bail!("empty event"),
             }
         }
@@ -320,7 +324,7 @@ async fn a_hung_node_costs_one_deadline_then_none_once_ejected() -> anyhow::Resu
     for s in ["specfuse", "chared"] {
         let t0 = Instant::now();
         let r = coordinator
-            .run(request(s), &mut |_| true, &mut |_| true)
+            .run(request(s), &mut |_| true)
             .await
             .map_err(|e| anyhow::anyhow!("{s}: {e}"))?;
         let took = t0.elapsed();
@@ -441,19 +445,16 @@ async fn specfuse_with_string_prefix_scoring_answers_with_finite_scores() -> any
     });
     let mut verified = 0;
     let resp = coordinator
-        .run(
-            r,
-            &mut |o| {
-                for v in &o.verifiers {
-                    for s in &v.scores {
-                        assert!(s.is_finite() && *s <= 0.0, "{s}");
-                        verified += 1;
-                    }
+        .run(r, &mut |s| {
+            let Step::Round(o) = s else { return true };
+            for v in &o.verifiers {
+                for s in &v.scores {
+                    assert!(s.is_finite() && *s <= 0.0, "{s}");
+                    verified += 1;
                 }
-                true
-            },
-            &mut |_| true,
-        )
+            }
+            true
+        })
         .await?;
     assert!(resp.steps >= 1 && verified >= 3, "{resp:?}");
     Ok(())

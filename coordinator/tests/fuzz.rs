@@ -114,6 +114,8 @@ fn arb_generate() -> impl Strategy<Value = pb::GenerateRequest> {
         Just("specfuse".to_owned()),
         Just("chared".to_owned()),
         Just("single:a".to_owned()),
+        Just("colm".to_owned()),
+        Just("pipeline".to_owned()),
         "single:.{0,4}",
         ".{0,12}",
     ];
@@ -163,6 +165,58 @@ fn arb_generate() -> impl Strategy<Value = pb::GenerateRequest> {
                 ..Default::default()
             }),
     );
+    let member = || prop_oneof![Just("a".to_owned()), Just("b".to_owned()), ".{0,4}"];
+    let colm = proptest::option::of(
+        (
+            proptest::option::of(member()),
+            proptest::collection::vec(member(), 0..3),
+            proptest::option::of(arb_f(0.5)),
+            proptest::option::of(prop_oneof![
+                Just("token".to_owned()),
+                Just("word".to_owned()),
+                ".{0,6}"
+            ]),
+            proptest::option::of(0u32..5000),
+        )
+            .prop_map(
+                |(base, assistants, eta, handoff, segment_tokens)| pb::CoLlmOptions {
+                    base,
+                    assistants,
+                    eta,
+                    handoff,
+                    segment_tokens,
+                },
+            ),
+    );
+    let stage = (
+        ".{0,6}",
+        member(),
+        prop_oneof![
+            Just("{{ request }}".to_owned()),
+            Just("{{ previous }}".to_owned()),
+            ".{0,24}"
+        ],
+        prop_oneof![0u32..300, any::<u32>()],
+        prop_oneof![Just(String::new()), member()],
+        proptest::collection::vec(
+            (prop_oneof![Just("^[0-9]".to_owned()), ".{0,8}"], member())
+                .prop_map(|(pattern, node)| pb::PipelineRoute { pattern, node }),
+            0..3,
+        ),
+    )
+        .prop_map(
+            |(name, node, template, max_chars, fallback, route)| pb::PipelineStage {
+                name,
+                node,
+                template,
+                max_chars,
+                fallback,
+                route,
+            },
+        );
+    let pipeline = proptest::option::of(
+        proptest::collection::vec(stage, 0..4).prop_map(|stages| pb::PipelineOptions { stages }),
+    );
     (
         prompt,
         strategy,
@@ -171,16 +225,22 @@ fn arb_generate() -> impl Strategy<Value = pb::GenerateRequest> {
         sampling,
         specfuse,
         chared,
+        colm,
+        pipeline,
     )
         .prop_map(
-            |(prompt, strategy, max_chars, stop, sampling, specfuse, chared)| pb::GenerateRequest {
-                prompt,
-                strategy,
-                max_chars,
-                stop,
-                sampling,
-                specfuse,
-                chared,
+            |(prompt, strategy, max_chars, stop, sampling, specfuse, chared, colm, pipeline)| {
+                pb::GenerateRequest {
+                    prompt,
+                    strategy,
+                    max_chars,
+                    stop,
+                    sampling,
+                    specfuse,
+                    chared,
+                    colm,
+                    pipeline,
+                }
             },
         )
 }
@@ -205,12 +265,9 @@ async fn generate_requests() -> anyhow::Result<()> {
                 else {
                     return;
                 };
-                let out = tokio::time::timeout(
-                    Duration::from_secs(10),
-                    c.run(req.clone(), &mut |_| true, &mut |_| true),
-                )
-                .await
-                .unwrap_or_else(|_| panic!("no answer within 10 s"));
+                let out = tokio::time::timeout(Duration::from_secs(10), c.run(req.clone(), &mut |_| true))
+                    .await
+                    .unwrap_or_else(|_| panic!("no answer within 10 s"));
                 let code = out.as_ref().map_or_else(|s| s.code(), |_| tonic::Code::Ok);
                 if let Ok(mut m) = seen.lock() {
                     *m.entry(ensemble_proto::status_name(code).to_owned()).or_default() += 1;

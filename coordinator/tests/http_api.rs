@@ -105,11 +105,7 @@ async fn completions_match_the_library_and_streams_add_up() -> anyhow::Result<()
     for strategy in ["specfuse", "chared"] {
         let expected = api
             .coordinator
-            .run(
-                library_request("The Tarn", strategy, 24),
-                &mut |_| true,
-                &mut |_| true,
-            )
+            .run(library_request("The Tarn", strategy, 24), &mut |_| true)
             .await?;
         let body = json!({
             "model": strategy, "prompt": "The Tarn", "max_tokens": 24,
@@ -165,7 +161,7 @@ async fn completions_match_the_library_and_streams_add_up() -> anyhow::Result<()
             }],
         })),
     });
-    let expected = api.coordinator.run(lib, &mut |_| true, &mut |_| true).await?;
+    let expected = api.coordinator.run(lib, &mut |_| true).await?;
     let body = json!({
         "model": "ensemble", "max_tokens": 20,
         "messages": [{"role": "user", "content": "Where does the Tarn flow?"}],

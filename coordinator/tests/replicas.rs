@@ -53,6 +53,7 @@ async fn a_member_survives_losing_one_of_its_replicas() -> anyhow::Result<()> {
             discovery: Discovery::Dns,
             dns_refresh_ms: 60_000,
             model_dir: None,
+            deferral_head: None,
         },
         NodeConfig {
             name: "b".into(),
@@ -61,6 +62,7 @@ async fn a_member_survives_losing_one_of_its_replicas() -> anyhow::Result<()> {
             discovery: Discovery::Static,
             dns_refresh_ms: 5000,
             model_dir: None,
+            deferral_head: None,
         },
     ]);
     settings.deadline = Duration::from_secs(20);
@@ -75,7 +77,7 @@ async fn a_member_survives_losing_one_of_its_replicas() -> anyhow::Result<()> {
         ..Default::default()
     };
     for _ in 0..2 {
-        let r = c.run(req(), &mut |_| true, &mut |_| true).await?;
+        let r = c.run(req(), &mut |_| true).await?;
         assert!(r.failed_nodes.is_empty(), "{:?}", r.failed_nodes);
     }
     // Replica 1 goes away (the DNS answer still lists it, as during a pod's termination).
@@ -84,7 +86,7 @@ async fn a_member_survives_losing_one_of_its_replicas() -> anyhow::Result<()> {
     }
     let _ = (&mut r1.task).await;
     for _ in 0..4 {
-        let r = c.run(req(), &mut |_| true, &mut |_| true).await?;
+        let r = c.run(req(), &mut |_| true).await?;
         assert!(
             r.failed_nodes.is_empty(),
             "member a must fail over to replica 2: {:?}",

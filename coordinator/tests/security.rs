@@ -136,7 +136,7 @@ async fn a_node_with_mutual_tls_serves_only_clients_with_a_certificate() -> anyh
     let mut settings = one_member("tls", &node.url);
     settings.node_tls = Some(mtls);
     let c = Coordinator::start(settings, Arc::new(SystemResolver)).await?;
-    let r = c.run(request(8), &mut |_| true, &mut |_| true).await?;
+    let r = c.run(request(8), &mut |_| true).await?;
     assert!(r.steps >= 1 && r.failed_nodes.is_empty(), "{r:?}");
 
     // An https:// member without [node_tls] is a configuration error named at start-up.

@@ -9,7 +9,7 @@ mod common;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use coordinator::chared::CharStep;
+use coordinator::Step;
 use coordinator::evaluate::load_set;
 use coordinator::service::Coordinator;
 use ensemble_proto::v1 as pb;
@@ -28,14 +28,15 @@ fn chared(prompt: pb::Prompt, max_chars: u32, draft_chars: u32) -> pb::GenerateR
 }
 
 /// One step: the chosen outcome and the (outcome, m) of the alternatives, the chosen one first.
-type Step = (String, Vec<(String, f64)>);
+type Traced = (String, Vec<(String, f64)>);
 
 /// (answer, finish, round trips, steps).
-type Run = (String, i32, u32, Vec<Step>);
+type Run = (String, i32, u32, Vec<Traced>);
 
 async fn run(c: &Coordinator, req: pb::GenerateRequest) -> anyhow::Result<Run> {
     let mut steps = Vec::new();
-    let mut on_char = |s: &CharStep| {
+    let mut on_char = |s: Step<'_>| {
+        let Step::Char(s) = s else { return true };
         let mut alts = vec![(format!("{:?}", s.chosen), s.prob)];
         alts.extend(
             s.alternatives
@@ -45,7 +46,7 @@ async fn run(c: &Coordinator, req: pb::GenerateRequest) -> anyhow::Result<Run> {
         steps.push((format!("{:?}", s.chosen), alts));
         true
     };
-    let r = c.run(req, &mut |_| true, &mut on_char).await?;
+    let r = c.run(req, &mut on_char).await?;
     assert!(r.failed_nodes.is_empty(), "{:?}", r.failed_nodes);
     Ok((r.text, r.finish_reason, r.round_trips, steps))
 }
@@ -162,7 +163,7 @@ async fn a_gate_the_lead_always_passes_asks_no_other_node() -> anyhow::Result<()
         for draft in [0, 8] {
             let mut req = chared(it.prompt(), 48, draft);
             req.chared.get_or_insert_default().gate = Some(1e-12);
-            let r = c.run(req, &mut |_| true, &mut |_| true).await?;
+            let r = c.run(req, &mut |_| true).await?;
             assert_eq!(
                 r.node_calls, r.round_trips,
                 "draft {draft}: one call per round, the lead's"
@@ -171,9 +172,7 @@ async fn a_gate_the_lead_always_passes_asks_no_other_node() -> anyhow::Result<()
             assert_eq!(r.round_trips, rounds);
             assert!(r.node_calls > 0);
             // Ungated, every node is asked in every round.
-            let r = c
-                .run(chared(it.prompt(), 48, draft), &mut |_| true, &mut |_| true)
-                .await?;
+            let r = c.run(chared(it.prompt(), 48, draft), &mut |_| true).await?;
             assert!(
                 r.node_calls >= 3 * r.round_trips / 2,
                 "draft {draft}: {} calls, {} trips",
@@ -204,10 +203,10 @@ async fn specfuse_gate_skips_the_others_only_for_sure_drafts() -> anyhow::Result
             }),
             ..Default::default()
         };
-        let r = c.run(req(1e-12), &mut |_| true, &mut |_| true).await?;
+        let r = c.run(req(1e-12), &mut |_| true).await?;
         assert_eq!((r.node_calls, r.round_trips), (r.steps, r.steps), "{r:?}");
         assert_eq!(r.mean_active_nodes, 1.0);
-        let r = c.run(req(1.0), &mut |_| true, &mut |_| true).await?;
+        let r = c.run(req(1.0), &mut |_| true).await?;
         // g gated rounds (1 call, 1 wave) and u others (lead, two proposals, three scores: 6 calls
         // in 3 waves): calls = g + 6u, waves = g + 3u.
         let u = (r.round_trips - r.steps) / 2;
@@ -246,11 +245,12 @@ async fn sampled_speculative_chared_keeps_the_mixture_distribution() -> anyhow::
             let o = req.chared.get_or_insert_default();
             (o.temperature, o.seed) = (Some(1.0), Some(seed));
             let mut text = String::new();
-            let mut on_char = |s: &CharStep| {
+            let mut on_char = |s: Step<'_>| {
+                let Step::Char(s) = s else { return true };
                 text.push_str(&format!("{:?}", s.chosen));
                 true
             };
-            c.run(req, &mut |_| true, &mut on_char).await?;
+            c.run(req, &mut on_char).await?;
             counts.entry(text.clone()).or_default()[mode] += 1.0;
             got.push(text);
         }

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use common::{Node, three_nodes};
 
-use coordinator::drive::{Finish, Limits, chared, specfuse};
+use coordinator::chared::chared;
+use coordinator::specfuse::specfuse;
+use coordinator::strategy::{Finish, Limits};
 use coordinator::{CharedParams, NodeClient, SpecFuseParams};
 use ensemble_proto::v1 as pb;
 

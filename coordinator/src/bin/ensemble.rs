@@ -105,8 +105,9 @@ enum Command {
         set: PathBuf,
         /// Comma-separated strategies (default: single:NAME for every node, then specfuse, chared).
         /// Options may follow a strategy after `/`, each `key=value`: `chared/draft_chars=8`,
-        /// `specfuse/segment_tokens=10/string_prefix=true` (keys of CharEdOptions and
-        /// SpecFuseOptions; unset ones are the coordinator's defaults).
+        /// `specfuse/segment_tokens=10/string_prefix=true`, `colm/handoff=word/eta=0.5`,
+        /// `colm/assistants=arith+atlas` (keys of CharEdOptions, SpecFuseOptions and CoLlmOptions;
+        /// unset ones are the coordinator's defaults; `pipeline` runs the configured stages).
         #[arg(long, alias = "strategy", value_delimiter = ',')]
         strategies: Vec<String>,
         /// Only the first N items.
@@ -268,6 +269,30 @@ fn print_char(c: &pb::CharTrace) {
     );
 }
 
+fn print_span(s: &pb::SpanTrace) {
+    if s.deferred {
+        eprintln!(
+            "  → {:<10} {:?}  (deferred at p={:.3})",
+            s.node, s.text, s.defer_prob
+        );
+    } else {
+        let peak = s.defer_probs.iter().copied().fold(0.0f32, f32::max);
+        eprintln!("    {:<10} {:?}  (max p(defer) {peak:.3})", s.node, s.text);
+    }
+}
+
+fn print_stage(s: &pb::StageTrace) {
+    eprintln!(
+        "\n── stage {} {:?} on {}{}\n  prompt: {:?}\n  output: {:?}",
+        s.stage,
+        s.name,
+        s.node,
+        if s.fallback { " (fallback)" } else { "" },
+        s.prompt,
+        s.text
+    );
+}
+
 async fn generate(mut client: Client, req: pb::GenerateRequest, trace: bool) -> anyhow::Result<()> {
     let mut stream = client.generate_stream(req).await.map_err(status)?.into_inner();
     let mut out = std::io::stdout();
@@ -279,6 +304,8 @@ async fn generate(mut client: Client, req: pb::GenerateRequest, trace: bool) -> 
             }
             Some(pb::generate_event::Event::Round(r)) if trace => print_round(&r),
             Some(pb::generate_event::Event::Char(c)) if trace => print_char(&c),
+            Some(pb::generate_event::Event::Span(sp)) if trace => print_span(&sp),
+            Some(pb::generate_event::Event::Stage(st)) if trace => print_stage(&st),
             Some(pb::generate_event::Event::Done(d)) => {
                 if trace {
                     println!("{}", d.text);
@@ -365,9 +392,17 @@ async fn eval(
             req.prompt = Some(item.prompt());
             req.max_chars = max_chars;
             let started = std::time::Instant::now();
+            let (mut deferrals, mut assisted) = (0, 0);
             let (got, error, steps, active, trips, chars, calls) = match client.generate(req).await {
                 Ok(r) => {
                     let r = r.into_inner();
+                    deferrals = r.deferrals;
+                    assisted = r
+                        .spans
+                        .iter()
+                        .filter(|s| s.deferred)
+                        .map(|s| s.text.chars().count() as u32)
+                        .sum();
                     let chars = r.text.chars().count() + r.reasoning.chars().count();
                     // The reasoning block's markers were written too.
                     let markers = if r.reasoning.is_empty() {
@@ -414,6 +449,8 @@ async fn eval(
                 chars,
                 ms: started.elapsed().as_secs_f64() * 1e3,
                 node_calls: calls,
+                deferrals,
+                assisted_chars: assisted,
             });
             bar.inc(1);
         }
@@ -465,6 +502,18 @@ fn strategy_request(spec: &str) -> anyhow::Result<pb::GenerateRequest> {
             }
             ("specfuse", "exit") => req.specfuse.get_or_insert_default().exit = Some(flag()?),
             ("specfuse", "per_char") => req.specfuse.get_or_insert_default().per_char = Some(flag()?),
+            ("colm", "handoff") => req.colm.get_or_insert_default().handoff = Some(v.to_owned()),
+            ("colm", "base") => req.colm.get_or_insert_default().base = Some(v.to_owned()),
+            ("colm", "assistants") => {
+                req.colm.get_or_insert_default().assistants = v.split('+').map(str::to_owned).collect();
+            }
+            ("colm", "segment_tokens") => req.colm.get_or_insert_default().segment_tokens = Some(num()?),
+            ("colm", "eta") => {
+                let e = v
+                    .parse::<f64>()
+                    .with_context(|| format!("{spec}: eta takes a number"))?;
+                req.colm.get_or_insert_default().eta = Some(e);
+            }
             _ => bail!("{spec}: unknown option {k:?} for {strategy}"),
         }
     }

@@ -1,8 +1,8 @@
 //! The OpenAI wire format: request bodies, their translation to a [`pb::GenerateRequest`], response
 //! bodies and stream chunks, and errors in OpenAI's shape.
 //!
-//! Models: `ensemble` (the default strategy), `specfuse`, `chared`, and each member by name (that
-//! node alone). The ensemble's own options travel in the `ensemble` extension field of the body
+//! Models: `ensemble` (the default strategy), every registered strategy (`specfuse`, `chared`,
+//! `colm`, `pipeline`), and each member by name (that node alone). The ensemble's own options travel in the `ensemble` extension field of the body
 //! (`extra_body={"ensemble": {...}}` with the `openai` Python client). Lengths are characters:
 //! the members tokenize differently, so `max_tokens` bounds characters and `usage` counts them.
 
@@ -34,7 +34,8 @@ impl OneOrMany {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Extension {
-    /// `specfuse`, `chared` or `single:NAME`; overrides what `model` implies.
+    /// A strategy (`specfuse`, `chared`, `colm`, `pipeline`, `single:NAME`); overrides what `model`
+    /// implies.
     pub strategy: Option<String>,
     /// Most characters in the answer (overrides `max_tokens`).
     pub max_chars: Option<u32>,
@@ -42,12 +43,16 @@ pub struct Extension {
     pub specfuse: Option<pb::SpecFuseOptions>,
     /// CharED options (as in the gRPC `CharEdOptions`).
     pub chared: Option<pb::CharEdOptions>,
+    /// Co-LLM options (as in the gRPC `CoLlmOptions`).
+    pub colm: Option<pb::CoLlmOptions>,
+    /// FSLM pipeline options (as in the gRPC `PipelineOptions`).
+    pub pipeline: Option<pb::PipelineOptions>,
 }
 
 /// The fields both endpoints share.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Common {
-    /// `ensemble`, `specfuse`, `chared` or a member's name.
+    /// `ensemble`, a strategy (`specfuse`, `chared`, `colm`, `pipeline`) or a member's name.
     pub model: String,
     /// Answer length, in characters.
     pub max_tokens: Option<u32>,
@@ -185,12 +190,20 @@ impl From<tonic::Status> for ApiError {
 
 /// The models the API serves: the strategies, then the members.
 pub fn model_ids(nodes: &[String]) -> Vec<(String, &'static str)> {
-    let mut v: Vec<(String, &'static str)> = ["ensemble", "specfuse", "chared"]
-        .into_iter()
+    let mut v: Vec<(String, &'static str)> = std::iter::once("ensemble")
+        .chain(plain_strategies())
         .map(|s| (s.to_owned(), "ensemble"))
         .collect();
     v.extend(nodes.iter().map(|n| (n.clone(), "node")));
     v
+}
+
+/// The registered strategies a model id can name (families such as `single:` are the members).
+fn plain_strategies() -> impl Iterator<Item = &'static str> {
+    crate::strategy::registry()
+        .iter()
+        .map(|s| s.name())
+        .filter(|n| !n.ends_with(':'))
 }
 
 /// The strategy `model` names (an explicit `ensemble.strategy` wins); `""` is the default one.
@@ -200,8 +213,9 @@ fn strategy_for(model: &str, ext: &Extension, nodes: &[String]) -> Result<String
             return Err(ApiError::invalid(
                 Some("ensemble.strategy"),
                 format!(
-                    "unknown strategy {}: use \"specfuse\", \"chared\" or \"single:NAME\" with NAME one of {}",
+                    "unknown strategy {}: use one of {} with NAME one of {}",
                     ensemble_proto::limits::quote(s),
+                    crate::strategy::names().join(", "),
                     nodes.join(", ")
                 ),
             ));
@@ -210,7 +224,7 @@ fn strategy_for(model: &str, ext: &Extension, nodes: &[String]) -> Result<String
     }
     match model {
         "ensemble" => Ok(String::new()),
-        "specfuse" | "chared" => Ok(model.to_owned()),
+        m if plain_strategies().any(|s| s == m) => Ok(model.to_owned()),
         m if nodes.iter().any(|n| n == m) => Ok(format!("single:{m}")),
         m => Err(ApiError {
             status: StatusCode::NOT_FOUND,
@@ -218,8 +232,9 @@ fn strategy_for(model: &str, ext: &Extension, nodes: &[String]) -> Result<String
             code: "model_not_found",
             param: Some("model"),
             message: format!(
-                "model {} does not exist: use \"ensemble\", \"specfuse\", \"chared\" or a member ({})",
+                "model {} does not exist: use \"ensemble\", a strategy ({}) or a member ({})",
                 ensemble_proto::limits::quote(m),
+                plain_strategies().collect::<Vec<_>>().join(", "),
                 nodes.join(", ")
             ),
         }),
@@ -352,6 +367,8 @@ pub fn generate_request(
         specfuse: c.ensemble.specfuse,
         chared: Some(chared),
         sampling: Some(sampling),
+        colm: c.ensemble.colm,
+        pipeline: c.ensemble.pipeline,
     })
 }
 
@@ -381,6 +398,16 @@ pub fn ensemble_report(r: &pb::GenerateResponse) -> Value {
         "exited_nodes": r.exited_nodes,
         "failed_nodes": r.failed_nodes,
         "reasoning": r.reasoning,
+        "round_trips": r.round_trips,
+        "node_calls": r.node_calls,
+        "deferrals": r.deferrals,
+        "spans": r.spans.iter().map(|s| json!({
+            "node": s.node, "text": s.text, "deferred": s.deferred, "defer_prob": s.defer_prob,
+        })).collect::<Vec<_>>(),
+        "stages": r.stages.iter().map(|s| json!({
+            "stage": s.stage, "name": s.name, "node": s.node, "prompt": s.prompt, "text": s.text,
+            "fallback": s.fallback,
+        })).collect::<Vec<_>>(),
     })
 }
 

@@ -70,6 +70,15 @@ pub fn model_args(dir: PathBuf) -> ModelArgs {
 
 /// A node for `args` with serving options.
 pub async fn start_model(args: ModelArgs, opts: model_node::server::ServeOptions) -> anyhow::Result<Node> {
+    start_model_with(args, &model_node::config::DeferralArgs::default(), opts).await
+}
+
+/// A node for `args` that serves the Co-LLM deferral head `deferral` names.
+pub async fn start_model_with(
+    args: ModelArgs,
+    deferral: &model_node::config::DeferralArgs,
+    opts: model_node::server::ServeOptions,
+) -> anyhow::Result<Node> {
     let limits = LimitArgs {
         max_sessions: 8,
         kv_cache_mb: 64,
@@ -77,7 +86,7 @@ pub async fn start_model(args: ModelArgs, opts: model_node::server::ServeOptions
         char_hypotheses: 4,
         char_min_mass: 1e-4,
     };
-    let loaded = model_node::node::load(&args, &limits)?;
+    let loaded = model_node::node::load_with(&args, &limits, deferral)?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let scheme = if opts.tls.is_some() { "https" } else { "http" };
     let url = format!("{scheme}://{}", listener.local_addr()?);

@@ -11,8 +11,12 @@
 //! it is never assigned to any outcome and is never sampled. The mixture m therefore sums to
 //! 1 − Σ_i w_i residual_i over the listed outcomes, and sampling renormalises over those.
 
+mod run;
+mod speculative;
 #[cfg(test)]
 mod tests;
+
+pub use run::{CharEdAnswer, CharEdStrategy, chared};
 
 use std::collections::HashMap;
 

@@ -9,10 +9,10 @@ use futures::future::join_all;
 use tracing::Instrument as _;
 use tracing::field::Empty;
 
-use super::{Finish, Limits};
-use crate::chared::{CharEd, CharOutcome, CharStep, NodeCharDist};
+use super::{CharEd, CharOutcome, CharStep, NodeCharDist};
 use crate::error::{Error, Result};
 use crate::node_client::NodeClient;
+use crate::strategy::{Finish, Limits};
 
 /// A node's distribution as [`CharEd`] reads it.
 pub(super) fn node_dist(d: &pb::CharDistribution) -> NodeCharDist {

@@ -10,14 +10,18 @@
 //!    (optionally) SpecEM's online weights, and reports all of it in a [`RoundOutcome`];
 //! 4. appends the winner's text to the answer, and stops when [`Winner::ends_answer`] is set.
 //!
-//! A node whose call fails is removed with [`SpecFuse::node_failed`]. The algorithm is the one in
+//! A node whose call fails is removed with [`SpecFuse::node_failed`]. `specfuse/run.rs` is the async
+//! driver and the strategy's registration ([`SpecFuseStrategy`]); `specfuse/drafts.rs` cuts and merges
+//! drafts. The algorithm is the one in
 //! `ALGORITHMS.md` ("SpecFuse"); choices marked **ours** there are options documented below.
 
 mod drafts;
+mod run;
 #[cfg(test)]
 mod tests;
 
 pub use drafts::{Candidate, CutDraft, DraftText, Drafts, DropReason, DroppedDraft};
+pub use run::{SpecFuseAnswer, SpecFuseStrategy, specfuse};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result, check_positive, check_weights, normalised_weights};
