@@ -95,11 +95,12 @@ pub async fn single(
         if let Some(cut) = limits.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
             text.truncate(cut);
             end = Some(Finish::Stop);
-        } else if matches!(p.finish_reason(), pb::FinishReason::Eos | pb::FinishReason::Stop) {
-            end = Some(Finish::Eos);
         } else if let Some((cut, _)) = text.char_indices().nth(limits.max_chars) {
+            // Past max_chars, even when the segment ended with EOS after the cut.
             text.truncate(cut);
             end = Some(Finish::Length);
+        } else if matches!(p.finish_reason(), pb::FinishReason::Eos | pb::FinishReason::Stop) {
+            end = Some(Finish::Eos);
         } else {
             // Fewer tokens than asked with LENGTH: the node's context limit came first.
             let short = (p.token_logprobs.len() as u32) < SINGLE_SEGMENT;
