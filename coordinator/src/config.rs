@@ -509,6 +509,12 @@ impl Settings {
                 allowed: "a strategy (specfuse, chared, colm, pipeline) or \"single:NAME\" of a configured node",
             });
         }
+        if self.default_strategy == "pipeline" && self.pipeline.stages.is_empty() {
+            return Err(Error::bad_field(
+                "default_strategy",
+                "\"pipeline\" needs [[pipeline.stages]] in the configuration",
+            ));
+        }
         self.colm.validate()?;
         for (field, name) in self
             .colm
@@ -613,6 +619,35 @@ mod tests {
             "[[nodes]]\nname = \"a\"\nurl = \"http://x:1\"\n[[nodes]]\nname = \"a\"\nurl = \"http://x:2\"\n";
         assert!(Settings::from_file(&toml::from_str(dup).expect("parses")).is_err());
         assert!(toml::from_str::<FileConfig>("bogus = 1").is_err());
+    }
+
+    #[test]
+    fn colm_and_pipeline_sections_parse_and_name_configured_members() {
+        let base =
+            "[[nodes]]\nname = \"a\"\nurl = \"http://x:1\"\n[[nodes]]\nname = \"b\"\nurl = \"http://x:2\"\n";
+        let f: FileConfig = toml::from_str(&format!(
+            "default_strategy = \"pipeline\"\n[colm]\nbase = \"a\"\neta = 0.4\nhandoff = \"word\"\n\
+             [pipeline]\nfallback = \"b\"\n[[pipeline.stages]]\nname = \"d\"\nnode = \"a\"\n\
+             template = \"{{{{ request }}}}\"\nroute = [{{ pattern = \"x\", node = \"b\" }}]\n{base}"
+        ))
+        .expect("parses");
+        let s = Settings::from_file(&f).expect("valid");
+        assert_eq!(s.colm.base.as_deref(), Some("a"));
+        assert_eq!(s.colm.handoff, crate::strategy::colm::Handoff::Word);
+        assert_eq!(s.pipeline.stages[0].route[0].node, "b");
+        for (bad, what) in [
+            ("[colm]\neta = 1.0", "colm.eta"),
+            ("[colm]\nbase = \"zz\"", "colm.base"),
+            ("[colm]\nassistants = [\"zz\"]", "colm.assistants"),
+            ("[pipeline]\nfallback = \"zz\"", "pipeline.fallback"),
+            ("[colm]\nhandoff = \"line\"", "handoff"),
+        ] {
+            let e = match toml::from_str::<FileConfig>(&format!("{bad}\n{base}")) {
+                Ok(f) => Settings::from_file(&f).expect_err(bad).to_string(),
+                Err(e) => e.to_string(),
+            };
+            assert!(e.contains(what), "{bad}: {e}");
+        }
     }
 
     #[test]

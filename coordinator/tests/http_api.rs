@@ -198,7 +198,12 @@ async fn completions_match_the_library_and_streams_add_up() -> anyhow::Result<()
         .as_array()
         .map(|d| d.iter().filter_map(|m| m["id"].as_str()).collect())
         .unwrap_or_default();
-    assert_eq!(ids, ["ensemble", "specfuse", "chared", "a", "b", "c"]);
+    assert_eq!(
+        ids,
+        [
+            "ensemble", "specfuse", "chared", "colm", "pipeline", "a", "b", "c"
+        ]
+    );
     let one = reqwest::get(format!("{}/v1/models/b", api.base)).await?;
     assert_eq!(one.status(), 200);
     Ok(())
