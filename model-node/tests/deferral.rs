@@ -132,6 +132,42 @@ async fn a_sure_head_defers_at_once_and_info_reports_it() -> anyhow::Result<()> 
     Ok(())
 }
 
+/// After an assistant's handoff the context usually ends inside one of the base's tokens; the
+/// healing token then re-spells that text and writes nothing past it, so the very next character
+/// gets a deferral decision (a sure head defers before any new text). On a byte-level BPE model,
+/// whose vocabulary has many tokens that extend a context's last one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_handoff_the_healing_token_writes_nothing_unchecked() -> anyhow::Result<()> {
+    let root = common::temp_dir("deferral-bpe");
+    let dir = common::model_dir(&root, "llama", "byte_level", 21)?;
+    let file = head_file(&dir, "sure.safetensors", vec![vec![0.0; HIDDEN]], vec![50.0])?;
+    let mut n = node(&dir, Some(&file)).await?;
+    let mut c = n.client().await?;
+    let never = head_file(&dir, "never.safetensors", vec![vec![0.0; HIDDEN]], vec![-50.0])?;
+    let mut m = node(&dir, Some(&never)).await?;
+    let mut d = m.client().await?;
+    let mut constrained = 0;
+    for answer in ["the ca", "once upon a ti", "she sa", "and th", "it wa", "he lo"] {
+        let r = c
+            .propose_segment(deferring(raw("Tell me a story.", answer, ""), 8, 0.6))
+            .await?
+            .into_inner();
+        assert_eq!(r.finish_reason(), pb::FinishReason::Defer, "{answer:?}: {r:?}");
+        assert_eq!(r.text, "", "{answer:?}: the healing token wrote past the context");
+        // A head that never defers: the same two steps (healing, one token) with and without a
+        // threshold differ where the free healing token would have run past the context.
+        let ctx = || raw("Tell me a story.", answer, "");
+        let checked = d.propose_segment(deferring(ctx(), 1, 0.6)).await?.into_inner();
+        let free = d.propose_segment(greedy(ctx(), 1)).await?.into_inner();
+        constrained += usize::from(checked.text != free.text);
+    }
+    // Not vacuous: unconstrained, healing tokens do run past some of these contexts.
+    assert!(constrained > 0, "no healing token ran past its context");
+    m.stop().await?;
+    n.stop().await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_never_head_changes_nothing_but_reports_every_position() -> anyhow::Result<()> {
     let dir = &dirs()[0];

@@ -299,17 +299,24 @@ impl CoLlm {
     }
 }
 
-/// Where the first word of `text` ends: the byte offset of the first whitespace after a
-/// non-whitespace character (`None`: the word runs to the end of the text).
+/// Where the first word of `text` ends (`None`: it runs to the end of the text). A word is a run of
+/// letters and digits ("750", "Dairox") or a run of other visible characters ("</", "."), after any
+/// leading whitespace: text without spaces, like arithmetic, still hands back at its first change
+/// of kind.
 pub fn word_end(text: &str) -> Option<usize> {
-    let mut seen = false;
+    let mut kind = None;
     for (i, c) in text.char_indices() {
         if c.is_whitespace() {
-            if seen {
+            if kind.is_some() {
                 return Some(i);
             }
-        } else {
-            seen = true;
+            continue;
+        }
+        let alnum = c.is_alphanumeric();
+        match kind {
+            None => kind = Some(alnum),
+            Some(k) if k != alnum => return Some(i),
+            Some(_) => {}
         }
     }
     None

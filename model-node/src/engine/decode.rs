@@ -225,6 +225,19 @@ impl Engine {
                 .prefix_range(&d.remainder)
                 .map(|pos| vocab.sorted_id(pos))
                 .collect();
+            // Co-LLM: the healing token re-spells the accepted text and writes nothing past it, so
+            // every new character gets a deferral decision (a token running past the end of an
+            // assistant's handoff would write the base's next characters unchecked).
+            if d.params.defer_threshold.is_some() {
+                let exact: Vec<u32> = ids
+                    .iter()
+                    .copied()
+                    .filter(|&t| vocab.token_bytes(t) == Some(d.remainder.as_slice()))
+                    .collect();
+                if !exact.is_empty() {
+                    ids = exact;
+                }
+            }
             ids.sort_unstable();
             healed = ids;
             &healed

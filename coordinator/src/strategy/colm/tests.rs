@@ -144,12 +144,17 @@ fn the_base_ending_ends_the_answer() {
 }
 
 #[test]
-fn word_end_finds_the_first_whitespace_after_a_word() {
+fn word_end_finds_the_end_of_the_first_word() {
     assert_eq!(word_end("abc def"), Some(3));
     assert_eq!(word_end("  abc def"), Some(5));
     assert_eq!(word_end("abc"), None);
     assert_eq!(word_end("   "), None);
     assert_eq!(word_end("é\ný"), Some(2));
+    // Without spaces: a run of letters and digits, or of other characters.
+    assert_eq!(word_end("057</think>750"), Some(3));
+    assert_eq!(word_end("</think>7"), Some(2));
+    assert_eq!(word_end("Dairox."), Some(6));
+    assert_eq!(word_end("+084="), Some(1));
 }
 
 #[test]
