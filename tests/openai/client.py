@@ -25,7 +25,7 @@ def check(name, cond, detail=""):
 
 
 ids = [m.id for m in client.models.list()]
-check("models.list", ids == ["ensemble", "specfuse", "chared", "arith", "atlas", "general"], ids)
+check("models.list", ids == ["ensemble", "specfuse", "chared", "colm", "pipeline", "arith", "atlas", "general"], ids)
 check("models.retrieve", client.models.retrieve("atlas").id == "atlas")
 
 for model in ["ensemble", "chared", "arith"]:
@@ -60,6 +60,35 @@ check(
     content == "405" and reasoning == "347+058=504" and usage is not None and usage.completion_tokens > 0,
     f"{len(chunks)} chunks, content={content!r} reasoning={reasoning!r}",
 )
+
+# Co-LLM: the generalist writes, its deferral head hands words to the arithmetic specialist; the
+# spans (who wrote what) spell the whole answer, reasoning block included.
+r = client.chat.completions.create(model="colm", messages=QUESTION, max_tokens=64)
+ens = r.model_extra["ensemble"]
+spelled = "".join(s["text"] for s in ens["spans"])
+check(
+    "chat colm",
+    r.choices[0].message.content == "405"
+    and ens["deferrals"] > 0
+    and spelled == f"<think>{ens['reasoning']}</think>405"
+    and {s["node"] for s in ens["spans"] if s["deferred"]} == {"arith"},
+    f"{len(ens['spans'])} spans, {ens['deferrals']} deferrals, {ens['node_calls']} node calls",
+)
+# FSLM: the generalist drafts, the draft's form routes the answer to the specialist.
+r = client.chat.completions.create(model="pipeline", messages=QUESTION, max_tokens=64)
+stages = r.model_extra["ensemble"]["stages"]
+check(
+    "chat pipeline",
+    r.choices[0].message.content == "405" and [(s["name"], s["node"]) for s in stages] == [("draft", "general"), ("answer", "arith")],
+    repr([(s["name"], s["node"], s["text"]) for s in stages]),
+)
+try:
+    client.chat.completions.create(
+        model="colm", messages=QUESTION, extra_body={"ensemble": {"colm": {"assistants": ["nobody"]}}}
+    )
+    check("bad colm option", False, "no error")
+except openai.BadRequestError as e:
+    check("unknown assistant -> 400", "colm.assistants" in e.message, e.message)
 
 r = client.completions.create(
     model="atlas",

@@ -275,6 +275,8 @@ fn print_span(s: &pb::SpanTrace) {
             "  → {:<10} {:?}  (deferred at p={:.3})",
             s.node, s.text, s.defer_prob
         );
+    } else if s.defer_probs.is_empty() {
+        eprintln!("    {:<10} {:?}", s.node, s.text);
     } else {
         let peak = s.defer_probs.iter().copied().fold(0.0f32, f32::max);
         eprintln!("    {:<10} {:?}  (max p(defer) {peak:.3})", s.node, s.text);
