@@ -115,6 +115,11 @@ class Facts:
         self.node_keys = struct_fields(coord_cfg, "NodeConfig")
         self.specfuse_keys = struct_fields(coord_cfg, "SpecFuseDefaults")
         self.chared_keys = struct_fields(coord_cfg, "CharEdDefaults")
+        colm = read("coordinator/src/strategy/colm.rs")
+        self.colm_keys = struct_fields(colm, "CoLlmParams")
+        self.pipeline_keys = struct_fields(read("coordinator/src/strategy/pipeline.rs"), "PipelineParams")
+        stage = re.search(r"message PipelineStage \{(.*?)\n\}", read("proto/proto/ensemble/v1/ensemble.proto"), re.S)
+        self.stage_keys = set(re.findall(r"^\s+(?:repeated\s+)?\w+ (\w+) = \d+;", stage.group(1), re.M)) if stage else set()
         m = re.search(r'rust-version = "([\d.]+)"', read("Cargo.toml"))
         self.rust_version = tuple(int(x) for x in m.group(1).split(".")) if m else None
 
@@ -141,6 +146,11 @@ def toml_problems(cfg: dict[str, Any], f: Facts) -> list[str]:
     bad = [f"top-level key {k!r}" for k in cfg if k not in f.file_keys]
     bad += [f"[specfuse] key {k!r}" for k in cfg.get("specfuse", {}) if k not in f.specfuse_keys]
     bad += [f"[chared] key {k!r}" for k in cfg.get("chared", {}) if k not in f.chared_keys]
+    bad += [f"[colm] key {k!r}" for k in cfg.get("colm", {}) if k not in f.colm_keys]
+    pipeline = cfg.get("pipeline", {})
+    bad += [f"[pipeline] key {k!r}" for k in pipeline if k not in f.pipeline_keys]
+    for st in pipeline.get("stages", []):
+        bad += [f"[[pipeline.stages]] key {k!r}" for k in st if k not in f.stage_keys]
     for n in cfg.get("nodes", []):
         bad += [f"[[nodes]] {n.get('name')} key {k!r}" for k in n if k not in f.node_keys]
         if n.get("discovery", "static") not in ("static", "dns"):
@@ -150,8 +160,12 @@ def toml_problems(cfg: dict[str, Any], f: Facts) -> list[str]:
     names = [n.get("name") for n in cfg.get("nodes", [])]
     if len(names) != len(set(names)):
         bad.append(f"duplicate node names {names}")
+    members = [cfg.get("colm", {}).get("base"), pipeline.get("fallback")]
+    members += [st.get(k) for st in pipeline.get("stages", []) for k in ("node", "fallback")]
+    members += [r.get("node") for st in pipeline.get("stages", []) for r in st.get("route", [])]
+    bad += [f"member {m!r} is not a node" for m in members if m and m not in names]
     s = cfg.get("default_strategy", "specfuse")
-    if not (s in ("specfuse", "chared") or (s.startswith("single:") and s[7:] in names)):
+    if not (s in ("specfuse", "chared", "colm", "pipeline") or (s.startswith("single:") and s[7:] in names)):
         bad.append(f"default_strategy {s!r}")
     return bad
 

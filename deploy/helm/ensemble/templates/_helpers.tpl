@@ -57,10 +57,12 @@ The models with nodeDefaults applied (a key given on a model replaces the defaul
 {{- toJson . -}}
 {{- else if kindIs "bool" . -}}
 {{- . -}}
+{{- else if kindIs "slice" . -}}
+{{- toJson . -}}
 {{- else if or (kindIs "float64" .) (kindIs "int" .) (kindIs "int64" .) -}}
 {{- if eq (float64 .) (floor .) -}}{{- int64 . -}}{{- else -}}{{- . -}}{{- end -}}
 {{- else -}}
-{{- fail (printf "coordinator config: unsupported value %v (string, bool or number)" .) -}}
+{{- fail (printf "coordinator config: unsupported value %v (string, bool, number or a list of strings)" .) -}}
 {{- end -}}
 {{- end -}}
 
@@ -97,6 +99,31 @@ max_chars = {{ int64 $c.maxChars }}
 [chared]
 {{- range $k, $v := $c.chared }}
 {{ $k }} = {{ include "ensemble.tomlValue" $v }}
+{{- end }}
+{{- end }}
+{{- if $c.colm }}
+
+[colm]
+{{- range $k, $v := $c.colm }}
+{{ $k }} = {{ include "ensemble.tomlValue" $v }}
+{{- end }}
+{{- end }}
+{{- with $c.pipeline }}
+{{- if .fallback }}
+
+[pipeline]
+fallback = {{ .fallback | toJson }}
+{{- end }}
+{{- range .stages }}
+
+[[pipeline.stages]]
+{{- range $k, $v := . }}
+{{- if eq $k "route" }}
+route = [{{ range $i, $r := $v }}{{ if $i }}, {{ end }}{ pattern = {{ $r.pattern | toJson }}, node = {{ $r.node | toJson }} }{{ end }}]
+{{- else }}
+{{ $k }} = {{ include "ensemble.tomlValue" $v }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- end }}
 {{- if $c.tlsSecretName }}
