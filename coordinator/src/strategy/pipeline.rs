@@ -353,8 +353,8 @@ mod tests {
             max_chars: 10,
             fallback: None,
             routes: vec![
-                (regex::Regex::new("<think>").unwrap(), 1),
-                (regex::Regex::new("^[A-Z]").unwrap(), 2),
+                (regex::Regex::new("<think>").expect("valid pattern"), 1),
+                (regex::Regex::new("^[A-Z]").expect("valid pattern"), 2),
             ],
         };
         assert_eq!(route(&stage, "<think>3+4</think>7"), 1);
