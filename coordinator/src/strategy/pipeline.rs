@@ -7,6 +7,9 @@
 //! that answers). A stage whose member fails fails the request with the member's error, or runs on
 //! the configured fallback member.
 //!
+//! Each stage runs in a `stage` tracing span (its index, name, member, whether it is the fallback)
+//! that parents the member's node calls.
+//!
 //! The stages are `[pipeline]` in the configuration, or the request's `PipelineOptions`; both are
 //! checked before any node is called ([`Pipeline::plan`](Strategy::plan)).
 
@@ -15,6 +18,7 @@ use std::collections::BTreeMap;
 use ensemble_proto::v1 as pb;
 use futures::future::BoxFuture;
 use serde::Deserialize;
+use tracing::Instrument as _;
 
 use crate::error::{Error, Result};
 use crate::strategy::single::single;
@@ -258,7 +262,17 @@ impl Run for PipelineRun {
                                     defer_probs: vec![],
                                 }))
                         };
-                        match single(&mut nodes[node], node, &stage_limits, self.sampling, &mut spans).await {
+                        let span = tracing::info_span!(
+                            "stage",
+                            stage = k as i64,
+                            name = %stage.name,
+                            node = node as i64,
+                            fallback
+                        );
+                        let ran = single(&mut nodes[node], node, &stage_limits, self.sampling, &mut spans)
+                            .instrument(span)
+                            .await;
+                        match ran {
                             Ok(a) => {
                                 round_trips += u64::from(a.steps);
                                 result = Some((node, fallback, a));
