@@ -105,6 +105,7 @@ impl LocalCluster {
                 };
                 cmd.arg("--deferral-head").arg(head);
             }
+            cmd.args(&n.node_args);
             let child = cmd
                 .arg("--model-dir")
                 .arg(&dir)

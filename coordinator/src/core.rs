@@ -41,6 +41,7 @@ impl From<NodeSpec> for NodeConfig {
             dns_refresh_ms: 5000,
             model_dir: None,
             deferral_head: None,
+            node_args: vec![],
         }
     }
 }

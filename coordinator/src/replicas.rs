@@ -254,6 +254,7 @@ mod tests {
             dns_refresh_ms: 20,
             model_dir: None,
             deferral_head: None,
+            node_args: vec![],
         };
         let r = Replicas::start(&node, Duration::from_secs(1), resolver.clone()).await?;
         assert_eq!(r.urls(), vec!["http://10.0.0.1:50051", "http://10.0.0.2:50051"]);

@@ -54,6 +54,7 @@ async fn a_member_survives_losing_one_of_its_replicas() -> anyhow::Result<()> {
             dns_refresh_ms: 60_000,
             model_dir: None,
             deferral_head: None,
+            node_args: vec![],
         },
         NodeConfig {
             name: "b".into(),
@@ -63,6 +64,7 @@ async fn a_member_survives_losing_one_of_its_replicas() -> anyhow::Result<()> {
             dns_refresh_ms: 5000,
             model_dir: None,
             deferral_head: None,
+            node_args: vec![],
         },
     ]);
     settings.deadline = Duration::from_secs(20);

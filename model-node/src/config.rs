@@ -24,6 +24,9 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Measure throughput and next-character costs; prints a table.
     Bench(BenchArgs),
+    /// RTD reference stores.
+    #[command(subcommand)]
+    Rtd(RtdCommand),
 }
 
 impl Command {
@@ -33,6 +36,7 @@ impl Command {
             Command::Serve(a) => &a.model,
             Command::Generate(a) => &a.model,
             Command::Bench(a) => &a.model,
+            Command::Rtd(RtdCommand::Build(a)) => &a.model,
         }
     }
 }
@@ -121,6 +125,67 @@ pub struct ServeArgs {
     /// Co-LLM deferral.
     #[command(flatten)]
     pub deferral: DeferralArgs,
+    /// RTD reference store.
+    #[command(flatten)]
+    pub rtd: RtdArgs,
+}
+
+/// RTD: a reference datastore mixed into every next-token distribution (ALGORITHMS.md "RTD"; the
+/// file format is in [`crate::rtd`]).
+#[derive(Debug, Clone, Args)]
+pub struct RtdArgs {
+    /// Reference store (written by `model-node rtd build` for this model). A relative path that does
+    /// not exist from the working directory is looked up in the model directory. Default: none.
+    #[arg(long, env = "MODEL_NODE_RTD_STORE")]
+    pub rtd_store: Option<PathBuf>,
+    /// λ in [0, 1): the store's share of each distribution (0: the store is not used).
+    #[arg(long, env = "MODEL_NODE_RTD_LAMBDA", default_value_t = 0.5)]
+    pub rtd_lambda: f64,
+    /// Nearest keys per position (exact search).
+    #[arg(long, env = "MODEL_NODE_RTD_K", default_value_t = 16)]
+    pub rtd_k: usize,
+    /// Temperature T of the neighbours' softmax over −(squared distance).
+    #[arg(long, env = "MODEL_NODE_RTD_TEMPERATURE", default_value_t = 1.0)]
+    pub rtd_temperature: f64,
+    /// A position whose nearest key is farther than this (squared distance) keeps the model's own
+    /// distribution (ours; default: infinite, the published constant λ).
+    #[arg(long, env = "MODEL_NODE_RTD_MAX_DISTANCE", default_value_t = f64::INFINITY)]
+    pub rtd_max_distance: f64,
+}
+
+impl Default for RtdArgs {
+    fn default() -> Self {
+        Self {
+            rtd_store: None,
+            rtd_lambda: 0.5,
+            rtd_k: 16,
+            rtd_temperature: 1.0,
+            rtd_max_distance: f64::INFINITY,
+        }
+    }
+}
+
+/// `model-node rtd`.
+#[derive(Debug, Subcommand)]
+pub enum RtdCommand {
+    /// Build a reference store: run the model over reference examples and keep, at every answer
+    /// position, its last hidden state (the key) and the token that followed (the value).
+    Build(RtdBuildArgs),
+}
+
+/// `model-node rtd build`.
+#[derive(Debug, Clone, Args)]
+pub struct RtdBuildArgs {
+    /// The model.
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// JSON Lines of examples: `{"messages": [...], "answer": "..."}` (the format of `eval/`,
+    /// rendered with the model's chat template) or `{"text": "..."}` (raw text, every position).
+    #[arg(long)]
+    pub examples: PathBuf,
+    /// The store written.
+    #[arg(long)]
+    pub out: PathBuf,
 }
 
 /// Co-LLM: the deferral head this node serves (ALGORITHMS.md "Co-LLM"; the file format is in

@@ -11,6 +11,9 @@ pub enum Error {
     /// The Co-LLM deferral head file is unreadable or does not fit the model (start-up only).
     #[error("deferral head {0}")]
     DeferralHead(String),
+    /// The RTD reference store is unreadable or was built for another model (start-up only).
+    #[error("RTD store {0}")]
+    RtdStore(String),
     /// The server could not start: TLS files, listener, reflection.
     #[error("server: {0}")]
     Server(String),
@@ -112,6 +115,7 @@ impl From<Error> for Status {
             Error::Cancelled => Code::Cancelled,
             Error::ModelDir(_)
             | Error::DeferralHead(_)
+            | Error::RtdStore(_)
             | Error::Server(_)
             | Error::Candle(_)
             | Error::Vocab(_)

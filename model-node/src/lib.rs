@@ -7,6 +7,7 @@
 //! - [`config`]: clap/env configuration of the `model-node` binary.
 //! - [`modeldir`]: reading a model directory (config, tokenizer, template, safetensors).
 //! - [`deferral`]: Co-LLM deferral heads (the file format, loading, saving).
+//! - [`rtd`]: RTD reference stores (the file format, the k-NN mixture; `rtd/build.rs`: building one).
 //! - [`model`]: architectures and the forward pass with an external KV cache.
 //! - [`vocab`]: token ↔ bytes for byte-level BPE, SentencePiece and plain vocabularies; the byte trie.
 //! - [`chars`]: the next-character distribution (hypothesis sets over token paths).
@@ -33,6 +34,7 @@ pub mod metrics;
 pub mod model;
 pub mod modeldir;
 pub mod node;
+pub mod rtd;
 pub mod sampling;
 pub mod server;
 pub mod service;

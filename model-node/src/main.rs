@@ -5,7 +5,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Parser;
 use model_node::chars::CharOptions;
-use model_node::config::{Cli, Command, GenerateArgs, LimitArgs, ServeArgs};
+use model_node::config::{Cli, Command, GenerateArgs, LimitArgs, RtdBuildArgs, RtdCommand, ServeArgs};
 use model_node::engine::{ContextBody, ContextSpec, Job, PromptSpec, ProposeParams, Reply};
 use model_node::sampling::SamplingParams;
 use model_node::template::Message;
@@ -41,7 +41,45 @@ fn run(cli: Cli, threads: usize) -> anyhow::Result<()> {
         Command::Serve(args) => serve(args, threads),
         Command::Generate(args) => generate(args),
         Command::Bench(args) => model_node::bench::run(&args).map_err(Into::into),
+        Command::Rtd(RtdCommand::Build(args)) => rtd_build(&args),
     }
+}
+
+fn rtd_build(args: &RtdBuildArgs) -> anyhow::Result<()> {
+    use model_node::rtd::build;
+    let examples = build::read_examples(&args.examples)?;
+    let limits = LimitArgs {
+        max_sessions: 1,
+        kv_cache_mb: 64,
+        queue: 1,
+        char_hypotheses: 1,
+        char_min_mass: 1e-4,
+    };
+    let loaded = model_node::node::load(&args.model, &limits).context("loading the model")?;
+    let files = model_node::modeldir::ModelFiles::open(&args.model.model_dir)?;
+    let mut model = model_node::node::store_model(&files, &loaded.engine.codec().vocab);
+    model.model_id = loaded.info.model_id.clone();
+    let bar = indicatif::ProgressBar::new(examples.len() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} {elapsed_precise} eta {eta}")
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .progress_chars("=> "),
+    );
+    bar.set_message("rtd build");
+    let store = build::build(&loaded.engine, model, &examples, &mut |n| {
+        bar.set_position(n as u64)
+    })?;
+    bar.finish_and_clear();
+    store.save(&args.out)?;
+    eprintln!(
+        "{} keys from {} examples ({} MB), hidden size {}: written to {}",
+        store.len(),
+        store.examples,
+        (4 * store.keys.len() + 4 * store.values.len()) / (1 << 20),
+        store.model.hidden_size,
+        args.out.display()
+    );
+    Ok(())
 }
 
 fn serve(args: ServeArgs, threads: usize) -> anyhow::Result<()> {
@@ -57,7 +95,7 @@ fn serve(args: ServeArgs, threads: usize) -> anyhow::Result<()> {
         let _enter = rt.enter();
         ensemble_proto::telemetry::init("model-node").map_err(anyhow::Error::msg)?
     };
-    let node = model_node::node::load_with(&args.model, &args.limits, &args.deferral)
+    let node = model_node::node::load_serving(&args.model, &args.limits, &args.deferral, &args.rtd)
         .context("loading the model")?;
     tracing::info!(model = %node.info.model_id, arch = %node.info.architecture, listen = %args.listen, kernel_threads = threads, "model loaded");
     let char_defaults = CharOptions {

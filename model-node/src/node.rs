@@ -4,7 +4,7 @@
 use candle_core::{DType, Device};
 use ensemble_proto::v1 as pb;
 
-use crate::config::{DTypeArg, DeferralArgs, LimitArgs, ModelArgs};
+use crate::config::{DTypeArg, DeferralArgs, LimitArgs, ModelArgs, RtdArgs};
 use crate::deferral::DeferralHead;
 use crate::engine::text::TextCodec;
 use crate::engine::{Engine, EngineLimits};
@@ -64,6 +64,17 @@ pub struct Loaded {
     pub info: pb::InfoResponse,
 }
 
+/// What an RTD store must have been built for to serve this model.
+pub fn store_model(files: &ModelFiles, vocab: &Vocab) -> crate::rtd::StoreModel {
+    crate::rtd::StoreModel {
+        architecture: files.config.arch.name().into(),
+        hidden_size: files.config.hidden_size,
+        vocab_size: files.config.vocab_size,
+        vocab_hash: crate::rtd::vocab_hash(vocab, files.config.vocab_size),
+        model_id: String::new(),
+    }
+}
+
 /// Loads the model described by `args` with `limits` (no deferral head).
 pub fn load(args: &ModelArgs, limits: &LimitArgs) -> Result<Loaded> {
     load_with(args, limits, &DeferralArgs::default())
@@ -72,6 +83,17 @@ pub fn load(args: &ModelArgs, limits: &LimitArgs) -> Result<Loaded> {
 /// Loads the model described by `args` with `limits` and, when `deferral` names one, its Co-LLM
 /// deferral head (a head that does not fit the model is a start-up error naming the file).
 pub fn load_with(args: &ModelArgs, limits: &LimitArgs, deferral: &DeferralArgs) -> Result<Loaded> {
+    load_serving(args, limits, deferral, &RtdArgs::default())
+}
+
+/// [`load_with`], and the RTD reference store `rtd` names (a store built for another model, or a
+/// file that is not a store, is a start-up error naming the file).
+pub fn load_serving(
+    args: &ModelArgs,
+    limits: &LimitArgs,
+    deferral: &DeferralArgs,
+    rtd: &RtdArgs,
+) -> Result<Loaded> {
     let files = ModelFiles::open(&args.model_dir)?;
     let device = device(&args.device)?;
     let dtype = dtype(args.dtype, &device);
@@ -101,6 +123,32 @@ pub fn load_with(args: &ModelArgs, limits: &LimitArgs, deferral: &DeferralArgs) 
         })?;
     }
     let vocab = Vocab::from_tokenizer(&files.tokenizer, files.config.vocab_size, &files.eos_ids)?;
+    let store = match &rtd.rtd_store {
+        Some(file) if rtd.rtd_lambda > 0.0 => {
+            let path = crate::deferral::resolve_path(file, &args.model_dir);
+            let params = crate::rtd::RtdParams {
+                lambda: rtd.rtd_lambda,
+                k: rtd.rtd_k,
+                temperature: rtd.rtd_temperature,
+                max_distance: rtd.rtd_max_distance,
+            };
+            params
+                .validate()
+                .map_err(|e| Error::RtdStore(format!("{}: {e}", path.display())))?;
+            let store = crate::rtd::Store::load(&path)?;
+            store.check_model(&path, &store_model(&files, &vocab))?;
+            let mixer = crate::rtd::Rtd::new(&store, params, &device).map_err(|e| {
+                Error::RtdStore(format!(
+                    "{}: {}",
+                    path.display(),
+                    crate::error::candle_message(&e)
+                ))
+            })?;
+            model.set_rtd(std::sync::Arc::new(mixer));
+            Some((path, store, params))
+        }
+        _ => None,
+    };
     let kind = match vocab.kind() {
         TokenizerKind::ByteLevel => pb::TokenizerKind::ByteLevel,
         TokenizerKind::SentencePiece => pb::TokenizerKind::SentencePiece,
@@ -141,6 +189,16 @@ pub fn load_with(args: &ModelArgs, limits: &LimitArgs, deferral: &DeferralArgs) 
             assistants: h.assistants.clone(),
             eta: h.eta,
             path: path.display().to_string(),
+        }),
+        rtd_store: store.as_ref().map(|(path, st, p)| pb::RtdStoreInfo {
+            path: path.display().to_string(),
+            entries: st.len() as u64,
+            bytes: (4 * st.keys.len() + 4 * st.values.len()) as u64,
+            lambda: p.lambda,
+            k: p.k as u32,
+            temperature: p.temperature,
+            examples: st.examples as u64,
+            max_distance: p.max_distance,
         }),
         // Load fields: filled in by the service from the engine's counters on every Info.
         ..Default::default()

@@ -2,12 +2,12 @@
 //! Python-compatible string methods templates rely on), or a plain `role: content` fallback.
 
 use minijinja::{Environment, context};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
 /// A message as templates see it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Message {
     /// "system", "user" or "assistant".
     pub role: String,

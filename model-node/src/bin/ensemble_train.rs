@@ -126,6 +126,24 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         threads: usize,
     },
+    /// Write RTD reference examples for a recipe's model: `store.jsonl`, every phrasing of every atlas
+    /// fact the recipe never trained on (what `model-node rtd build` stores), and `val.jsonl`, a
+    /// mixed validation split of all three domains disjoint from the evaluation sets (for tuning λ
+    /// and T without touching `eval/`).
+    RtdExamples {
+        /// The recipe whose unseen facts are stored.
+        #[arg(long, default_value = "general")]
+        recipe: String,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Seed of the synthetic world.
+        #[arg(long, default_value_t = 2026)]
+        world_seed: u64,
+        /// Validation items per domain.
+        #[arg(long, default_value_t = 60)]
+        val: usize,
+    },
     /// Write the held-out evaluation sets (JSON Lines) to a directory.
     EvalSets {
         /// Output directory.
@@ -341,6 +359,63 @@ fn main() -> anyhow::Result<()> {
                 },
             };
             deferral(&o, report.as_ref())?;
+        }
+        Command::RtdExamples {
+            recipe,
+            out,
+            world_seed,
+            val,
+        } => {
+            use rand::SeedableRng as _;
+            std::fs::create_dir_all(&out)?;
+            let world = World::new(world_seed);
+            let seen = model_node::train::recipe::recipe(&recipe)?.countries(&world);
+            let mut rng = rand::rngs::StdRng::seed_from_u64(world_seed ^ 0x5747);
+            let mut f = std::io::BufWriter::new(std::fs::File::create(out.join("store.jsonl"))?);
+            let mut facts = 0;
+            for c in (0..world.countries.len()).filter(|c| !seen.contains(c)) {
+                for attr in model_node::train::world::ATTRIBUTES {
+                    // Every phrasing: the generator picks one at random.
+                    let mut questions = std::collections::BTreeSet::new();
+                    for _ in 0..32 {
+                        let it = world.atlas_item(&mut rng, c, attr);
+                        if questions.insert(it.question.clone()) {
+                            writeln!(f, "{}", line(&it))?;
+                        }
+                    }
+                    facts += 1;
+                }
+            }
+            drop(f);
+            let eval: std::collections::BTreeSet<String> = Domain::ALL
+                .iter()
+                .flat_map(|&d| world.eval_set(d, 150))
+                .map(|it| it.question)
+                .collect();
+            let all: Vec<usize> = (0..world.countries.len()).collect();
+            let mut f = std::io::BufWriter::new(std::fs::File::create(out.join("val.jsonl"))?);
+            let mut taken = std::collections::BTreeSet::new();
+            let mut n = 0;
+            for d in Domain::ALL {
+                let mut k = 0;
+                while k < val {
+                    let it = match d {
+                        Domain::Arithmetic => world.arithmetic(&mut rng, true),
+                        Domain::Atlas => world.atlas(&mut rng, &all),
+                        Domain::Words => world.words(&mut rng, true),
+                    };
+                    if !eval.contains(&it.question) && taken.insert(it.question.clone()) {
+                        writeln!(f, "{}", line(&it))?;
+                        k += 1;
+                        n += 1;
+                    }
+                }
+            }
+            println!(
+                "{facts} unseen facts of recipe {recipe} in {}, {n} validation items in {}",
+                out.join("store.jsonl").display(),
+                out.join("val.jsonl").display()
+            );
         }
         Command::EvalSets { out, world_seed, n } => {
             std::fs::create_dir_all(&out)?;

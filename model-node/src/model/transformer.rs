@@ -232,6 +232,8 @@ pub struct Transformer {
     dtype: DType,
     /// Co-LLM deferral heads: `(hidden, H)` (the vectors as columns) and the biases `(H,)`, f32.
     deferral: Option<(Tensor, Tensor)>,
+    /// RTD: the reference store mixed into every next-token distribution.
+    rtd: Option<std::sync::Arc<crate::rtd::Rtd>>,
 }
 
 /// What one [`Transformer::forward_ragged`] step returns.
@@ -381,7 +383,14 @@ impl Transformer {
             device,
             dtype,
             deferral: None,
+            rtd: None,
         })
+    }
+
+    /// Sets the RTD reference store: from then on every logits row is the log of
+    /// `λ·r + (1−λ)·softmax(logits)` ([`crate::rtd`]).
+    pub fn set_rtd(&mut self, rtd: std::sync::Arc<crate::rtd::Rtd>) {
+        self.rtd = Some(rtd);
     }
 
     /// Sets the Co-LLM deferral heads: `heads` `(H, hidden)` (one vector g per assistant) and `bias`
@@ -562,13 +571,16 @@ impl Transformer {
         self.norm.forward(&x)?.squeeze(0)?.to_dtype(DType::F32)
     }
 
-    /// f32 logits of normed hidden states (any leading shape, last dimension hidden): the LM head
-    /// and the final soft-capping.
+    /// f32 logits of normed hidden states (any leading shape, last dimension hidden): the LM head,
+    /// the final soft-capping and, with an RTD store, the mixture with it (as log-probabilities).
     pub fn lm_logits(&self, normed: &Tensor) -> CResult<Tensor> {
         let normed = normed.to_dtype(self.dtype)?;
         let mut logits = self.lm_head.forward(&normed)?.to_dtype(DType::F32)?;
         if let Some(cap) = self.cfg.final_logit_softcapping {
             logits = ((logits / cap)?.tanh()? * cap)?;
+        }
+        if let Some(rtd) = &self.rtd {
+            logits = rtd.mix(&logits, &normed)?;
         }
         Ok(logits)
     }
