@@ -55,6 +55,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         serving::kv_table(&model, &limits())?;
         let _ = std::fs::remove_dir_all(&root);
     }
+    if !args.rtd_keys.is_empty() {
+        rtd_table(args)?;
+    }
     if !args.tokenizers.is_empty() {
         println!();
         println!("| tokenizer | vocab | O(V) pass per forward (ms) | per-character walk, median (µs) |");
@@ -275,4 +278,67 @@ fn next_char_costs(dir: &Path, repeat: usize) -> Result<(usize, f64, f64)> {
         walk.iter().sum::<f64>() / walk.len().max(1) as f64
     );
     Ok((n, median(pass), median(walk)))
+}
+
+/// RTD: milliseconds of the exact k-NN mixture (distances to every key by one matmul, top-k,
+/// the mixed distribution) per token, alone and in a batch of 8 rows, at each store size.
+fn rtd_table(args: &BenchArgs) -> Result<()> {
+    use candle_core::{Device, Tensor};
+    let files = crate::modeldir::ModelFiles::open(&args.model.model_dir)?;
+    let (hidden, vocab) = (files.config.hidden_size, files.config.vocab_size);
+    println!();
+    println!(
+        "| RTD store keys (hidden {hidden}, vocab {vocab}, k 16) | store MB | ms per token (1 row) | ms per row (batch of 8) |"
+    );
+    println!("|---:|---:|---:|---:|");
+    let c = |e: candle_core::Error| Error::Internal(e.to_string());
+    for &n in &args.rtd_keys {
+        // Deterministic pseudo-random keys and values.
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        };
+        let keys: Vec<f32> = (0..n * hidden).map(|_| next()).collect();
+        let values: Vec<u32> = (0..n).map(|i| (i % vocab.max(1)) as u32).collect();
+        let store = crate::rtd::Store {
+            keys,
+            values,
+            model: crate::rtd::StoreModel {
+                architecture: String::new(),
+                hidden_size: hidden,
+                vocab_size: vocab,
+                vocab_hash: String::new(),
+                model_id: String::new(),
+            },
+            examples: 0,
+        };
+        let params = crate::rtd::RtdParams {
+            lambda: 0.5,
+            k: 16,
+            temperature: 1.0,
+            max_distance: f64::INFINITY,
+        };
+        let rtd = crate::rtd::Rtd::new(&store, params, &Device::Cpu).map_err(c)?;
+        let mut time = |rows: usize| -> Result<f64> {
+            let q: Vec<f32> = (0..rows * hidden).map(|_| next()).collect();
+            let q = Tensor::from_vec(q, (rows, hidden), &Device::Cpu).map_err(c)?;
+            let logits = Tensor::zeros((rows, vocab), candle_core::DType::F32, &Device::Cpu).map_err(c)?;
+            let mut best = f64::INFINITY;
+            for _ in 0..args.repeat.max(1) {
+                let t = std::time::Instant::now();
+                rtd.mix(&logits, &q).map_err(c)?;
+                best = best.min(t.elapsed().as_secs_f64() * 1e3 / rows as f64);
+            }
+            Ok(best)
+        };
+        let (one, batch) = (time(1)?, time(8)?);
+        println!(
+            "| {n} | {:.1} | {one:.3} | {batch:.3} |",
+            (4 * n * (hidden + 1)) as f64 / (1 << 20) as f64
+        );
+    }
+    Ok(())
 }

@@ -324,4 +324,8 @@ pub struct BenchArgs {
     /// Characters of `--text` measured.
     #[arg(long, default_value_t = 400)]
     pub text_chars: usize,
+    /// RTD: the cost of the exact k-NN mixture per token and per batch of 8 rows, at these store
+    /// sizes (random keys of the model's hidden size), e.g. `10000,100000,1000000`.
+    #[arg(long, value_delimiter = ',')]
+    pub rtd_keys: Vec<usize>,
 }
