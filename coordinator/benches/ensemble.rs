@@ -238,6 +238,7 @@ async fn overhead(quick: bool, what: &str) -> anyhow::Result<()> {
         let calls = clients.iter_mut().map(|c| {
             c.next_char_distribution(pb::NextCharRequest {
                 context: Some(pb::Context {
+                    rtd_lambda: None,
                     session_id: "s".into(),
                     body: Some(pb::context::Body::Delta(pb::ContextDelta {
                         base_chars: 10,

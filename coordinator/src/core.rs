@@ -376,6 +376,13 @@ impl Coordinator {
         if let Some(s) = &r.sampling {
             check_sampling(s).map_err(|(_, msg)| Status::invalid_argument(msg))?;
         }
+        if let Some(l) = r.rtd_lambda
+            && !(0.0..1.0).contains(&l)
+        {
+            return Err(Status::invalid_argument(format!(
+                "rtd_lambda must be in [0, 1), got {l}"
+            )));
+        }
         let Some((found, arg)) = strategy::find(&strategy) else {
             return Err(Status::invalid_argument(format!(
                 "unknown strategy {}: use one of {}",
@@ -402,6 +409,9 @@ impl Coordinator {
         let n = self.requests.fetch_add(1, Ordering::Relaxed);
         let session = format!("ens-{}-{n}", std::process::id());
         let mut clients = self.clients(&session, &prompt);
+        for c in &mut clients {
+            c.set_rtd_lambda(r.rtd_lambda);
+        }
         let a = run
             .run(Ctx {
                 nodes: &mut clients,

@@ -21,6 +21,8 @@ use crate::replicas::Replicas;
 
 /// One node, as one request sees it.
 pub struct NodeClient {
+    /// RTD: the request's λ for every call (`None`: the node's).
+    rtd_lambda: Option<f64>,
     name: String,
     client: ModelNodeClient<Channel>,
     /// The replica in use and the member's other replicas (None: a bare channel).
@@ -170,6 +172,7 @@ impl NodeClient {
             retried: 0,
             deadline,
             session: String::new(),
+            rtd_lambda: None,
             prompt: None,
             answer: String::new(),
             answer_chars: 0,
@@ -239,6 +242,11 @@ impl NodeClient {
         &self.name
     }
 
+    /// RTD: the λ every call of this request asks of nodes that serve a reference store.
+    pub fn set_rtd_lambda(&mut self, lambda: Option<f64>) {
+        self.rtd_lambda = lambda;
+    }
+
     /// The session id of the request in progress (empty before `begin` and after `close`).
     pub fn session(&self) -> &str {
         &self.session
@@ -291,6 +299,7 @@ impl NodeClient {
             }),
         };
         pb::Context {
+            rtd_lambda: self.rtd_lambda,
             session_id: self.session.clone(),
             body: Some(body),
         }

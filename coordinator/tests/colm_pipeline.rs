@@ -167,6 +167,14 @@ async fn bad_options_are_the_clients_fault_and_call_no_node() -> anyhow::Result<
             "names two stages",
         ),
     ];
+    let mut cases = cases.to_vec();
+    cases.push((
+        pb::GenerateRequest {
+            rtd_lambda: Some(1.0),
+            ..request(raw("x"), "colm", 8)
+        },
+        "rtd_lambda",
+    ));
     for (req, want) in cases {
         let e = c.run(req, &mut |_| true).await.expect_err(want);
         assert_eq!(e.code(), Code::InvalidArgument, "{want}: {e:?}");

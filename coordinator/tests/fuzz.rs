@@ -227,9 +227,10 @@ fn arb_generate() -> impl Strategy<Value = pb::GenerateRequest> {
         chared,
         colm,
         pipeline,
+        proptest::option::of(arb_f(0.5)),
     )
         .prop_map(
-            |(prompt, strategy, max_chars, stop, sampling, specfuse, chared, colm, pipeline)| {
+            |(prompt, strategy, max_chars, stop, sampling, specfuse, chared, colm, pipeline, rtd_lambda)| {
                 pb::GenerateRequest {
                     prompt,
                     strategy,
@@ -240,6 +241,7 @@ fn arb_generate() -> impl Strategy<Value = pb::GenerateRequest> {
                     chared,
                     colm,
                     pipeline,
+                    rtd_lambda,
                 }
             },
         )

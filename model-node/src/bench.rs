@@ -89,6 +89,7 @@ fn propose_job(n: usize) -> crate::engine::Job {
                 prompt: PromptSpec::Raw(String::new()),
                 answer: String::new(),
             },
+            rtd_lambda: None,
         },
         ProposeParams {
             max_new_tokens: n,
@@ -138,6 +139,7 @@ fn decode(args: &BenchArgs) -> Result<()> {
 
         let req = pb::ProposeRequest {
             context: Some(pb::Context {
+                rtd_lambda: None,
                 session_id: String::new(),
                 body: Some(pb::context::Body::Full(pb::FullContext {
                     prompt: Some(pb::Prompt {
@@ -329,7 +331,7 @@ fn rtd_table(args: &BenchArgs) -> Result<()> {
             let mut best = f64::INFINITY;
             for _ in 0..args.repeat.max(1) {
                 let t = std::time::Instant::now();
-                rtd.mix(&logits, &q).map_err(c)?;
+                rtd.mix(&logits, &q, None).map_err(c)?;
                 best = best.min(t.elapsed().as_secs_f64() * 1e3 / rows as f64);
             }
             Ok(best)

@@ -185,6 +185,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
                 prompt,
                 answer: String::new(),
             },
+            rtd_lambda: None,
         },
         ProposeParams {
             max_new_tokens,

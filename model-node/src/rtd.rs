@@ -319,12 +319,30 @@ impl Rtd {
         self.params
     }
 
-    /// The reference distribution `r` of each row of `q` `(m, hidden)` over `vocab` tokens, and the
-    /// mixture `log(λ·r + (1−λ)·softmax(logits))` of `logits` `(m, vocab)`.
-    pub fn mix(&self, logits: &Tensor, normed: &Tensor) -> candle_core::Result<Tensor> {
+    /// The mixture `log(λ·r + (1−λ)·softmax(logits))` of each row of `logits` `(…, vocab)` with the
+    /// reference distribution `r` of its hidden state in `normed` `(…, hidden)`. `lambdas` overrides
+    /// λ per row (one value: every row; `None`: the store's); a row whose λ is 0 keeps its logits
+    /// exactly, and when every row's is, nothing is computed.
+    pub fn mix(
+        &self,
+        logits: &Tensor,
+        normed: &Tensor,
+        lambdas: Option<&[Option<f64>]>,
+    ) -> candle_core::Result<Tensor> {
         let dims = logits.dims().to_vec();
         let vocab = dims.last().copied().unwrap_or(0);
         let m = logits.elem_count() / vocab.max(1);
+        let lambda_of = |i: usize| -> f64 {
+            let given = match lambdas {
+                Some([one]) => *one,
+                Some(v) => v.get(i).copied().flatten(),
+                None => None,
+            };
+            given.unwrap_or(self.params.lambda)
+        };
+        if (0..m).all(|i| lambda_of(i) == 0.0) {
+            return Ok(logits.clone());
+        }
         let hidden = self.keys_t.dim(0)?;
         let q = normed.reshape((m, hidden))?.to_dtype(DType::F32)?;
         // Squared distances: |q|² − 2 q·k + |k|², one matmul for the whole batch.
@@ -336,15 +354,23 @@ impl Rtd {
             .to_vec2::<f32>()?;
         let p = candle_nn::ops::softmax_last_dim(&logits.reshape((m, vocab))?.to_dtype(DType::F32)?)?
             .to_vec2::<f32>()?;
+        let raw = logits
+            .reshape((m, vocab))?
+            .to_dtype(DType::F32)?
+            .to_vec2::<f32>()?;
         let mut out = Vec::with_capacity(m * vocab);
-        for (drow, prow) in d.iter().zip(&p) {
+        for (i, (drow, prow)) in d.iter().zip(&p).enumerate() {
+            let lambda = lambda_of(i);
+            if lambda == 0.0 {
+                out.extend_from_slice(&raw[i]);
+                continue;
+            }
             let nearest = drow.iter().copied().fold(f32::INFINITY, f32::min);
             if f64::from(nearest) > self.params.max_distance {
                 out.extend(prow.iter().map(|&pl| pl.ln()));
                 continue;
             }
             let r = self.reference(drow, vocab);
-            let lambda = self.params.lambda;
             out.extend(
                 prow.iter()
                     .zip(&r)
@@ -417,7 +443,10 @@ mod tests {
         let rtd = Rtd::new(&s, params, &Device::Cpu)?;
         let logits = Tensor::new(&[[0.0f32, 1.0, 2.0, 3.0]], &Device::Cpu)?;
         let q = Tensor::new(&[[0.0f32, 0.0]], &Device::Cpu)?;
-        let got = rtd.mix(&logits, &q)?.to_vec2::<f32>()?;
+        let got = rtd.mix(&logits, &q, None)?.to_vec2::<f32>()?;
+        // λ 0 for the row: its logits exactly.
+        let off = rtd.mix(&logits, &q, Some(&[Some(0.0)]))?.to_vec2::<f32>()?;
+        assert_eq!(off, logits.to_vec2::<f32>()?);
         let z: f64 = 1.0 + (-1f64).exp() + (-4f64).exp();
         let r = [0.0, (1.0 + (-4f64).exp()) / z, (-1f64).exp() / z, 0.0];
         let lz: f64 = (0..4).map(|i| (i as f64).exp()).sum();

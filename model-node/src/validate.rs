@@ -104,9 +104,15 @@ pub fn context(ctx: Option<pb::Context>) -> Result<ContextSpec> {
             }
         }
     };
+    if let Some(l) = ctx.rtd_lambda
+        && !(0.0..1.0).contains(&l)
+    {
+        return Err(invalid(format!("context.rtd_lambda must be in [0, 1), got {l}")));
+    }
     Ok(ContextSpec {
         session: ctx.session_id,
         body,
+        rtd_lambda: ctx.rtd_lambda,
     })
 }
 
@@ -293,6 +299,7 @@ mod tests {
 
     fn raw_ctx() -> Option<pb::Context> {
         Some(pb::Context {
+            rtd_lambda: None,
             session_id: String::new(),
             body: Some(pb::context::Body::Full(pb::FullContext {
                 prompt: Some(pb::Prompt {
@@ -346,6 +353,7 @@ mod tests {
         };
         assert!(msg(score(r).err().map_or(invalid(""), |e| e)).contains("candidates is empty"));
         let delta = pb::Context {
+            rtd_lambda: None,
             session_id: String::new(),
             body: Some(pb::context::Body::Delta(pb::ContextDelta {
                 base_chars: 0,
@@ -380,9 +388,11 @@ mod tests {
                 pb::ContextDelta { base_chars, append }
             ))),
         ];
-        proptest::option::of(
-            (".{0,200}", body).prop_map(|(session_id, body)| pb::Context { session_id, body }),
-        )
+        proptest::option::of((".{0,200}", body).prop_map(|(session_id, body)| pb::Context {
+            rtd_lambda: None,
+            session_id,
+            body,
+        }))
     }
 
     proptest! {

@@ -97,7 +97,11 @@ fn arb_context() -> impl Strategy<Value = Option<pb::Context>> {
             prop_oneof![Just(String::new()), "[a-z0-9]{1,8}", ".{0,200}"],
             body,
         )
-            .prop_map(|(session_id, body)| pb::Context { session_id, body }),
+            .prop_map(|(session_id, body)| pb::Context {
+                rtd_lambda: None,
+                session_id,
+                body,
+            }),
     )
 }
 

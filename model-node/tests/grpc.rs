@@ -519,6 +519,7 @@ async fn string_prefix_scores_never_rise_as_a_cut_grows() -> anyhow::Result<()> 
 /// A conversation of `n` user messages of `bytes` bytes each.
 fn many_messages(n: usize, bytes: usize) -> Option<pb::Context> {
     Some(pb::Context {
+        rtd_lambda: None,
         session_id: String::new(),
         body: Some(pb::context::Body::Full(pb::FullContext {
             prompt: Some(pb::Prompt {

@@ -38,6 +38,7 @@ fn stories260k_greedy_matches_llama2c_in_process() -> anyhow::Result<()> {
                 prompt: PromptSpec::Raw(String::new()),
                 answer: String::new(),
             },
+            rtd_lambda: None,
         },
         ProposeParams {
             max_new_tokens: 256,

@@ -149,6 +149,67 @@ async fn lambda_zero_is_the_model_itself_bit_for_bit() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `ctx` with this call's λ.
+fn with_lambda(ctx: Option<pb::Context>, lambda: Option<f64>) -> Option<pb::Context> {
+    ctx.map(|c| pb::Context {
+        rtd_lambda: lambda,
+        ..c
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_sets_its_own_lambda_even_inside_a_batched_step() -> anyhow::Result<()> {
+    let dir = common::model_dir(&common::temp_dir("rtd-request"), "llama", "byte_level", 45)?;
+    let store = build_store(&dir)?;
+    let mut with = node(&dir, &rtd(&store, 0.9)).await?;
+    let mut plain = node(&dir, &RtdArgs::default()).await?;
+    let (c, mut p) = (with.client().await?, plain.client().await?);
+    for (q, a) in EXAMPLES {
+        let off = |n| greedy(with_lambda(chat(q, "", ""), Some(0.0)), n);
+        let on = |n| greedy(with_lambda(chat(q, "", ""), None), n);
+        let alone = p.propose_segment(greedy(chat(q, "", ""), 16)).await?.into_inner();
+        // Both at once, so the engine decodes them in the same batched steps: each row its own λ.
+        let (mut c1, mut c2) = (c.clone(), c.clone());
+        let (r_off, r_on) = tokio::join!(c1.propose_segment(off(16)), c2.propose_segment(on(32)));
+        let (r_off, r_on) = (r_off?.into_inner(), r_on?.into_inner());
+        // (A batch of two rows sums in another order than one row: equal to f32 rounding.)
+        assert_eq!(r_off.text, alone.text, "{q}");
+        assert_eq!(r_off.token_logprobs.len(), alone.token_logprobs.len());
+        for (x, y) in r_off.token_logprobs.iter().zip(&alone.token_logprobs) {
+            assert!((x - y).abs() < 1e-5, "{q}: {x} vs {y}");
+        }
+        assert_eq!(r_on.text, a, "{q}");
+        // Scores and next characters with λ 0: the model alone, bit for bit.
+        let mut s = score(q, a);
+        s.context = with_lambda(s.context, Some(0.0));
+        let s_off = c.clone().score_candidates(s).await?.into_inner().scores;
+        assert_eq!(s_off, p.score_candidates(score(q, a)).await?.into_inner().scores);
+        let nc = |ctx| pb::NextCharRequest {
+            context: ctx,
+            top_k: 8,
+            max_hypotheses: None,
+            lookahead: None,
+        };
+        let n_off = c
+            .clone()
+            .next_char_distribution(nc(with_lambda(chat(q, "", ""), Some(0.0))))
+            .await?
+            .into_inner();
+        let n0 = p.next_char_distribution(nc(chat(q, "", ""))).await?.into_inner();
+        assert_eq!((n_off.chars, n_off.eos_prob), (n0.chars, n0.eos_prob), "{q}");
+    }
+    let bad = c
+        .clone()
+        .propose_segment(greedy(with_lambda(chat("x", "", ""), Some(1.5)), 4))
+        .await
+        .expect_err("λ 1.5");
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    assert!(bad.message().contains("rtd_lambda"), "{}", bad.message());
+    with.stop().await?;
+    plain.stop().await?;
+    Ok(())
+}
+
 #[test]
 fn a_store_for_another_model_or_a_broken_file_is_refused_at_start() -> anyhow::Result<()> {
     let root = common::temp_dir("rtd-refuse");

@@ -47,6 +47,8 @@ pub struct Extension {
     pub colm: Option<pb::CoLlmOptions>,
     /// FSLM pipeline options (as in the gRPC `PipelineOptions`).
     pub pipeline: Option<pb::PipelineOptions>,
+    /// RTD: λ for the members that serve a reference store (as in the gRPC request).
+    pub rtd_lambda: Option<f64>,
 }
 
 /// The fields both endpoints share.
@@ -368,6 +370,7 @@ pub fn generate_request(
         chared: Some(chared),
         sampling: Some(sampling),
         colm: c.ensemble.colm,
+        rtd_lambda: c.ensemble.rtd_lambda,
         pipeline: c.ensemble.pipeline,
     })
 }

@@ -82,6 +82,7 @@ impl Drop for Served {
 
 fn raw_context(session: &str, prompt: &str, answer: &str) -> Option<pb::Context> {
     Some(pb::Context {
+        rtd_lambda: None,
         session_id: session.into(),
         body: Some(pb::context::Body::Full(pb::FullContext {
             prompt: Some(pb::Prompt {
@@ -220,6 +221,7 @@ pub fn chars_table(model: &ModelArgs, limits: &LimitArgs, text: &str, chars: usi
                 raw_context(&session, "", "")
             } else {
                 Some(pb::Context {
+                    rtd_lambda: None,
                     session_id: session.clone(),
                     body: Some(pb::context::Body::Delta(pb::ContextDelta {
                         base_chars: (i - 1) as u64,
@@ -287,6 +289,7 @@ pub fn char_runs_table(model: &ModelArgs, limits: &LimitArgs, text: &str, chars:
                 raw_context(&session, "", "")
             } else {
                 Some(pb::Context {
+                    rtd_lambda: None,
                     session_id: session.clone(),
                     body: Some(pb::context::Body::Delta(pb::ContextDelta {
                         base_chars: (done - pending.chars().count()) as u64,

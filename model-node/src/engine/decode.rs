@@ -43,6 +43,8 @@ pub(super) struct Decode {
     logits: Vec<f32>,
     /// Deferral logits (one per head) of the next position, when the node has deferral heads.
     deferral: Option<Vec<f32>>,
+    /// RTD: the request's λ (`None`: the node's).
+    rtd_lambda: Option<f64>,
     /// Deferral probability of each position decided so far (with a threshold only).
     defer_probs: Vec<f32>,
     /// Each head's probability where it deferred.
@@ -104,6 +106,7 @@ impl Engine {
                     .into(),
             ));
         }
+        let rtd_lambda = ctx.rtd_lambda;
         let mut session = self.resolve(ctx)?;
         let tokens = session.tokens.len();
         let text_empty = Self::text_empty(&session);
@@ -139,10 +142,12 @@ impl Engine {
             ..Usage::default()
         };
         let seq: Vec<u32> = session.tokens[..heal.prefix_len].to_vec();
+        self.model.set_rtd_lambdas(rtd_lambda.map(|l| vec![Some(l)]));
         let prefilled = session
             .cache
             .logits_after(&self.model, &seq, &mut usage)
             .and_then(|(l, kv)| Ok((l.to_vec1::<f32>()?, kv)));
+        self.model.set_rtd_lambdas(None);
         let (logits, kv) = match prefilled {
             Ok(x) => x,
             Err(e) => {
@@ -188,6 +193,7 @@ impl Engine {
             kv,
             logits,
             deferral,
+            rtd_lambda,
             defer_probs: Vec::new(),
             defer_head_probs: Vec::new(),
             bytes: Vec::new(),
@@ -287,7 +293,12 @@ impl Engine {
     fn feed(&mut self, decodes: &mut [&mut Decode], tokens: &[u32]) -> Result<()> {
         let t0 = Instant::now();
         let caches: Vec<&KvCache> = decodes.iter().map(|d| &d.kv).collect();
-        let step = self.model.forward_ragged(tokens, &caches)?;
+        let lambdas: Vec<Option<f64>> = decodes.iter().map(|d| d.rtd_lambda).collect();
+        self.model
+            .set_rtd_lambdas(lambdas.iter().any(Option::is_some).then_some(lambdas));
+        let step = self.model.forward_ragged(tokens, &caches);
+        self.model.set_rtd_lambdas(None);
+        let step = step?;
         let rows = step.logits.to_vec2::<f32>()?;
         let mut deferral = match &step.deferral {
             Some(z) => z.to_vec2::<f32>()?.into_iter().map(Some).collect(),

@@ -38,6 +38,8 @@ pub struct ContextSpec {
     pub session: String,
     /// Full context or delta.
     pub body: ContextBody,
+    /// RTD: this call's λ (`None`: the node's).
+    pub rtd_lambda: Option<f64>,
 }
 
 /// The body of a context.
@@ -250,6 +252,14 @@ impl Engine {
     /// Runs one job now, on the calling thread (the `generate` command and benchmarks use this).
     pub fn run(&mut self, job: Job, queue_ms: f64, cancelled: &dyn Fn() -> bool) -> Result<Reply> {
         let start = Instant::now();
+        // RTD: this call's λ applies to its forward passes (a proposal sets its own, per row).
+        let lambda = match &job {
+            Job::Score(c, _) | Job::ScorePrefix(c, ..) | Job::NextChar(c, ..) | Job::NextChars(c, _) => {
+                c.rtd_lambda
+            }
+            Job::Propose(..) | Job::Close(_) => None,
+        };
+        self.model.set_rtd_lambdas(lambda.map(|l| vec![Some(l)]));
         let result = match job {
             Job::Close(id) => Ok(Reply::Closed(self.sessions.close(&id))),
             Job::Propose(ctx, p) => self.propose_now(ctx, p, cancelled).map(|(mut r, u)| {
@@ -284,6 +294,7 @@ impl Engine {
                     })
             }
         };
+        self.model.set_rtd_lambdas(None);
         let ms = start.elapsed().as_secs_f64() * 1e3;
         let mut result = result;
         match &mut result {

@@ -234,6 +234,9 @@ pub struct Transformer {
     deferral: Option<(Tensor, Tensor)>,
     /// RTD: the reference store mixed into every next-token distribution.
     rtd: Option<std::sync::Arc<crate::rtd::Rtd>>,
+    /// RTD: λ per row of the next [`Transformer::lm_logits`] calls (one value: every row; `None` in
+    /// a row: the store's own), set by the engine around each call's forward passes.
+    rtd_lambdas: std::sync::Mutex<Option<Vec<Option<f64>>>>,
 }
 
 /// What one [`Transformer::forward_ragged`] step returns.
@@ -384,6 +387,7 @@ impl Transformer {
             dtype,
             deferral: None,
             rtd: None,
+            rtd_lambdas: std::sync::Mutex::new(None),
         })
     }
 
@@ -391,6 +395,16 @@ impl Transformer {
     /// `λ·r + (1−λ)·softmax(logits)` ([`crate::rtd`]).
     pub fn set_rtd(&mut self, rtd: std::sync::Arc<crate::rtd::Rtd>) {
         self.rtd = Some(rtd);
+    }
+
+    /// RTD: the λ of the rows of the next forward passes (a request's override; one value applies to
+    /// every row), until set again; `None`: the store's own λ.
+    pub fn set_rtd_lambdas(&self, lambdas: Option<Vec<Option<f64>>>) {
+        if self.rtd.is_some()
+            && let Ok(mut l) = self.rtd_lambdas.lock()
+        {
+            *l = lambdas;
+        }
     }
 
     /// Sets the Co-LLM deferral heads: `heads` `(H, hidden)` (one vector g per assistant) and `bias`
@@ -580,7 +594,8 @@ impl Transformer {
             logits = ((logits / cap)?.tanh()? * cap)?;
         }
         if let Some(rtd) = &self.rtd {
-            logits = rtd.mix(&logits, &normed)?;
+            let lambdas = self.rtd_lambdas.lock().ok().and_then(|l| l.clone());
+            logits = rtd.mix(&logits, &normed, lambdas.as_deref())?;
         }
         Ok(logits)
     }

@@ -104,6 +104,7 @@ fn propose_one(engine: &mut Engine, session: &str, question: &str, answer: &str)
                 prompt: chat(question),
                 answer: answer.into(),
             },
+            rtd_lambda: None,
         },
         ProposeParams {
             max_new_tokens: 1,

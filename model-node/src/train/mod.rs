@@ -214,6 +214,7 @@ fn accuracy_of(engine: &mut crate::engine::Engine, world: &World, n: usize) -> R
                         prompt: chat(&it.question),
                         answer: String::new(),
                     },
+                    rtd_lambda: None,
                 },
                 ProposeParams {
                     max_new_tokens: 48,

@@ -124,6 +124,7 @@ impl TestNode {
 
 pub fn raw(prompt: &str, answer: &str, session: &str) -> Option<pb::Context> {
     Some(pb::Context {
+        rtd_lambda: None,
         session_id: session.into(),
         body: Some(pb::context::Body::Full(pb::FullContext {
             prompt: Some(pb::Prompt {
@@ -136,6 +137,7 @@ pub fn raw(prompt: &str, answer: &str, session: &str) -> Option<pb::Context> {
 
 pub fn chat(user: &str, answer: &str, session: &str) -> Option<pb::Context> {
     Some(pb::Context {
+        rtd_lambda: None,
         session_id: session.into(),
         body: Some(pb::context::Body::Full(pb::FullContext {
             prompt: Some(pb::Prompt {
@@ -153,6 +155,7 @@ pub fn chat(user: &str, answer: &str, session: &str) -> Option<pb::Context> {
 
 pub fn delta(session: &str, base_chars: u64, append: &str) -> Option<pb::Context> {
     Some(pb::Context {
+        rtd_lambda: None,
         session_id: session.into(),
         body: Some(pb::context::Body::Delta(pb::ContextDelta {
             base_chars,
