@@ -160,27 +160,33 @@ impl DeferralHead {
         if self.heads.iter().any(|h| h.len() != hidden) || self.bias.len() != self.len() {
             return Err(bad(path, "heads of unequal sizes, or one bias per head missing"));
         }
-        // Written by hand, not with `safetensors::serialize`: its metadata map is a `HashMap`, whose
-        // order changes from run to run, and the committed file should be the same bytes every time.
-        let (n, bias_bytes) = (self.len(), 4 * self.len());
-        let header = serde_json::json!({
-            "__metadata__": {
-                "assistants": serde_json::to_string(&self.assistants).map_err(|e| bad(path, e))?,
-                "base": self.base,
-                "eta": format!("{}", self.eta),
-            },
-            "bias": {"dtype": "F32", "shape": [n], "data_offsets": [0, bias_bytes]},
-            "heads": {"dtype": "F32", "shape": [n, hidden],
-                      "data_offsets": [bias_bytes, bias_bytes + 4 * n * hidden]},
-        });
-        let mut header = header.to_string().into_bytes();
-        while !header.len().is_multiple_of(8) {
-            header.push(b' ');
-        }
-        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
-        bytes.extend_from_slice(&header);
-        bytes.extend(self.bias.iter().flat_map(|x| x.to_le_bytes()));
-        bytes.extend(self.heads.iter().flatten().flat_map(|x| x.to_le_bytes()));
+        let n = self.len();
+        let mut meta = serde_json::Map::new();
+        let assistants = serde_json::to_string(&self.assistants).map_err(|e| bad(path, e))?;
+        meta.insert("assistants".into(), assistants.into());
+        meta.insert("base".into(), self.base.clone().into());
+        meta.insert("eta".into(), format!("{}", self.eta).into());
+        let bytes = crate::sidecar::safetensors_bytes(
+            meta,
+            &[
+                (
+                    "bias",
+                    "F32",
+                    vec![n],
+                    self.bias.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                ),
+                (
+                    "heads",
+                    "F32",
+                    vec![n, hidden],
+                    self.heads
+                        .iter()
+                        .flatten()
+                        .flat_map(|x| x.to_le_bytes())
+                        .collect(),
+                ),
+            ],
+        );
         std::fs::write(path, bytes).map_err(|e| bad(path, e))
     }
 

@@ -7,6 +7,7 @@
 //! - [`config`]: clap/env configuration of the `model-node` binary.
 //! - [`modeldir`]: reading a model directory (config, tokenizer, template, safetensors).
 //! - [`deferral`]: Co-LLM deferral heads (the file format, loading, saving).
+//! - [`sidecar`]: deterministic safetensors for the files beside a checkpoint (heads, stores).
 //! - [`rtd`]: RTD reference stores (the file format, the k-NN mixture; `rtd/build.rs`: building one).
 //! - [`model`]: architectures and the forward pass with an external KV cache.
 //! - [`vocab`]: token ↔ bytes for byte-level BPE, SentencePiece and plain vocabularies; the byte trie.
@@ -38,6 +39,7 @@ pub mod rtd;
 pub mod sampling;
 pub mod server;
 pub mod service;
+pub mod sidecar;
 pub mod template;
 pub mod threads;
 pub mod train;

@@ -102,27 +102,34 @@ impl Store {
         if self.keys.len() != n * h {
             return Err(bad(path, "keys and values disagree in number"));
         }
-        let vbytes = 4 * n;
-        let header = serde_json::json!({
-            "__metadata__": {
-                "architecture": self.model.architecture,
-                "hidden_size": h.to_string(),
-                "vocab_size": self.model.vocab_size.to_string(),
-                "vocab_hash": self.model.vocab_hash,
-                "model_id": self.model.model_id,
-                "examples": self.examples.to_string(),
-            },
-            "values": {"dtype": "U32", "shape": [n], "data_offsets": [0, vbytes]},
-            "keys": {"dtype": "F32", "shape": [n, h], "data_offsets": [vbytes, vbytes + 4 * n * h]},
-        });
-        let mut header = header.to_string().into_bytes();
-        while !header.len().is_multiple_of(8) {
-            header.push(b' ');
+        let mut meta = serde_json::Map::new();
+        for (k, v) in [
+            ("architecture", self.model.architecture.clone()),
+            ("hidden_size", h.to_string()),
+            ("vocab_size", self.model.vocab_size.to_string()),
+            ("vocab_hash", self.model.vocab_hash.clone()),
+            ("model_id", self.model.model_id.clone()),
+            ("examples", self.examples.to_string()),
+        ] {
+            meta.insert(k.into(), v.into());
         }
-        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
-        bytes.extend_from_slice(&header);
-        bytes.extend(self.values.iter().flat_map(|x| x.to_le_bytes()));
-        bytes.extend(self.keys.iter().flat_map(|x| x.to_le_bytes()));
+        let bytes = crate::sidecar::safetensors_bytes(
+            meta,
+            &[
+                (
+                    "values",
+                    "U32",
+                    vec![n],
+                    self.values.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                ),
+                (
+                    "keys",
+                    "F32",
+                    vec![n, h],
+                    self.keys.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                ),
+            ],
+        );
         std::fs::write(path, bytes).map_err(|e| bad(path, e))
     }
 
