@@ -97,14 +97,6 @@ impl LocalCluster {
             let err = log.try_clone().map_err(|e| e.to_string())?;
             let mut cmd = Command::new(&bin);
             cmd.arg("serve");
-            if let Some(head) = &n.deferral_head {
-                let head = if head.is_relative() {
-                    base.join(head)
-                } else {
-                    head.clone()
-                };
-                cmd.arg("--deferral-head").arg(head);
-            }
             cmd.args(&n.node_args);
             let child = cmd
                 .arg("--model-dir")

@@ -50,8 +50,7 @@
 //! discovery = "dns"             # "static" (default) or "dns": every address of the host is a replica
 //! dns_refresh_ms = 5000
 //! model_dir = "models/arith"    # only for `ensemble up`, which starts the node itself
-//! deferral_head = "models/general/deferral.safetensors" # `ensemble up`: the node's Co-LLM head
-//! node_args = ["--rtd-store", "general.rtd"]            # `ensemble up`: more model-node flags
+//! node_args = ["--deferral-head", "deferral.safetensors"] # `ensemble up`: more model-node flags
 //!
 //! http_listen = "0.0.0.0:8080"  # OpenAI-compatible HTTP API, /metrics, /health; "off" for none
 //! api_key_file = "/etc/ensemble/api-keys" # one bearer token per line; none: no authentication
@@ -113,12 +112,9 @@ pub struct NodeConfig {
     /// Model directory, for `ensemble up` only (ignored by `coordinator serve`).
     #[serde(default)]
     pub model_dir: Option<PathBuf>,
-    /// Co-LLM deferral head the node loads (`model-node --deferral-head`), for `ensemble up` only.
-    #[serde(default)]
-    pub deferral_head: Option<PathBuf>,
-    /// More `model-node serve` flags, for `ensemble up` only (e.g. `["--rtd-store", "general.rtd"]`;
-    /// relative paths in them are the node's: relative to the working directory, then its model
-    /// directory).
+    /// More `model-node serve` flags, for `ensemble up` only (e.g. `["--deferral-head",
+    /// "deferral.safetensors"]`, `["--rtd-store", "general.rtd"]`; the node resolves a relative path
+    /// from its working directory, then from its model directory).
     #[serde(default)]
     pub node_args: Vec<String>,
 }
@@ -573,7 +569,6 @@ pub fn parse_node(s: &str) -> std::result::Result<NodeConfig, String> {
         discovery: Discovery::Static,
         dns_refresh_ms: dns_refresh_default(),
         model_dir: None,
-        deferral_head: None,
         node_args: vec![],
     })
 }

@@ -40,7 +40,6 @@ impl From<NodeSpec> for NodeConfig {
             discovery: Discovery::Static,
             dns_refresh_ms: 5000,
             model_dir: None,
-            deferral_head: None,
             node_args: vec![],
         }
     }
@@ -249,7 +248,7 @@ impl Coordinator {
         futures::future::join_all(asks).await;
     }
 
-    fn clients(&self, session: &str, prompt: &pb::Prompt) -> Vec<NodeClient> {
+    fn clients(&self, session: &str, prompt: &pb::Prompt, rtd_lambda: Option<f64>) -> Vec<NodeClient> {
         self.nodes
             .iter()
             .zip(&self.outliers)
@@ -260,6 +259,7 @@ impl Coordinator {
                         .metrics(self.metrics.clone())
                         .outlier(outlier.clone());
                 c.begin(session, prompt.clone());
+                c.set_rtd_lambda(rtd_lambda);
                 c
             })
             .collect()
@@ -408,10 +408,7 @@ impl Coordinator {
         };
         let n = self.requests.fetch_add(1, Ordering::Relaxed);
         let session = format!("ens-{}-{n}", std::process::id());
-        let mut clients = self.clients(&session, &prompt);
-        for c in &mut clients {
-            c.set_rtd_lambda(r.rtd_lambda);
-        }
+        let mut clients = self.clients(&session, &prompt, r.rtd_lambda);
         let a = run
             .run(Ctx {
                 nodes: &mut clients,

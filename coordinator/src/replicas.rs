@@ -253,7 +253,6 @@ mod tests {
             discovery: Discovery::Dns,
             dns_refresh_ms: 20,
             model_dir: None,
-            deferral_head: None,
             node_args: vec![],
         };
         let r = Replicas::start(&node, Duration::from_secs(1), resolver.clone()).await?;

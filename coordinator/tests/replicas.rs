@@ -53,7 +53,6 @@ async fn a_member_survives_losing_one_of_its_replicas() -> anyhow::Result<()> {
             discovery: Discovery::Dns,
             dns_refresh_ms: 60_000,
             model_dir: None,
-            deferral_head: None,
             node_args: vec![],
         },
         NodeConfig {
@@ -63,7 +62,6 @@ async fn a_member_survives_losing_one_of_its_replicas() -> anyhow::Result<()> {
             discovery: Discovery::Static,
             dns_refresh_ms: 5000,
             model_dir: None,
-            deferral_head: None,
             node_args: vec![],
         },
     ]);

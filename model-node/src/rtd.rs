@@ -359,29 +359,28 @@ impl Rtd {
             .broadcast_add(&self.key_sq)?
             .sub(&(q.matmul(&self.keys_t)? * 2.0)?)?
             .to_vec2::<f32>()?;
-        let p = candle_nn::ops::softmax_last_dim(&logits.reshape((m, vocab))?.to_dtype(DType::F32)?)?
-            .to_vec2::<f32>()?;
         let raw = logits
             .reshape((m, vocab))?
             .to_dtype(DType::F32)?
             .to_vec2::<f32>()?;
         let mut out = Vec::with_capacity(m * vocab);
-        for (i, (drow, prow)) in d.iter().zip(&p).enumerate() {
+        for (i, (drow, row)) in d.iter().zip(&raw).enumerate() {
             let lambda = lambda_of(i);
-            if lambda == 0.0 {
-                out.extend_from_slice(&raw[i]);
-                continue;
-            }
             let nearest = drow.iter().copied().fold(f32::INFINITY, f32::min);
-            if f64::from(nearest) > self.params.max_distance {
-                out.extend(prow.iter().map(|&pl| pl.ln()));
+            // λ 0, or nothing stored near: the row's logits as they are.
+            if lambda == 0.0 || f64::from(nearest) > self.params.max_distance {
+                out.extend_from_slice(row);
                 continue;
             }
+            // The model's distribution, on the host (the row is here already).
+            let top = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let exps: Vec<f64> = row.iter().map(|&z| f64::from(z - top).exp()).collect();
+            let total: f64 = exps.iter().sum();
             let r = self.reference(drow, vocab);
             out.extend(
-                prow.iter()
+                exps.iter()
                     .zip(&r)
-                    .map(|(&pl, &rv)| ((lambda * rv + (1.0 - lambda) * f64::from(pl)) as f32).ln()),
+                    .map(|(&e, &rv)| (lambda * rv + (1.0 - lambda) * e / total).ln() as f32),
             );
         }
         Tensor::from_vec(out, dims, logits.device())
