@@ -100,7 +100,7 @@ fn propose_job(n: usize) -> crate::engine::Job {
     )
 }
 
-/// Tokens/s of a bare greedy loop over the model, of the engine in-process, and through gRPC; the
+/// Tokens/s of a bare greedy loop over the model (its batched decode step, one row), of the engine in-process, and through gRPC; the
 /// three are interleaved in every repetition so that machine noise hits them alike.
 fn decode(args: &BenchArgs) -> Result<()> {
     let n = args.tokens.max(1);
@@ -123,10 +123,13 @@ fn decode(args: &BenchArgs) -> Result<()> {
         let t0 = Instant::now();
         let input = Tensor::new(start_tokens.as_slice(), model.device())?.unsqueeze(0)?;
         let (mut logits, mut kv): (Tensor, KvCache) = model.forward(&input, &KvCache::default(), false)?;
+        // The engine's own decode step (one row of a batched step), so that the ratio measures the
+        // serving layers, not a different kernel.
         for _ in 0..n {
             let next = logits.squeeze(0)?.argmax(0)?.to_scalar::<u32>()?;
-            let input = Tensor::new(&[next], model.device())?.unsqueeze(0)?;
-            (logits, kv) = model.forward(&input, &kv, false)?;
+            let step = model.forward_ragged(&[next], &[&kv])?;
+            logits = step.logits;
+            kv = step.caches.into_iter().next().unwrap_or_default();
         }
         bare.push(n as f64 / t0.elapsed().as_secs_f64());
 

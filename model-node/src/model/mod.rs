@@ -2,9 +2,13 @@
 //!
 //! # Layout
 //! - [`config`]: `config.json` → [`ArchConfig`] for Llama, Qwen2, Mistral, Phi-3 and Gemma 2.
-//! - [`transformer`]: [`Transformer`] (weights, rotary tables, forward) and [`KvCache`].
+//! - [`transformer`]: [`Transformer`] (weights, rotary tables, forward passes).
+//! - `kv`: [`KvCache`], storage preallocated per layer, appended in place, views forked freely.
+//! - `ragged`: the CPU decode-attention kernel of a batched step (every row over its own cache).
 
 pub mod config;
+mod kv;
+mod ragged;
 pub mod transformer;
 
 pub use config::{Arch, ArchConfig, SUPPORTED};

@@ -5,135 +5,15 @@
 //! Tensor names are HuggingFace's, so checkpoints load unchanged; `tests/parity.rs` checks the logits
 //! against candle-transformers' own implementations of the same architectures.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-
 use candle_core::{D, DType, Device, Module, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 
 use super::config::{Activation, Arch, ArchConfig, RopeScaling};
+pub use super::kv::KvCache;
+use super::kv::KvShape;
+use super::ragged;
 
 type CResult<T> = candle_core::Result<T>;
-
-/// Keys and values of every layer for a prefix of tokens.
-///
-/// Storage is preallocated per layer as `(batch, kv_heads, capacity, head_dim)`, and a cache is a view
-/// of its first `len` positions. Appending writes in place when this view is the furthest any view of
-/// that storage has been written (`written == len`) and there is room; otherwise (a fork or truncated
-/// view that others extended, a full buffer, another batch size) the held positions are copied once
-/// into new storage with room to grow (capacity doubling). Positions below a view's length are never
-/// rewritten, so views stay immutable: a cache can be forked, truncated and shared freely, and a decode
-/// step appends in O(1) amortised instead of copying the whole cache.
-#[derive(Debug, Clone, Default)]
-pub struct KvCache {
-    layers: Vec<(Tensor, Tensor)>,
-    len: usize,
-    written: Arc<AtomicUsize>,
-}
-
-/// The shape of a model's KV storage.
-#[derive(Debug, Clone, Copy)]
-struct KvShape {
-    layers: usize,
-    kv_heads: usize,
-    head_dim: usize,
-    max_positions: usize,
-    dtype: DType,
-}
-
-/// Smallest capacity a growing cache gets.
-const MIN_KV_CAPACITY: usize = 32;
-
-impl KvCache {
-    /// Positions held.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether the cache holds no position.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Positions the storage can hold before it must grow (0 when none is allocated).
-    pub fn capacity(&self) -> usize {
-        self.layers.first().and_then(|(k, _)| k.dim(2).ok()).unwrap_or(0)
-    }
-
-    fn batch(&self) -> usize {
-        self.layers.first().and_then(|(k, _)| k.dim(0).ok()).unwrap_or(1)
-    }
-
-    /// The first `n` positions (a view; no copy).
-    pub fn truncate(&self, n: usize) -> CResult<KvCache> {
-        if n == 0 {
-            return Ok(KvCache::default());
-        }
-        let mut view = self.clone();
-        view.len = n.min(self.len);
-        Ok(view)
-    }
-
-    /// Bytes of key/value storage this cache's buffers hold (capacity included).
-    pub fn bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes())
-            .sum()
-    }
-
-    /// Identifies the storage (views of one storage share it), for counting bytes once.
-    pub fn storage_id(&self) -> usize {
-        Arc::as_ptr(&self.written) as usize
-    }
-
-    /// This cache with storage that takes `s` more positions of batch `b` in place, those positions
-    /// claimed: the same storage when possible, else new storage holding a copy of the `len` positions.
-    fn for_append(&self, b: usize, s: usize, shape: &KvShape, device: &Device) -> CResult<KvCache> {
-        let need = self.len + s;
-        let same_batch = self.layers.is_empty() || self.batch() == b;
-        if !self.layers.is_empty()
-            && same_batch
-            && need <= self.capacity()
-            && self
-                .written
-                .compare_exchange(self.len, need, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-        {
-            return Ok(self.clone());
-        }
-        // A batch that differs from the stored one (candidates over a shared context) is not extended
-        // further: exact capacity. Otherwise room to grow.
-        let cap = if same_batch {
-            need.next_power_of_two()
-                .max(MIN_KV_CAPACITY)
-                .min(shape.max_positions.max(need))
-        } else {
-            need
-        };
-        let dims = (b, shape.kv_heads, cap, shape.head_dim);
-        let mut layers = Vec::with_capacity(shape.layers);
-        for i in 0..shape.layers {
-            let k = Tensor::zeros(dims, shape.dtype, device)?;
-            let v = Tensor::zeros(dims, shape.dtype, device)?;
-            if self.len > 0
-                && let Some((pk, pv)) = self.layers.get(i)
-            {
-                let held = (b, shape.kv_heads, self.len, shape.head_dim);
-                let pk = pk.narrow(2, 0, self.len)?.broadcast_as(held)?.contiguous()?;
-                let pv = pv.narrow(2, 0, self.len)?.broadcast_as(held)?.contiguous()?;
-                k.slice_set(&pk, 2, 0)?;
-                v.slice_set(&pv, 2, 0)?;
-            }
-            layers.push((k, v));
-        }
-        Ok(KvCache {
-            layers,
-            len: self.len,
-            written: Arc::new(AtomicUsize::new(need)),
-        })
-    }
-}
 
 struct RmsNorm {
     weight: Tensor,
@@ -476,6 +356,26 @@ impl Transformer {
         }
     }
 
+    /// The attention shape and options of `layer`, for the ragged decode kernel.
+    fn attn_spec(&self, layer: &Layer) -> ragged::AttnSpec {
+        ragged::AttnSpec {
+            heads: self.cfg.num_heads,
+            kv_heads: self.cfg.num_kv_heads,
+            head_dim: self.cfg.head_dim,
+            scale: self.attn_scale() as f32,
+            softcap: self.cfg.attn_logit_softcapping.map(|c| c as f32),
+            window: layer.sliding_window,
+        }
+    }
+
+    /// The factor on query·key scores.
+    fn attn_scale(&self) -> f64 {
+        match self.cfg.query_pre_attn_scalar {
+            Some(q) => q.powf(-0.5),
+            None => (self.cfg.head_dim as f64).powf(-0.5),
+        }
+    }
+
     fn check_positions(&self, n: usize) -> CResult<()> {
         if n > self.max_positions() {
             candle_core::bail!(
@@ -527,8 +427,12 @@ impl Transformer {
         let cos = self.cos.index_select(&positions, 0)?.reshape((n, 1, half))?;
         let sin = self.sin.index_select(&positions, 0)?.reshape((n, 1, half))?;
         let input = Tensor::new(tokens, &self.device)?.reshape((n, 1))?;
+        let kernel = ragged::supported(&self.device, self.dtype);
         let x = self.layers_forward(&input, &mut |li, layer, hn| {
             let (q, k, v) = self.project(layer, hn, &cos, &sin)?;
+            if kernel {
+                return ragged::decode_attention(&self.attn_spec(layer), li, (&q, &k, &v), &outs);
+            }
             let mut ys = Vec::with_capacity(n);
             for (j, out) in outs.iter().enumerate() {
                 let row = |t: &Tensor| t.narrow(0, j, 1);
@@ -705,10 +609,7 @@ impl Transformer {
         let k = kb.narrow(2, 0, kv_len)?;
         let v = vb.narrow(2, 0, kv_len)?;
         let rep = nh / nkv;
-        let scale = match self.cfg.query_pre_attn_scalar {
-            Some(q) => q.powf(-0.5),
-            None => (hd as f64).powf(-0.5),
-        };
+        let scale = self.attn_scale();
         let q = q.reshape((b, nkv, rep * s, hd))?.to_dtype(DType::F32)?;
         let k = k.to_dtype(DType::F32)?;
         let mut att = (q.matmul(&k.t()?)? * scale)?;
@@ -750,10 +651,7 @@ impl Transformer {
             .map_or(0, |w| (offset + 1).saturating_sub(w))
             .min(offset);
         let held = offset - start;
-        let scale = match self.cfg.query_pre_attn_scalar {
-            Some(q) => q.powf(-0.5),
-            None => (hd as f64).powf(-0.5),
-        };
+        let scale = self.attn_scale();
         let q = q.reshape((b, nkv, rep * s, hd))?.to_dtype(DType::F32)?;
         let own = q.matmul(&k.to_dtype(DType::F32)?.t()?)?;
         let cached = if held > 0 {
