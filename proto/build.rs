@@ -15,7 +15,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     )?;
     // The per-strategy options double as the `ensemble` extension of the OpenAI-compatible HTTP API.
     let json = "#[derive(serde::Deserialize)] #[serde(default, deny_unknown_fields)]";
-    tonic_prost_build::configure()
+    // The trace messages are also the live trace page's JSON (the HTTP face's `/ui/api/generate`).
+    let out_json = "#[derive(serde::Serialize)]";
+    let mut config = tonic_prost_build::configure();
+    for m in [
+        "RoundTrace", "CandidateTrace", "VerifierTrace", "CharTrace", "CharAltTrace",
+        "CharShareTrace", "SpanTrace", "StageTrace",
+    ] {
+        config = config.type_attribute(format!("ensemble.v1.{m}"), out_json);
+    }
+    config
         .type_attribute("ensemble.v1.SpecFuseOptions", json)
         .type_attribute("ensemble.v1.CharEdOptions", json)
         .type_attribute("ensemble.v1.CoLlmOptions", json)

@@ -53,6 +53,7 @@
 //! node_args = ["--deferral-head", "deferral.safetensors"] # `ensemble up`: more model-node flags
 //!
 //! http_listen = "0.0.0.0:8080"  # OpenAI-compatible HTTP API, /metrics, /health; "off" for none
+//! ui = true                     # the live trace page on the HTTP face (GET /ui); false: not served
 //! api_key_file = "/etc/ensemble/api-keys" # one bearer token per line; none: no authentication
 //!
 //! [tls]                         # TLS of the gRPC listener
@@ -197,6 +198,8 @@ pub struct FileConfig {
     pub min_healthy_nodes: Option<usize>,
     /// Background health probe period, milliseconds (0: none).
     pub probe_ms: Option<u64>,
+    /// Whether the HTTP face serves the live trace page (`GET /ui`; default true).
+    pub ui: Option<bool>,
     /// Most bytes in one message.
     pub max_message_bytes: Option<usize>,
     /// Most messages per conversation.
@@ -322,6 +325,8 @@ pub struct Settings {
     pub node_tls: Option<ensemble_proto::tls::ClientTls>,
     /// Bearer tokens clients must present (empty: no authentication).
     pub api_keys: ApiKeys,
+    /// Whether the HTTP face serves the live trace page (`GET /ui`).
+    pub ui: bool,
 }
 
 impl Settings {
@@ -345,6 +350,7 @@ impl Settings {
             pipeline: PipelineParams::default(),
             node_tls: None,
             api_keys: ApiKeys::default(),
+            ui: true,
         }
     }
 
@@ -377,6 +383,9 @@ impl Settings {
         }
         if let Some(ms) = file.probe_ms {
             s.probe_every = Duration::from_millis(ms);
+        }
+        if let Some(ui) = file.ui {
+            s.ui = ui;
         }
         let i = &mut s.input;
         for (v, f) in [

@@ -7,6 +7,7 @@
 //! - `GET /metrics`: [`crate::metrics::Metrics`] in the Prometheus text format.
 //! - `GET /health`: 200 while the process serves, with each member's state (up, or why not).
 //! - `GET /ready`: 200 when at least `min_healthy_nodes` members are up, else 503.
+//! - `GET /ui`: the live trace page and its two data calls ([`ui`]; `ui = false` turns it off).
 //!
 //! `/v1` requires a bearer token when API keys are configured ([`crate::auth`]); errors use OpenAI's
 //! `{"error": {...}}` shape. With the coordinator's `[tls]` the HTTP face speaks TLS too ([`tls`]). A W3C `traceparent` header makes the request part of the caller's trace.
@@ -14,6 +15,7 @@
 pub mod openai;
 mod stream;
 pub mod tls;
+mod ui;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -71,11 +73,17 @@ pub fn router(coordinator: Arc<Coordinator>) -> Router {
         .fallback(|| async { unknown_url() })
         .layer(axum::middleware::from_fn_with_state(app.clone(), authenticate));
     let body_limit = app.coordinator.settings().input.max_request_bytes;
+    let ui = if app.coordinator.settings().ui {
+        ui::routes(app.clone())
+    } else {
+        Router::new()
+    };
     Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .merge(v1)
+        .merge(ui)
         .fallback(|| async { unknown_url() })
         .method_not_allowed_fallback(|| async {
             ApiError {

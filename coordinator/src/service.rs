@@ -221,7 +221,7 @@ fn char_trace(c: &CharStep, names: &[String]) -> pb::CharTrace {
 }
 
 /// A step as a stream event.
-fn step_trace(s: Step<'_>, names: &[String]) -> pb::generate_event::Event {
+pub fn step_trace(s: Step<'_>, names: &[String]) -> pb::generate_event::Event {
     match s {
         Step::Round(o) => pb::generate_event::Event::Round(round_trace(o, names)),
         Step::Char(c) => pb::generate_event::Event::Char(char_trace(c, names)),
