@@ -81,6 +81,7 @@ deadline_ms = {{ int64 $c.deadlineMs }}
 retries = {{ int64 $c.retries }}
 default_strategy = {{ $c.defaultStrategy | toJson }}
 http_listen = {{ printf "0.0.0.0:%d" (int $c.httpPort) | toJson }}
+ui = {{ ternary "true" "false" (ne $c.ui false) }}
 {{- if .Values.apiKeys.secretName }}
 api_key_file = "/etc/ensemble/api-keys/api-keys"
 {{- end }}
