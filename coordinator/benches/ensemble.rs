@@ -53,6 +53,7 @@ fn char_list() -> pb::CharDistribution {
         chars,
         eos_prob: 0.05,
         residual: 0.05,
+        observed: None,
     }
 }
 

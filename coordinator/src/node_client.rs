@@ -395,6 +395,7 @@ impl NodeClient {
                     top_k,
                     max_hypotheses,
                     lookahead,
+                    observed: false,
                 }
             }
         )

@@ -575,6 +575,23 @@ impl CharState {
         u
     }
 
+    /// The exact probability that the next character is `c` (0 when no hypothesis is alive).
+    pub fn char_prob<M: NextTokenModel>(&mut self, c: char, vocab: &Vocab, model: &mut M) -> Result<f64, M::Error> {
+        if self.analysis.is_none() {
+            let a = self.analyse(vocab, model)?;
+            self.analysis = Some(a);
+        }
+        let Some(a) = &self.analysis else {
+            return Ok(0.0);
+        };
+        if a.z <= 0.0 || !a.z.is_finite() {
+            return Ok(0.0);
+        }
+        let mut buf = [0u8; 4];
+        // A whole character's bound is its exact mass (the search in `distribution` lists these).
+        Ok(self.bound(&a.looks, vocab, c.encode_utf8(&mut buf).as_bytes()) / a.z)
+    }
+
     /// The top-`top_k` next characters, P(EOS) and the residual.
     pub fn distribution<M: NextTokenModel>(
         &mut self,

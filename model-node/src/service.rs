@@ -258,7 +258,15 @@ impl ModelNode for NodeService {
             span.record("items", c.positions.len() as i64);
             self.metrics.usage("NextCharDistributions", &c.usage);
             Ok(Response::new(pb::NextCharsResponse {
-                positions: c.positions.iter().map(char_dist).collect(),
+                positions: c
+                    .positions
+                    .iter()
+                    .enumerate()
+                    .map(|(i, d)| pb::CharDistribution {
+                        observed: c.observed.get(i).copied(),
+                        ..char_dist(d)
+                    })
+                    .collect(),
                 drafted: c.drafted,
                 hypotheses: c.hypotheses as u32,
                 usage: Some(usage(&c.usage)),
@@ -304,5 +312,6 @@ fn char_dist(d: &CharDistribution) -> pb::CharDistribution {
             .collect(),
         eos_prob: d.eos,
         residual: d.residual,
+        observed: None,
     }
 }

@@ -288,6 +288,7 @@ pub fn next_chars(r: pb::NextCharsRequest, defaults: &CharOptions) -> Result<(Co
             draft_chars: r.draft_chars as usize,
             top_k,
             opts,
+            observed: r.observed,
         },
     ))
 }

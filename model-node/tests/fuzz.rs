@@ -200,7 +200,8 @@ fn arb_request() -> impl Strategy<Value = Req> {
                         draft_chars,
                         top_k,
                         max_hypotheses: None,
-                        lookahead
+                        lookahead,
+                        observed: lookahead.unwrap_or(false),
                     }
                 )
             ),

@@ -44,6 +44,7 @@ fn run(ctx: Option<pb::Context>, continuation: &str, draft: u32, lookahead: bool
         top_k: 32,
         max_hypotheses: None,
         lookahead: Some(lookahead),
+        observed: true,
     }
 }
 
@@ -52,6 +53,7 @@ fn as_dist(r: pb::NextCharResponse) -> pb::CharDistribution {
         chars: r.chars,
         eos_prob: r.eos_prob,
         residual: r.residual,
+        observed: None,
     }
 }
 
@@ -124,6 +126,16 @@ async fn every_position_equals_the_one_by_one_answer() -> anyhow::Result<()> {
             for (j, (g, w)) in got.positions.iter().zip(&want).enumerate() {
                 same(g, w, &format!("{what} position {j}"));
             }
+            // Each continuation character is priced exactly: its listed probability where the top 32
+            // list it, within the residual where they do not; nothing after the end.
+            for ((j, g), ch) in got.positions.iter().enumerate().zip(text.chars()) {
+                let p = g.observed.unwrap_or(f64::NAN);
+                match g.chars.iter().find(|c| c.char == ch.to_string()) {
+                    Some(c) => assert!((p - c.prob).abs() < 1e-12, "{what} position {j}: {p} vs {}", c.prob),
+                    None => assert!(p >= 0.0 && p <= g.residual + 1e-12, "{what} position {j}: {p} > residual"),
+                }
+            }
+            assert_eq!(got.positions.last().and_then(|d| d.observed), None, "{what}");
 
             // The node's own draft is its greedy chain, and its positions are the chain's answers.
             let got = c

@@ -105,6 +105,8 @@ pub struct NextCharsParams {
     pub top_k: usize,
     /// Character-marginal options.
     pub opts: CharOptions,
+    /// Also price the continuation's own character at each of its positions, exactly.
+    pub observed: bool,
 }
 
 /// Limits of the engine.
@@ -280,7 +282,7 @@ impl Engine {
                 }),
             Job::NextChars(ctx, p) => self
                 .with_session(ctx, |e, s, u| {
-                    e.next_chars(s, &p.continuation, p.draft_chars, p.top_k, &p.opts, u)
+                    e.next_chars(s, &p, u)
                 })
                 .map(|(mut r, u)| {
                     r.usage = u;

@@ -8,7 +8,7 @@
 //! leaves the set at position 0 and remembers the states along its text, so the next call resumes
 //! from the longest accepted prefix without recomputing it.
 
-use super::Engine;
+use super::{Engine, NextCharsParams};
 use std::sync::Arc;
 
 use candle_core::Tensor;
@@ -28,6 +28,9 @@ pub struct CharRun {
     pub drafted: String,
     /// Hypotheses alive at position 0.
     pub hypotheses: usize,
+    /// With [`NextCharsParams::observed`]: the exact probability of the continuation's character at
+    /// each of its positions (one per continuation character).
+    pub observed: Vec<f64>,
     /// Work done.
     pub usage: Usage,
 }
@@ -182,15 +185,9 @@ impl Engine {
     /// node's own greedy characters. Position j's is what [`Engine::next_char`] would answer after
     /// the first j characters were appended one call at a time: the same commits in the same order
     /// (and, where the set cannot follow or for published CharED, the same fresh rebuild).
-    pub(super) fn next_chars(
-        &mut self,
-        s: &mut Session,
-        continuation: &str,
-        draft_chars: usize,
-        top_k: usize,
-        opts: &CharOptions,
-        usage: &mut Usage,
-    ) -> Result<CharRun> {
+    pub(super) fn next_chars(&mut self, s: &mut Session, p: &NextCharsParams, usage: &mut Usage) -> Result<CharRun> {
+        let (continuation, draft_chars, top_k, opts) = (p.continuation.as_str(), p.draft_chars, p.top_k, &p.opts);
+        let mut observed = Vec::new();
         let mut memo = Memo::new();
         if !continuation.is_empty() {
             let mut answer = s.answer.clone();
@@ -231,7 +228,18 @@ impl Engine {
         let mut buf = [0u8; 4];
         loop {
             let ch = match conts.next() {
-                Some(ch) => ch,
+                Some(ch) => {
+                    if p.observed {
+                        let mut m = CachedModel {
+                            model: &self.model,
+                            cache: &mut s.cache,
+                            usage,
+                            memo,
+                        };
+                        observed.push(state.char_prob(ch, vocab, &mut m)?);
+                    }
+                    ch
+                }
                 None if drafted.chars().count() < draft_chars.min(room) => {
                     match positions.last().and_then(greedy) {
                         Some(ch) => {
@@ -276,6 +284,7 @@ impl Engine {
             positions,
             drafted,
             hypotheses,
+            observed,
             usage: Usage::default(),
         })
     }

@@ -159,6 +159,7 @@ pub async fn chared(
                             chars: d.chars,
                             eos_prob: d.eos_prob,
                             residual: d.residual,
+                            observed: None,
                         }),
                     )),
                     Err(e) => {
