@@ -19,8 +19,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_json = "#[derive(serde::Serialize)]";
     let mut config = tonic_prost_build::configure();
     for m in [
-        "RoundTrace", "CandidateTrace", "VerifierTrace", "CharTrace", "CharAltTrace",
-        "CharShareTrace", "SpanTrace", "StageTrace",
+        "RoundTrace",
+        "CandidateTrace",
+        "VerifierTrace",
+        "CharTrace",
+        "CharAltTrace",
+        "CharShareTrace",
+        "SpanTrace",
+        "StageTrace",
     ] {
         config = config.type_attribute(format!("ensemble.v1.{m}"), out_json);
     }

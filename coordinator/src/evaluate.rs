@@ -1,10 +1,14 @@
 //! Held-out evaluation sets (JSON Lines: `messages`, `answer`, `domain`), exact-match scoring, and the
-//! per-domain × per-strategy accuracy table that `ensemble eval` prints and writes (JSON, Markdown).
+//! per-domain × per-strategy accuracy table that `ensemble eval` prints and writes (JSON, Markdown, and
+//! an SVG bar chart).
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use ensemble_proto::v1 as pb;
+use plotters::coord::ranged1d::{DefaultFormatting, KeyPointHint};
+use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 use serde::{Deserialize, Serialize};
 
 /// One chat message of an item.
@@ -253,6 +257,142 @@ impl Report {
         }
         s
     }
+
+    /// A grouped bar chart of the table as SVG: one group per domain (then "all"), one bar per
+    /// strategy (colours in the legend), exact-match accuracy in % on a 0–100 axis. The text is SVG
+    /// `<text>`, so the viewer's fonts draw it.
+    pub fn chart_svg(&self) -> Result<String, String> {
+        let t = self.table();
+        let domains = self.domains();
+        let n_strategies = self.strategies.len().max(1);
+        let longest = self
+            .strategies
+            .iter()
+            .map(|s| s.chars().count())
+            .max()
+            .unwrap_or(0);
+        let legend_w = (40 + 7 * longest).clamp(120, 320) as u32;
+        let width = (160 + domains.len() * (40 + 24 * n_strategies)).clamp(640, 1600) as u32 + legend_w;
+        let mut svg = String::new();
+        {
+            let root = SVGBackend::with_string(&mut svg, (width, 440)).into_drawing_area();
+            root.fill(&WHITE).map_err(|e| e.to_string())?;
+            let (plot, legend) = root.split_horizontally(width - legend_w);
+            let x_labels: Vec<String> = domains
+                .iter()
+                .map(|d| {
+                    let n = t.values().next().and_then(|r| r.get(d)).map_or(0, |c| c.total);
+                    format!("{d} ({n})")
+                })
+                .collect();
+            // The title, then room for the values on top of 100% bars.
+            let plot = plot
+                .titled(
+                    &format!("{}: exact match by domain", self.set),
+                    ("sans-serif", 20),
+                )
+                .map_err(|e| e.to_string())?
+                .margin(18, 12, 12, 12);
+            let mut chart = ChartBuilder::on(&plot)
+                .x_label_area_size(36)
+                .y_label_area_size(52)
+                .build_cartesian_2d(Slots(domains.len()), 0.0..100.0)
+                .map_err(|e| e.to_string())?;
+            chart
+                .configure_mesh()
+                .disable_x_mesh()
+                .light_line_style(TRANSPARENT)
+                .x_desc("domain (items)")
+                .y_desc("exact match (%)")
+                .x_label_formatter(&|x| x_labels.get(*x as usize).cloned().unwrap_or_default())
+                .y_label_formatter(&|y| format!("{y:.0}"))
+                .draw()
+                .map_err(|e| e.to_string())?;
+            // Each group takes 80% of its slot; bars wider than ~28 px get their value on top.
+            let bar = 0.8 / n_strategies as f64;
+            let bar_px = f64::from(width - legend_w - 76) / domains.len() as f64 * bar;
+            for (k, st) in self.strategies.iter().enumerate() {
+                let colour = palette(k);
+                let bars = domains.iter().enumerate().map(|(i, d)| {
+                    let pct = t
+                        .get(st)
+                        .and_then(|r| r.get(d))
+                        .copied()
+                        .unwrap_or_default()
+                        .percent();
+                    let x0 = i as f64 + 0.1 + bar * k as f64;
+                    (x0, pct)
+                });
+                chart
+                    .draw_series(
+                        bars.clone()
+                            .map(|(x0, pct)| Rectangle::new([(x0, 0.0), (x0 + bar, pct)], colour.filled())),
+                    )
+                    .map_err(|e| e.to_string())?;
+                if bar_px >= 28.0 {
+                    let style = TextStyle::from(("sans-serif", 11)).pos(Pos::new(HPos::Center, VPos::Bottom));
+                    chart
+                        .draw_series(bars.map(|(x0, pct)| {
+                            Text::new(format!("{pct:.0}"), (x0 + bar / 2.0, pct), style.clone())
+                        }))
+                        .map_err(|e| e.to_string())?;
+                }
+            }
+            // The legend beside the plot, so that it never hides a bar.
+            legend
+                .draw(&Text::new("strategy", (8, 44), ("sans-serif", 14)))
+                .map_err(|e| e.to_string())?;
+            for (k, st) in self.strategies.iter().enumerate() {
+                let y = 68 + 22 * k as i32;
+                legend
+                    .draw(&Rectangle::new([(8, y), (22, y + 14)], palette(k).filled()))
+                    .map_err(|e| e.to_string())?;
+                legend
+                    .draw(&Text::new(st.as_str(), (28, y + 1), ("sans-serif", 13)))
+                    .map_err(|e| e.to_string())?;
+            }
+            root.present().map_err(|e| e.to_string())?;
+        }
+        Ok(svg)
+    }
+}
+
+/// The bar chart's x axis: `n` domain slots of width 1, a tick at the centre of each.
+struct Slots(usize);
+
+impl Ranged for Slots {
+    type FormatOption = DefaultFormatting;
+    type ValueType = f64;
+
+    fn map(&self, value: &f64, (lo, hi): (i32, i32)) -> i32 {
+        lo + (f64::from(hi - lo) * value / self.0.max(1) as f64).round() as i32
+    }
+
+    fn key_points<H: KeyPointHint>(&self, _: H) -> Vec<f64> {
+        (0..self.0).map(|i| i as f64 + 0.5).collect()
+    }
+
+    fn range(&self) -> std::ops::Range<f64> {
+        0.0..self.0 as f64
+    }
+}
+
+/// Colour `k` of the bar chart (Tableau 10, repeating).
+fn palette(k: usize) -> RGBColor {
+    const C: [(u8, u8, u8); 10] = [
+        (78, 121, 167),
+        (242, 142, 43),
+        (225, 87, 89),
+        (118, 183, 178),
+        (89, 161, 79),
+        (237, 201, 72),
+        (176, 122, 161),
+        (255, 157, 167),
+        (156, 117, 95),
+        (186, 176, 172),
+    ];
+    let (r, g, b) = C[k % C.len()];
+    RGBColor(r, g, b)
 }
 
 #[cfg(test)]
@@ -311,6 +451,44 @@ mod tests {
         );
         assert!(exact_match(" 405\n", "405"));
         assert!(!exact_match("4050", "405"));
+    }
+
+    #[test]
+    fn chart_has_a_bar_per_domain_and_strategy_and_a_legend() {
+        let r = Report {
+            set: "s".into(),
+            strategies: vec!["single:arith".into(), "specfuse".into(), "chared".into()],
+            outcomes: ["single:arith", "specfuse", "chared"]
+                .iter()
+                .flat_map(|st| [outcome(st, "atlas", true), outcome(st, "words", *st == "chared")])
+                .collect(),
+        };
+        let svg = r.chart_svg().expect("chart");
+        assert!(svg.starts_with("<svg"), "{svg}");
+        // Three domains (atlas, words, all); each strategy's colour fills one bar per domain plus
+        // its legend swatch.
+        for k in 0..3 {
+            let RGBColor(red, green, blue) = palette(k);
+            let fill = format!("fill=\"#{red:02X}{green:02X}{blue:02X}\"");
+            let bars = svg
+                .lines()
+                .filter(|l| l.starts_with("<rect") && l.contains(&fill))
+                .count();
+            assert_eq!(bars, 3 + 1, "strategy {k}: {fill}\n{svg}");
+        }
+        for text in [
+            "single:arith",
+            "specfuse",
+            "chared",
+            "atlas (1)",
+            "all (2)",
+            "exact match (%)",
+        ] {
+            assert!(
+                svg.contains(&format!("\n{text}\n</text>")),
+                "{text} missing:\n{svg}"
+            );
+        }
     }
 
     #[test]

@@ -134,7 +134,11 @@ async fn the_page_streams_the_same_trace_as_the_library() -> anyhow::Result<()> 
         .collect();
     assert_eq!(names, ["a", "b", "c"]);
     assert_eq!(m["members"][0]["weight"], 1.0);
-    assert!(m["strategies"].as_array().is_some_and(|a| a.contains(&json!("chared"))));
+    assert!(
+        m["strategies"]
+            .as_array()
+            .is_some_and(|a| a.contains(&json!("chared")))
+    );
 
     for strategy in ["specfuse", "chared"] {
         // The library's trace of the same request, as the gRPC stream carries it.
@@ -163,7 +167,11 @@ async fn the_page_streams_the_same_trace_as_the_library() -> anyhow::Result<()> 
             .send()
             .await?;
         assert_eq!(r.status(), 200);
-        assert!(r.headers()["content-type"].to_str()?.starts_with("text/event-stream"));
+        assert!(
+            r.headers()["content-type"]
+                .to_str()?
+                .starts_with("text/event-stream")
+        );
         let text = r.text().await?;
         let events: Vec<Value> = text
             .lines()
@@ -183,7 +191,10 @@ async fn the_page_streams_the_same_trace_as_the_library() -> anyhow::Result<()> 
         assert!(!got.is_empty(), "{strategy}: no {kind} events in {text}");
         assert_eq!(got.len(), want.len(), "{strategy}: steps");
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-            assert!(same(g, w), "{strategy} step {i}: the page's trace differs from the library's\n{g}\n{w}");
+            assert!(
+                same(g, w),
+                "{strategy} step {i}: the page's trace differs from the library's\n{g}\n{w}"
+            );
         }
         let last = events.last().cloned().unwrap_or_default();
         assert_eq!(last["event"], "done", "{text}");
@@ -201,7 +212,11 @@ async fn the_page_streams_the_same_trace_as_the_library() -> anyhow::Result<()> 
     // A client's mistake is refused before any event, in OpenAI's shape: an unknown model is a
     // 404 as on /v1, a bad length a 400.
     for (body, status, says) in [
-        (json!({"model": "nope", "messages": [{"role": "user", "content": "x"}]}), 404, "nope"),
+        (
+            json!({"model": "nope", "messages": [{"role": "user", "content": "x"}]}),
+            404,
+            "nope",
+        ),
         (
             json!({"model": "specfuse", "max_tokens": 0, "messages": [{"role": "user", "content": "x"}]}),
             400,
@@ -216,7 +231,10 @@ async fn the_page_streams_the_same_trace_as_the_library() -> anyhow::Result<()> 
             .await?;
         assert_eq!(r.status(), status, "{body}");
         let v: Value = r.json().await?;
-        assert!(v["error"]["message"].as_str().is_some_and(|m| m.contains(says)), "{v}");
+        assert!(
+            v["error"]["message"].as_str().is_some_and(|m| m.contains(says)),
+            "{v}"
+        );
     }
     Ok(())
 }

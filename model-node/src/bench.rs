@@ -3,8 +3,8 @@
 //!    loop over the same candle model in-process;
 //! 2. next-character costs per tokenizer: the once-per-forward O(V) pass (trie prefix sums) and the
 //!    per-character walk (commit one character + top-k distribution, no forward pass);
-//! 3. the serving tables of [`serving`]: concurrent streams (continuous batching), decode cost against
-//!    context length, and `NextCharDistribution` on real text.
+//! 3. the serving tables of [`serving`]: concurrent streams (continuous batching; with `--plot`, also
+//!    as an SVG chart), decode cost against context length, and `NextCharDistribution` on real text.
 
 pub mod serving;
 
@@ -32,8 +32,14 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     decode(args)?;
     println!();
     let streams: Vec<usize> = args.streams.iter().copied().filter(|&n| n > 0).collect();
+    let mut measured = Vec::new();
     if !streams.is_empty() {
-        serving::streams_table(&args.model, &limits(), &streams, args.stream_tokens)?;
+        measured.push(serving::streams_table(
+            &args.model,
+            &limits(),
+            &streams,
+            args.stream_tokens,
+        )?);
     }
     if let Some(path) = &args.text {
         let text =
@@ -50,10 +56,24 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             ..args.model.clone()
         };
         if !streams.is_empty() {
-            serving::streams_table(&model, &limits(), &streams, args.stream_tokens)?;
+            measured.push(serving::streams_table(
+                &model,
+                &limits(),
+                &streams,
+                args.stream_tokens,
+            )?);
         }
         serving::kv_table(&model, &limits())?;
         let _ = std::fs::remove_dir_all(&root);
+    }
+    if let Some(path) = &args.plot {
+        if measured.is_empty() {
+            eprintln!("--plot: no streams measured (--streams 0), nothing written");
+        } else {
+            std::fs::write(path, serving::streams_svg(&measured)?)
+                .map_err(|e| Error::Internal(format!("{}: {e}", path.display())))?;
+            eprintln!("wrote {}", path.display());
+        }
     }
     if !args.rtd_keys.is_empty() {
         rtd_table(args)?;

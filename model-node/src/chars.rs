@@ -576,7 +576,12 @@ impl CharState {
     }
 
     /// The exact probability that the next character is `c` (0 when no hypothesis is alive).
-    pub fn char_prob<M: NextTokenModel>(&mut self, c: char, vocab: &Vocab, model: &mut M) -> Result<f64, M::Error> {
+    pub fn char_prob<M: NextTokenModel>(
+        &mut self,
+        c: char,
+        vocab: &Vocab,
+        model: &mut M,
+    ) -> Result<f64, M::Error> {
         if self.analysis.is_none() {
             let a = self.analyse(vocab, model)?;
             self.analysis = Some(a);

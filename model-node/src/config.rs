@@ -313,6 +313,10 @@ pub struct BenchArgs {
     /// Tokens each stream drafts in the batching table.
     #[arg(long, default_value_t = 64)]
     pub stream_tokens: usize,
+    /// Also write the batching table as an SVG line chart to this file: aggregate tokens/s against
+    /// concurrent streams, one line per model measured (with `--random-llama`, two).
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
     /// Also run the batching and KV tables on a random-weight Llama of ~25M parameters (hidden 512,
     /// 8 layers) that the bench writes to a temporary directory.
     #[arg(long)]

@@ -131,8 +131,15 @@ async fn every_position_equals_the_one_by_one_answer() -> anyhow::Result<()> {
             for ((j, g), ch) in got.positions.iter().enumerate().zip(text.chars()) {
                 let p = g.observed.unwrap_or(f64::NAN);
                 match g.chars.iter().find(|c| c.char == ch.to_string()) {
-                    Some(c) => assert!((p - c.prob).abs() < 1e-12, "{what} position {j}: {p} vs {}", c.prob),
-                    None => assert!(p >= 0.0 && p <= g.residual + 1e-12, "{what} position {j}: {p} > residual"),
+                    Some(c) => assert!(
+                        (p - c.prob).abs() < 1e-12,
+                        "{what} position {j}: {p} vs {}",
+                        c.prob
+                    ),
+                    None => assert!(
+                        p >= 0.0 && p <= g.residual + 1e-12,
+                        "{what} position {j}: {p} > residual"
+                    ),
                 }
             }
             assert_eq!(got.positions.last().and_then(|d| d.observed), None, "{what}");

@@ -246,7 +246,11 @@ fn ragged_decode_steps_match_single_sequence_steps() -> anyhow::Result<()> {
         let mut single = Vec::new();
         for len in [1usize, 4, 9] {
             let ids: Vec<u32> = (0..len as u32).map(|i| 3 + (i * 7 + len as u32) % 90).collect();
-            let (_, kv) = m.forward(&Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?, &KvCache::default(), false)?;
+            let (_, kv) = m.forward(
+                &Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?,
+                &KvCache::default(),
+                false,
+            )?;
             ragged.push(kv.clone());
             single.push(kv);
         }
@@ -262,7 +266,10 @@ fn ragged_decode_steps_match_single_sequence_steps() -> anyhow::Result<()> {
                 single[j] = kv;
                 let want = logits.flatten_all()?.to_vec1::<f32>()?;
                 let diff = max_diff(&rows[j], &want);
-                assert!(diff < 1e-5, "{arch}: sequence {j}, step {step}: logits differ by {diff}");
+                assert!(
+                    diff < 1e-5,
+                    "{arch}: sequence {j}, step {step}: logits differ by {diff}"
+                );
                 assert_eq!(ragged[j].len(), single[j].len());
             }
         }

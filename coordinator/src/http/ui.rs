@@ -47,8 +47,14 @@ pub(super) fn routes(app: App) -> Router<App> {
     Router::new()
         .route("/ui", get(|| async { asset("text/html; charset=utf-8", INDEX) }))
         .route("/ui/", get(|| async { asset("text/html; charset=utf-8", INDEX) }))
-        .route("/ui/app.js", get(|| async { asset("text/javascript; charset=utf-8", SCRIPT) }))
-        .route("/ui/style.css", get(|| async { asset("text/css; charset=utf-8", STYLE) }))
+        .route(
+            "/ui/app.js",
+            get(|| async { asset("text/javascript; charset=utf-8", SCRIPT) }),
+        )
+        .route(
+            "/ui/style.css",
+            get(|| async { asset("text/css; charset=utf-8", STYLE) }),
+        )
         .merge(api)
 }
 
@@ -63,7 +69,10 @@ fn asset(content_type: &'static str, text: &'static str) -> Response {
             "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; frame-ancestors 'none'",
         ),
     );
-    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     r
 }
@@ -74,7 +83,10 @@ async fn members(State(app): State<App>) -> Json<Value> {
     let members: Vec<Value> = c
         .member_configs()
         .map(|(spec, _)| {
-            let up = status.iter().find(|(n, _)| *n == spec.name).map(|(_, u)| u.clone());
+            let up = status
+                .iter()
+                .find(|(n, _)| *n == spec.name)
+                .map(|(_, u)| u.clone());
             let (up, error) = match up {
                 Some(Ok(())) => (true, String::new()),
                 Some(Err(why)) => (false, why),
@@ -162,11 +174,7 @@ async fn generate(
         let names = coordinator.node_names().to_vec();
         let steps = tx.clone();
         // A closed channel (the page went away) cancels the request at the next step.
-        let mut on_step = move |s: Step<'_>| {
-            step_event(s, &names)
-                .into_iter()
-                .all(|e| steps.send(e).is_ok())
-        };
+        let mut on_step = move |s: Step<'_>| step_event(s, &names).into_iter().all(|e| steps.send(e).is_ok());
         let out = coordinator.run_in(span, "http", req, &mut on_step).await;
         let last = match out {
             Ok(r) => done_event(&r, started.elapsed().as_secs_f64() * 1e3),

@@ -1,6 +1,6 @@
 //! The serving tables of `model-node bench`, all through a real gRPC server on loopback:
 //! - concurrent `ProposeSegment` streams (continuous batching): aggregate tokens/s and per-stream
-//!   ms/token at 1, 4, 16, 64 streams;
+//!   ms/token at 1, 4, 16, 64 streams (and [`streams_svg`], its chart);
 //! - decode cost against context length (the KV cache appends in place);
 //! - `NextCharDistribution` on real text, teacher-forced through a session: forward passes, positions
 //!   and node milliseconds per character, the share outside forward passes, and wall against compute.
@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
 use ensemble_proto::v1 as pb;
+use plotters::coord::ranged1d::ValueFormatter;
+use plotters::coord::types::RangedCoordf64;
+use plotters::prelude::*;
 use tonic::transport::Channel;
 
 use crate::chars::CharOptions;
@@ -114,8 +117,34 @@ pub fn random_llama(root: &Path) -> Result<PathBuf> {
     Ok(dir)
 }
 
-/// Aggregate tokens/s and per-stream ms/token for each number of concurrent streams.
-pub fn streams_table(model: &ModelArgs, limits: &LimitArgs, streams: &[usize], tokens: usize) -> Result<()> {
+/// One row of the concurrent-streams table.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StreamsRow {
+    /// Concurrent `ProposeSegment` streams.
+    pub streams: usize,
+    /// Tokens of all streams per wall second.
+    pub tokens_per_s: f64,
+    /// Mean over the streams of each stream's milliseconds per token.
+    pub ms_per_token: f64,
+}
+
+/// The concurrent-streams table of one model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StreamsTable {
+    /// The model's id, as its node reports it.
+    pub model: String,
+    /// One row per number of streams, in the order measured.
+    pub rows: Vec<StreamsRow>,
+}
+
+/// Aggregate tokens/s and per-stream ms/token for each number of concurrent streams: prints the table
+/// and returns it.
+pub fn streams_table(
+    model: &ModelArgs,
+    limits: &LimitArgs,
+    streams: &[usize],
+    tokens: usize,
+) -> Result<StreamsTable> {
     let mut limits = limits.clone();
     limits.queue = limits.queue.max(streams.iter().copied().max().unwrap_or(1) * 2);
     let node = Served::start(model, &limits)?;
@@ -127,6 +156,7 @@ pub fn streams_table(model: &ModelArgs, limits: &LimitArgs, streams: &[usize], t
     println!("| streams | aggregate tokens/s | per-stream ms/token | x single-stream aggregate |");
     println!("|---:|---:|---:|---:|");
     let mut single = None;
+    let mut rows = Vec::with_capacity(streams.len());
     for &n in streams {
         let channels = (0..n).map(|_| node.channel()).collect::<Result<Vec<_>>>()?;
         let t0 = Instant::now();
@@ -162,9 +192,109 @@ pub fn streams_table(model: &ModelArgs, limits: &LimitArgs, streams: &[usize], t
             "| {n} | {aggregate:.1} | {per_stream:.2} | {:.2} |",
             aggregate / base
         );
+        rows.push(StreamsRow {
+            streams: n,
+            tokens_per_s: aggregate,
+            ms_per_token: per_stream,
+        });
     }
     println!();
-    Ok(())
+    Ok(StreamsTable {
+        model: node.info.model_id.clone(),
+        rows,
+    })
+}
+
+/// A line chart as SVG of aggregate tokens/s against concurrent streams (log-scale axis, a tick at each
+/// number measured), one series per table, named in the legend. The tokens/s axis is linear from 0,
+/// or logarithmic (ticks 1, 2, 5 × 10ⁿ) when the values span more than 10×, as a 260K and a 25M model
+/// do. The text is SVG `<text>`, so the viewer's fonts draw it.
+pub fn streams_svg(tables: &[StreamsTable]) -> Result<String> {
+    let mut ticks: Vec<f64> = tables
+        .iter()
+        .flat_map(|t| t.rows.iter().map(|r| r.streams as f64))
+        .collect();
+    ticks.sort_by(f64::total_cmp);
+    ticks.dedup();
+    let (lo, hi) = (
+        ticks.first().copied().unwrap_or(1.0).max(1.0),
+        ticks.last().copied().unwrap_or(1.0).max(1.0),
+    );
+    let x = (lo / 1.3..hi * 1.3).log_scale().with_key_points(ticks);
+    let (least, most) = tables
+        .iter()
+        .flat_map(|t| t.rows.iter().map(|r| r.tokens_per_s))
+        .filter(|v| v.is_finite() && *v > 0.0)
+        .fold((f64::INFINITY, 0.0_f64), |(a, b), v| (a.min(v), b.max(v)));
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (800, 480)).into_drawing_area();
+        let drawn = if most > 10.0 * least {
+            let (from, to) = (least / 1.5, most * 1.5);
+            let decades = (from.log10().floor() as i32)..=(to.log10().ceil() as i32);
+            let y_ticks: Vec<f64> = decades
+                .flat_map(|d| [1.0, 2.0, 5.0].map(|m| m * 10f64.powi(d)))
+                .filter(|v| (from..=to).contains(v))
+                .collect();
+            draw_streams(&root, x, (from..to).log_scale().with_key_points(y_ticks), tables)
+        } else {
+            let top = if most > 0.0 { most * 1.15 } else { 1.0 };
+            draw_streams(&root, x, RangedCoordf64::from(0.0..top), tables)
+        };
+        drawn.map_err(|e| Error::Internal(e.to_string()))?;
+    }
+    Ok(svg)
+}
+
+/// Draws [`streams_svg`]'s chart on `root` with the given axes.
+fn draw_streams<X, Y>(
+    root: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>,
+    x: X,
+    y: Y,
+    tables: &[StreamsTable],
+) -> std::result::Result<(), DrawingAreaErrorKind<std::io::Error>>
+where
+    X: Ranged<ValueType = f64> + ValueFormatter<f64>,
+    Y: Ranged<ValueType = f64> + ValueFormatter<f64>,
+{
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(root)
+        .caption(
+            "Continuous batching: aggregate decode throughput",
+            ("sans-serif", 20),
+        )
+        .margin(14)
+        .x_label_area_size(40)
+        .y_label_area_size(64)
+        .build_cartesian_2d(x, y)?;
+    chart
+        .configure_mesh()
+        .light_line_style(TRANSPARENT)
+        .x_desc("concurrent ProposeSegment streams")
+        .y_desc("aggregate tokens/s")
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_label_formatter(&|y| format!("{y:.0}"))
+        .draw()?;
+    for (k, t) in tables.iter().enumerate() {
+        let colour = Palette99::pick(k).to_rgba();
+        let points: Vec<(f64, f64)> = t
+            .rows
+            .iter()
+            .map(|r| (r.streams as f64, r.tokens_per_s))
+            .collect();
+        chart
+            .draw_series(LineSeries::new(points, colour.stroke_width(2)).point_size(4))?
+            .label(t.model.as_str())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2)));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 13))
+        .draw()?;
+    root.present()
 }
 
 /// ms per decoded token after a context of 16 and of ~1,000 positions (bare model, batch of one).
@@ -348,4 +478,58 @@ pub fn char_runs_table(model: &ModelArgs, limits: &LimitArgs, text: &str, chars:
     }
     println!();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn streams_chart_has_a_line_per_model_and_a_legend() {
+        let table = |model: &str, scale: f64| StreamsTable {
+            model: model.into(),
+            rows: [1, 4, 16, 64]
+                .iter()
+                .map(|&n| StreamsRow {
+                    streams: n,
+                    tokens_per_s: scale * (n as f64).sqrt(),
+                    ms_per_token: 10.0,
+                })
+                .collect(),
+        };
+        let svg = streams_svg(&[table("stories260K", 900.0), table("random-llama-25M", 80.0)]).expect("svg");
+        assert!(svg.starts_with("<svg"), "{svg}");
+        for k in 0..2 {
+            let (r, g, b) = Palette99::pick(k).rgb();
+            let stroke = format!("stroke=\"#{r:02X}{g:02X}{b:02X}\"");
+            // The series' polyline and its legend line.
+            let lines = svg
+                .lines()
+                .filter(|l| l.starts_with("<polyline") && l.contains(&stroke))
+                .count();
+            assert_eq!(lines, 2, "series {k}: {stroke}\n{svg}");
+        }
+        // 80 to 7,200 tokens/s: a log axis, ticks 1-2-5.
+        for text in [
+            "stories260K",
+            "random-llama-25M",
+            "1",
+            "4",
+            "16",
+            "64",
+            "aggregate tokens/s",
+            "100",
+            "200",
+            "5000",
+        ] {
+            assert!(
+                svg.contains(&format!("\n{text}\n</text>")),
+                "{text} missing:\n{svg}"
+            );
+        }
+        // One model: a linear axis from 0.
+        let svg = streams_svg(&[table("stories260K", 900.0)]).expect("svg");
+        assert!(svg.contains("\n0\n</text>"), "{svg}");
+        assert!(svg.contains("\nstories260K\n</text>"), "{svg}");
+    }
 }

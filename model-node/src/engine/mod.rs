@@ -280,14 +280,13 @@ impl Engine {
                     r.usage = u;
                     Reply::Scores(r)
                 }),
-            Job::NextChars(ctx, p) => self
-                .with_session(ctx, |e, s, u| {
-                    e.next_chars(s, &p, u)
-                })
-                .map(|(mut r, u)| {
-                    r.usage = u;
-                    Reply::CharRun(r)
-                }),
+            Job::NextChars(ctx, p) => {
+                self.with_session(ctx, |e, s, u| e.next_chars(s, &p, u))
+                    .map(|(mut r, u)| {
+                        r.usage = u;
+                        Reply::CharRun(r)
+                    })
+            }
             Job::NextChar(ctx, k, o) => {
                 self.with_session(ctx, |e, s, u| e.next_char(s, k, &o, u))
                     .map(|(mut r, u)| {

@@ -185,8 +185,14 @@ impl Engine {
     /// node's own greedy characters. Position j's is what [`Engine::next_char`] would answer after
     /// the first j characters were appended one call at a time: the same commits in the same order
     /// (and, where the set cannot follow or for published CharED, the same fresh rebuild).
-    pub(super) fn next_chars(&mut self, s: &mut Session, p: &NextCharsParams, usage: &mut Usage) -> Result<CharRun> {
-        let (continuation, draft_chars, top_k, opts) = (p.continuation.as_str(), p.draft_chars, p.top_k, &p.opts);
+    pub(super) fn next_chars(
+        &mut self,
+        s: &mut Session,
+        p: &NextCharsParams,
+        usage: &mut Usage,
+    ) -> Result<CharRun> {
+        let (continuation, draft_chars, top_k, opts) =
+            (p.continuation.as_str(), p.draft_chars, p.top_k, &p.opts);
         let mut observed = Vec::new();
         let mut memo = Memo::new();
         if !continuation.is_empty() {

@@ -82,7 +82,13 @@ impl KvCache {
 
     /// This cache with storage that takes `s` more positions of batch `b` in place, those positions
     /// claimed: the same storage when possible, else new storage holding a copy of the `len` positions.
-    pub(super) fn for_append(&self, b: usize, s: usize, shape: &KvShape, device: &Device) -> CResult<KvCache> {
+    pub(super) fn for_append(
+        &self,
+        b: usize,
+        s: usize,
+        shape: &KvShape,
+        device: &Device,
+    ) -> CResult<KvCache> {
         let need = self.len + s;
         let same_batch = self.layers.is_empty() || self.batch() == b;
         if !self.layers.is_empty()
@@ -127,4 +133,3 @@ impl KvCache {
         })
     }
 }
-

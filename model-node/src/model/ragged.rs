@@ -64,7 +64,11 @@ impl candle_core::InplaceOp2 for KvWrite {
             candle_core::bail!("kv-write: layouts {dl:?} and {sl:?} do not match");
         }
         if self.row >= n || self.pos >= cap {
-            candle_core::bail!("kv-write: row {} of {n}, position {} of {cap}", self.row, self.pos);
+            candle_core::bail!(
+                "kv-write: row {} of {n}, position {} of {cap}",
+                self.row,
+                self.pos
+            );
         }
         let (d0, s0) = (dl.start_offset(), sl.start_offset() + self.row * kvh * hd);
         for h in 0..kvh {
@@ -81,7 +85,12 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     const L: usize = 8;
     let mut acc = [0f32; L];
     let (ca, cb) = (a.chunks_exact(L), b.chunks_exact(L));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
     for (x, y) in ca.zip(cb) {
         for l in 0..L {
             acc[l] += x[l] * y[l];
