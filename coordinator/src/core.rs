@@ -248,7 +248,12 @@ impl Coordinator {
         futures::future::join_all(asks).await;
     }
 
-    fn clients(&self, session: &str, prompt: &pb::Prompt, rtd_lambda: Option<f64>) -> Vec<NodeClient> {
+    pub(crate) fn clients(
+        &self,
+        session: &str,
+        prompt: &pb::Prompt,
+        rtd_lambda: Option<f64>,
+    ) -> Vec<NodeClient> {
         self.nodes
             .iter()
             .zip(&self.outliers)

@@ -34,6 +34,8 @@
 //!   Services), round-robin per request, fail-over on retries.
 //! - [`config`]: the TOML configuration shared by both binaries, with defaults and checks.
 //! - [`evaluate`]: held-out sets, exact-match scoring and the accuracy tables of `ensemble eval`.
+//! - [`perplexity`]: bits per character of a text under every member and their mixture; fitted
+//!   mixture weights (`ensemble perplexity`).
 //! - [`cluster`]: a local cluster (one `model-node` process per model, the coordinator in process)
 //!   for `ensemble up` and `--local`.
 //! - `math.rs`: the shared, numerically stable softmax.
@@ -53,6 +55,7 @@ mod math;
 pub mod metrics;
 pub mod node_client;
 pub mod outlier;
+pub mod perplexity;
 pub mod probe;
 pub mod replicas;
 pub mod server;

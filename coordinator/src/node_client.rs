@@ -401,6 +401,44 @@ impl NodeClient {
         )
     }
 
+    /// The exact probability of each character of `continuation` after the answer so far and the
+    /// continuation's characters before it (not appended): one call, `CharDistribution.observed` at
+    /// positions `0..n`.
+    pub async fn observed_chars(&mut self, continuation: &str) -> Result<Vec<f64>> {
+        self.calls[2] += 1;
+        let r: pb::NextCharsResponse = call_with_context!(
+            self,
+            next_char_distributions,
+            "NextCharDistributions",
+            |context| {
+                pb::NextCharsRequest {
+                    context,
+                    continuation: continuation.to_owned(),
+                    draft_chars: 0,
+                    top_k: 1,
+                    max_hypotheses: None,
+                    lookahead: None,
+                    observed: true,
+                }
+            }
+        )?;
+        let n = continuation.chars().count();
+        let probs: Vec<f64> = r
+            .positions
+            .iter()
+            .take(n)
+            .map(|d| d.observed.unwrap_or(0.0))
+            .collect();
+        if probs.len() != n {
+            return Err(Error::Node {
+                node: self.name.clone(),
+                code: tonic::Code::Internal,
+                message: format!("{} positions for {n} characters", probs.len()),
+            });
+        }
+        Ok(probs)
+    }
+
     /// Shares the member's ejection state: calls are skipped while it is ejected, and their outcomes
     /// move it.
     pub fn outlier(mut self, o: Arc<Outlier>) -> Self {

@@ -111,6 +111,30 @@ impl Ensemble for EnsembleService {
         )))
     }
 
+    async fn perplexity(
+        &self,
+        req: Request<pb::PerplexityRequest>,
+    ) -> Result<Response<pb::PerplexityResponse>, Status> {
+        let span = grpc_span(&req);
+        let r = req.into_inner();
+        if r.documents.iter().all(String::is_empty) {
+            return Err(Status::invalid_argument(
+                "documents: give at least one non-empty document",
+            ));
+        }
+        if r.fit_weights && r.documents.len() < 2 {
+            return Err(Status::invalid_argument(
+                "fit_weights needs at least two documents: the weights are fitted on the even-numbered \
+                 ones and reported on the odd-numbered ones",
+            ));
+        }
+        let docs: Vec<String> = r.documents.into_iter().filter(|d| !d.is_empty()).collect();
+        let p =
+            tracing::Instrument::instrument(crate::perplexity::measure(&self.0, &docs, &mut |_| {}), span)
+                .await?;
+        Ok(Response::new(p.report(r.fit_weights)))
+    }
+
     async fn list_nodes(
         &self,
         _req: Request<pb::ListNodesRequest>,

@@ -5,6 +5,7 @@
 //! ensemble generate --local "What is 347 + 58?" # start the cluster, answer, stop
 //! ensemble generate --trace "..."               # against a running coordinator, with the rounds
 //! ensemble eval --local --set eval/mixed.jsonl  # accuracy per domain and strategy
+//! ensemble perplexity --local --text FILE        # bits per character per member and mixture
 //! ensemble nodes                                # the coordinator's nodes and their health
 //! ```
 
@@ -119,15 +120,108 @@ enum Command {
         /// Write the full report (every answer) as JSON.
         #[arg(long)]
         json: Option<PathBuf>,
-        /// Write the table as Markdown.
+        /// Write the table as Markdown, and beside it (extension `.svg`: results.md → results.svg) a
+        /// bar chart of accuracy per domain and strategy.
         #[arg(long)]
         markdown: Option<PathBuf>,
+    },
+    /// Bits per character of a text under every member and their CharED mixture (tokenizer-
+    /// independent likelihood: every character priced exactly by every member).
+    Perplexity {
+        #[command(flatten)]
+        target: Target,
+        /// The text: one document per line, or JSON Lines with --field.
+        #[arg(long)]
+        text: PathBuf,
+        /// With JSON Lines: the field holding each document's text.
+        #[arg(long)]
+        field: Option<String>,
+        /// Only the first N documents.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Only the first N characters of each document.
+        #[arg(long)]
+        max_chars: Option<usize>,
+        /// Also fit the mixture weights (EM) on the even-numbered documents and report on the others.
+        #[arg(long)]
+        fit_weights: bool,
+        /// Write the report as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
     },
     /// The coordinator's nodes and their health.
     Nodes {
         #[command(flatten)]
         target: Target,
     },
+}
+
+/// The documents of a text file: one per non-empty line, or the `field` of each JSON line.
+fn documents(
+    path: &Path,
+    field: Option<&str>,
+    limit: Option<usize>,
+    max_chars: Option<usize>,
+) -> anyhow::Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
+    let mut docs = Vec::new();
+    for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let doc = match field {
+            Some(f) => {
+                let v: serde_json::Value = serde_json::from_str(line)
+                    .with_context(|| format!("{} line {}: not JSON", path.display(), n + 1))?;
+                v[f].as_str()
+                    .with_context(|| format!("{} line {}: no string field {f:?}", path.display(), n + 1))?
+                    .to_owned()
+            }
+            None => line.to_owned(),
+        };
+        docs.push(match max_chars {
+            Some(m) => doc.chars().take(m).collect(),
+            None => doc,
+        });
+    }
+    if let Some(l) = limit {
+        docs.truncate(l);
+    }
+    if docs.is_empty() {
+        bail!(
+            "{}: no document (one per line, or JSON Lines with --field)",
+            path.display()
+        );
+    }
+    Ok(docs)
+}
+
+/// The perplexity report as Markdown tables.
+fn perplexity_table(r: &pb::PerplexityResponse) -> String {
+    let table = |rows: &[pb::ModelBits]| -> String {
+        let mut t = String::from(
+            "| model | bits per char | bits per byte | weights | calls | windows slid |\n|---|---:|---:|---|---:|---:|\n",
+        );
+        for m in rows {
+            let w: Vec<String> = m.weights.iter().map(|w| format!("{w:.3}")).collect();
+            t.push_str(&format!(
+                "| {} | {:.4} | {:.4} | {} | {} | {} |\n",
+                m.name,
+                m.bits_per_char,
+                m.bits_per_byte,
+                w.join(" / "),
+                m.calls,
+                m.windows_slid
+            ));
+        }
+        t
+    };
+    let mut out = format!("{} characters, {} bytes\n\n{}", r.chars, r.bytes, table(&r.rows));
+    if !r.held_out.is_empty() {
+        out.push_str(&format!(
+            "\nheld out ({} characters of the odd-numbered documents; weights fitted on the others)\n\n{}",
+            r.held_out_chars,
+            table(&r.held_out)
+        ));
+    }
+    out
 }
 
 fn load_config(path: &Path) -> anyhow::Result<(FileConfig, PathBuf)> {
@@ -600,6 +694,51 @@ fn main() -> anyhow::Result<()> {
                 }
                 if let Some(p) = markdown {
                     std::fs::write(&p, &md).with_context(|| p.display().to_string())?;
+                    eprintln!("wrote {}", p.display());
+                    // results.md → results.svg; a Markdown file already named *.svg keeps its name.
+                    let chart = if p.extension().is_some_and(|e| e == "svg") {
+                        PathBuf::from(format!("{}.svg", p.display()))
+                    } else {
+                        p.with_extension("svg")
+                    };
+                    let svg = report.chart_svg().map_err(anyhow::Error::msg)?;
+                    std::fs::write(&chart, svg).with_context(|| chart.display().to_string())?;
+                    eprintln!("wrote {}", chart.display());
+                }
+                Ok(())
+            }
+            Command::Perplexity {
+                target,
+                text,
+                field,
+                limit,
+                max_chars,
+                fit_weights,
+                json,
+            } => {
+                let docs = documents(&text, field.as_deref(), limit, max_chars)?;
+                let req = pb::PerplexityRequest {
+                    documents: docs,
+                    fit_weights,
+                };
+                let r = with_target(&target, async |mut client| {
+                    Ok(client.perplexity(req).await.map_err(status)?.into_inner())
+                })
+                .await?;
+                println!("{}", perplexity_table(&r));
+                if let Some(p) = json {
+                    let rows = |rows: &[pb::ModelBits]| -> Vec<serde_json::Value> {
+                        rows.iter()
+                            .map(|m| {
+                                serde_json::json!({"name": m.name, "bits_per_char": m.bits_per_char,
+                                    "bits_per_byte": m.bits_per_byte, "floored": m.floored, "weights": m.weights,
+                                    "calls": m.calls, "windows_slid": m.windows_slid})
+                            })
+                            .collect()
+                    };
+                    let v = serde_json::json!({"text": text, "chars": r.chars, "bytes": r.bytes,
+                        "rows": rows(&r.rows), "held_out_chars": r.held_out_chars, "held_out": rows(&r.held_out)});
+                    std::fs::write(&p, serde_json::to_string_pretty(&v)?).with_context(|| p.display().to_string())?;
                     eprintln!("wrote {}", p.display());
                 }
                 Ok(())

@@ -1,0 +1,341 @@
+//! Tokenizer-independent likelihood: bits per character (and per UTF-8 byte) of a text under every
+//! member and under their CharED mixture, and mixture weights fitted to a text.
+//!
+//! Members tokenize differently, so their token perplexities cannot be compared; the probability of
+//! each *character* can. Every document is teacher-forced through every member's session with
+//! `NextCharDistributions` and `observed` set: one call prices a chunk of characters exactly (the
+//! node sums the token paths that spell each one; no top-k floor). The mixture CharED decodes with is
+//! `p(c) = Σ_i w_i p_i(c)`, so its bits per character follow from the members' per-character
+//! probabilities and any weights, and [`Perplexity::fit_weights`] finds the weights that minimise it
+//! (EM for mixture weights: deterministic, each step never increases the bits).
+//!
+//! A document longer than a member's context is scored in sliding windows: when the node refuses a
+//! chunk as too long, the member starts a new session whose context is the later half of the current
+//! window (the characters already scored are context only; none is scored twice), and goes on.
+
+use crate::core::Coordinator;
+use crate::error::{Error, Result};
+use ensemble_proto::v1 as pb;
+
+/// Characters priced per call.
+const CHUNK_CHARS: usize = 64;
+
+/// Probabilities below this count as this (a character a member gives no mass at all would make its
+/// bits infinite; reported separately as `floored`).
+const FLOOR: f64 = 1e-12;
+
+/// One member's probabilities of every character, documents one after another.
+#[derive(Debug, Clone)]
+pub struct MemberRun {
+    /// The member's name.
+    pub name: String,
+    /// P(character | everything before it in its document), in text order; NaN where the member
+    /// cannot price it (the first character of a document under a tokenizer without BOS, which
+    /// cannot start from an empty context).
+    pub probs: Vec<f64>,
+    /// `NextCharDistributions` calls made.
+    pub calls: u64,
+    /// Windows started after the first of a document (context overflows).
+    pub slides: u64,
+}
+
+/// The characters of a set of documents priced by every member.
+#[derive(Debug, Clone)]
+pub struct Perplexity {
+    /// Characters of each document.
+    pub doc_chars: Vec<usize>,
+    /// UTF-8 bytes of each document.
+    pub doc_bytes: Vec<usize>,
+    /// UTF-8 bytes of each character, documents one after another.
+    pub char_bytes: Vec<u8>,
+    /// One entry per member, in configuration order.
+    pub members: Vec<MemberRun>,
+    /// The configured member weights (normalised).
+    pub weights: Vec<f64>,
+}
+
+/// Bits per character and per byte of one model or mixture over a set of documents.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Bits {
+    /// Bits per character.
+    pub per_char: f64,
+    /// Bits per UTF-8 byte.
+    pub per_byte: f64,
+    /// Characters whose probability was below [`FLOOR`].
+    pub floored: usize,
+    /// Characters scored (those some member cannot price are left out for every row, so that rows
+    /// compare the same characters).
+    pub chars: usize,
+}
+
+impl Perplexity {
+    /// Character ranges of the documents selected by `pick(document index)`.
+    fn ranges(&self, pick: &dyn Fn(usize) -> bool) -> Vec<std::ops::Range<usize>> {
+        let mut at = 0;
+        let mut out = Vec::new();
+        for (d, &n) in self.doc_chars.iter().enumerate() {
+            if pick(d) {
+                out.push(at..at + n);
+            }
+            at += n;
+        }
+        out
+    }
+
+    /// Whether every member priced character `i`.
+    fn scored(&self, i: usize) -> bool {
+        self.members.iter().all(|m| !m.probs[i].is_nan())
+    }
+
+    /// Bits of the mixture with `weights` (one per member; a one-hot vector is that member alone) over
+    /// the documents `pick` selects.
+    pub fn bits(&self, weights: &[f64], pick: &dyn Fn(usize) -> bool) -> Bits {
+        let total: f64 = weights.iter().sum();
+        let (mut nats, mut chars, mut bytes, mut floored) = (0.0, 0usize, 0usize, 0usize);
+        for r in self.ranges(pick) {
+            for i in r.filter(|&i| self.scored(i)) {
+                let p: f64 = self
+                    .members
+                    .iter()
+                    .zip(weights)
+                    .map(|(m, w)| w / total * m.probs[i])
+                    .sum();
+                if p < FLOOR {
+                    floored += 1;
+                }
+                nats -= p.max(FLOOR).ln();
+                chars += 1;
+                bytes += usize::from(self.char_bytes[i]);
+            }
+        }
+        let bits = nats / std::f64::consts::LN_2;
+        Bits {
+            per_char: if chars == 0 { 0.0 } else { bits / chars as f64 },
+            per_byte: if bytes == 0 { 0.0 } else { bits / bytes as f64 },
+            floored,
+            chars,
+        }
+    }
+
+    /// Member `m` alone.
+    pub fn member_bits(&self, m: usize, pick: &dyn Fn(usize) -> bool) -> Bits {
+        let one_hot: Vec<f64> = (0..self.members.len())
+            .map(|i| f64::from(u8::from(i == m)))
+            .collect();
+        self.bits(&one_hot, pick)
+    }
+
+    /// The mixture weights that minimise bits per character over the documents `pick` selects
+    /// (EM, from uniform, until no weight moves by 1e-12 or 10,000 steps; deterministic).
+    pub fn fit_weights(&self, pick: &dyn Fn(usize) -> bool) -> Vec<f64> {
+        let k = self.members.len();
+        let mut w = vec![1.0 / k as f64; k];
+        let ranges: Vec<Vec<usize>> = self
+            .ranges(pick)
+            .into_iter()
+            .map(|r| r.filter(|&i| self.scored(i)).collect())
+            .collect();
+        let n: usize = ranges.iter().map(Vec::len).sum();
+        if k == 0 || n == 0 {
+            return w;
+        }
+        for _ in 0..10_000 {
+            let mut acc = vec![0.0; k];
+            for r in &ranges {
+                for &i in r {
+                    let mix: f64 = (0..k).map(|j| w[j] * self.members[j].probs[i]).sum::<f64>();
+                    if mix <= 0.0 {
+                        continue;
+                    }
+                    for j in 0..k {
+                        acc[j] += w[j] * self.members[j].probs[i] / mix;
+                    }
+                }
+            }
+            // Characters no member gives any mass say nothing about the weights: renormalise.
+            let sum: f64 = acc.iter().sum();
+            if sum <= 0.0 {
+                break;
+            }
+            let next: Vec<f64> = acc.iter().map(|a| a / sum).collect();
+            let moved = next
+                .iter()
+                .zip(&w)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f64::max);
+            w = next;
+            if moved < 1e-12 {
+                break;
+            }
+        }
+        w
+    }
+}
+
+impl Perplexity {
+    fn row(&self, name: &str, bits: Bits, weights: &[f64], member: Option<&MemberRun>) -> pb::ModelBits {
+        let total: f64 = weights.iter().sum();
+        pb::ModelBits {
+            name: name.to_owned(),
+            bits_per_char: bits.per_char,
+            bits_per_byte: bits.per_byte,
+            floored: bits.floored as u32,
+            weights: if member.is_some() {
+                vec![]
+            } else {
+                weights.iter().map(|w| w / total).collect()
+            },
+            calls: member.map_or(0, |m| m.calls),
+            windows_slid: member.map_or(0, |m| m.slides),
+        }
+    }
+
+    /// The members alone and the configured mixture over every document; with `fit`, the same and the
+    /// fitted mixture on the odd-numbered documents, the weights fitted on the even-numbered ones.
+    pub fn report(&self, fit: bool) -> pb::PerplexityResponse {
+        let rows = |pick: &dyn Fn(usize) -> bool| -> Vec<pb::ModelBits> {
+            let mut rows: Vec<pb::ModelBits> = self
+                .members
+                .iter()
+                .enumerate()
+                .map(|(i, m)| self.row(&m.name, self.member_bits(i, pick), &[], Some(m)))
+                .collect();
+            rows.push(self.row("mixture", self.bits(&self.weights, pick), &self.weights, None));
+            rows
+        };
+        let all = |_: usize| true;
+        let odd = |d: usize| d % 2 == 1;
+        let even = |d: usize| d.is_multiple_of(2);
+        let mut held_out = Vec::new();
+        if fit {
+            held_out = rows(&odd);
+            let w = self.fit_weights(&even);
+            held_out.push(self.row("fitted mixture", self.bits(&w, &odd), &w, None));
+        }
+        pb::PerplexityResponse {
+            chars: self.bits(&self.weights, &all).chars as u64,
+            bytes: self.doc_bytes.iter().sum::<usize>() as u64,
+            rows: rows(&all),
+            held_out,
+            held_out_chars: if fit {
+                self.bits(&self.weights, &odd).chars as u64
+            } else {
+                0
+            },
+        }
+    }
+}
+
+/// Prices every character of every document under every member of `coordinator`.
+/// `progress(documents done)` is called after each document.
+pub async fn measure(
+    coordinator: &Coordinator,
+    docs: &[String],
+    progress: &mut (dyn FnMut(usize) + Send),
+) -> Result<Perplexity> {
+    let weights: Vec<f64> = coordinator.member_configs().map(|(c, _)| c.weight).collect();
+    let total: f64 = weights.iter().sum();
+    let raw = pb::Prompt {
+        kind: Some(pb::prompt::Kind::Raw(String::new())),
+    };
+    let mut members: Vec<MemberRun> = coordinator
+        .node_names()
+        .iter()
+        .map(|n| MemberRun {
+            name: n.clone(),
+            probs: Vec::new(),
+            calls: 0,
+            slides: 0,
+        })
+        .collect();
+    for (d, doc) in docs.iter().enumerate() {
+        let session = format!("perplexity-{}-{d}", std::process::id());
+        let mut clients = coordinator.clients(&session, &raw, None);
+        let chars: Vec<char> = doc.chars().collect();
+        let runs = clients.iter_mut().enumerate().map(|(m, c)| {
+            let session = format!("{session}-{m}");
+            let chars = &chars;
+            let raw = raw.clone();
+            async move {
+                let r = score_doc(c, &session, raw, chars).await;
+                c.close().await;
+                r
+            }
+        });
+        for (m, r) in futures::future::join_all(runs).await.into_iter().enumerate() {
+            let (probs, calls, slides) = r?;
+            members[m].probs.extend(probs);
+            members[m].calls += calls;
+            members[m].slides += slides;
+        }
+        progress(d + 1);
+    }
+    Ok(Perplexity {
+        doc_chars: docs.iter().map(|d| d.chars().count()).collect(),
+        doc_bytes: docs.iter().map(String::len).collect(),
+        char_bytes: docs
+            .iter()
+            .flat_map(|d| d.chars())
+            .map(|c| c.len_utf8() as u8)
+            .collect(),
+        members,
+        weights: weights.iter().map(|w| w / total).collect(),
+    })
+}
+
+/// Whether a node refused an empty context (its tokenizer has no BOS token to start from).
+fn needs_context(e: &Error) -> bool {
+    matches!(e, Error::Node { code: tonic::Code::InvalidArgument, message, .. } if message.contains("empty context"))
+}
+
+/// Whether a node refused a call because the context would pass its limit.
+fn too_long(e: &Error) -> bool {
+    matches!(e, Error::Node { code: tonic::Code::InvalidArgument, message, .. } if message.contains("context too long"))
+}
+
+/// One document through one member: (probabilities, calls, windows slid).
+async fn score_doc(
+    c: &mut crate::node_client::NodeClient,
+    session: &str,
+    prompt: pb::Prompt,
+    chars: &[char],
+) -> Result<(Vec<f64>, u64, u64)> {
+    let (mut probs, mut calls, mut slides) = (Vec::with_capacity(chars.len()), 0u64, 0u64);
+    let (mut start, mut at, mut chunk) = (0usize, 0usize, CHUNK_CHARS);
+    c.begin(format!("{session}-0"), prompt.clone());
+    while at < chars.len() {
+        let end = (at + chunk).min(chars.len());
+        let text: String = chars[at..end].iter().collect();
+        calls += 1;
+        match c.observed_chars(&text).await {
+            Ok(p) => {
+                probs.extend(p);
+                c.accept(&text);
+                at = end;
+                chunk = CHUNK_CHARS;
+            }
+            Err(e) if at == 0 && needs_context(&e) && !chars.is_empty() => {
+                // No BOS: the first character is context only, unpriced.
+                probs.push(f64::NAN);
+                c.accept(&chars[0].to_string());
+                at = 1;
+            }
+            Err(e) if too_long(&e) => {
+                if at > start + 1 {
+                    // Slide: keep the later half of this window as context only (at least one
+                    // character: a tokenizer without BOS cannot start from nothing).
+                    start = (at - (at - start) / 2).min(at - 1);
+                    slides += 1;
+                    c.begin(format!("{session}-{slides}"), prompt.clone());
+                    c.accept(&chars[start..at].iter().collect::<String>());
+                } else if chunk > 1 {
+                    chunk /= 2;
+                } else {
+                    return Err(e);
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((probs, calls, slides))
+}
