@@ -334,6 +334,22 @@ async fn run(
     };
     let stream = c.stream;
     let coordinator = app.coordinator.clone();
+    let (req, span) = prepare(&coordinator, headers, prompt, c)?;
+    if stream {
+        return Ok(streamed(coordinator, span, call, req).into_response());
+    }
+    let resp = coordinator.run_in(span, "http", req, &mut |_| true).await?;
+    Ok(Json(whole(&call, &resp)).into_response())
+}
+
+/// The request an OpenAI body asks for (checked before anything runs, so that a stream fails with a
+/// 400 before it starts) and its span, a child of the caller's `traceparent` when there is one.
+fn prepare(
+    coordinator: &Coordinator,
+    headers: HeaderMap,
+    prompt: pb::Prompt,
+    c: Common,
+) -> Result<(pb::GenerateRequest, tracing::Span), ApiError> {
     let req = openai::generate_request(
         prompt,
         c,
@@ -342,11 +358,7 @@ async fn run(
     )?;
     let span = request_span("http");
     ensemble_proto::telemetry::set_parent(&span, &tonic::metadata::MetadataMap::from_headers(headers));
-    if stream {
-        return Ok(streamed(coordinator, span, call, req).into_response());
-    }
-    let resp = coordinator.run_in(span, "http", req, &mut |_| true).await?;
-    Ok(Json(whole(&call, &resp)).into_response())
+    Ok((req, span))
 }
 
 fn whole(call: &Call, r: &pb::GenerateResponse) -> Value {

@@ -8,7 +8,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use coordinator::config::{NodeConfig, Settings};
+use coordinator::config::Settings;
 use coordinator::replicas::SystemResolver;
 use coordinator::service::{Coordinator, EnsembleService};
 use ensemble_proto::v1 as pb;
@@ -33,18 +33,7 @@ async fn every_character_is_priced_as_the_member_lists_it() -> anyhow::Result<()
         }
         nodes.push(common::start_model(args, Default::default()).await?);
     }
-    let members: Vec<NodeConfig> = nodes
-        .iter()
-        .zip(["a", "b", "c"])
-        .map(|(n, name)| {
-            coordinator::service::NodeSpec {
-                name: name.into(),
-                url: n.url.clone(),
-                weight: 1.0,
-            }
-            .into()
-        })
-        .collect();
+    let members = common::members(&nodes, &["a", "b", "c"]);
     let mut settings = Settings::new(members);
     settings.deadline = Duration::from_secs(20);
     let coordinator = Arc::new(Coordinator::start(settings, Arc::new(SystemResolver)).await?);

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use coordinator::auth::ApiKeys;
-use coordinator::config::{NodeConfig, Settings};
+use coordinator::config::Settings;
 use coordinator::replicas::SystemResolver;
 use coordinator::service::Coordinator;
 use ensemble_proto::v1 as pb;
@@ -26,18 +26,7 @@ struct Served {
 
 async fn serve(ui: bool) -> anyhow::Result<Served> {
     let nodes = common::three_nodes().await?;
-    let members: Vec<NodeConfig> = nodes
-        .iter()
-        .zip(["a", "b", "c"])
-        .map(|(n, name)| {
-            coordinator::service::NodeSpec {
-                name: name.into(),
-                url: n.url.clone(),
-                weight: 1.0,
-            }
-            .into()
-        })
-        .collect();
+    let members = common::members(&nodes, &["a", "b", "c"]);
     let mut settings = Settings::new(members);
     settings.deadline = Duration::from_secs(20);
     settings.api_keys = ApiKeys::new([KEY]);

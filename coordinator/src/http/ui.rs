@@ -30,8 +30,8 @@ use futures::StreamExt as _;
 use serde_json::{Value, json};
 
 use super::openai::{self, ApiError};
-use super::{App, authenticate, body, parse};
-use crate::core::{Coordinator, request_span};
+use super::{App, authenticate, body, parse, prepare};
+use crate::core::Coordinator;
 use crate::strategy::Step;
 
 const INDEX: &str = include_str!("../../ui/index.html");
@@ -160,14 +160,7 @@ async fn generate(
     let r: openai::ChatRequest = parse(&body(b)?)?;
     let prompt = openai::chat_prompt(r.messages)?;
     let coordinator: Arc<Coordinator> = app.coordinator.clone();
-    let req = openai::generate_request(
-        prompt,
-        r.common,
-        coordinator.node_names(),
-        coordinator.settings().max_chars,
-    )?;
-    let span = request_span("http");
-    ensemble_proto::telemetry::set_parent(&span, &tonic::metadata::MetadataMap::from_headers(headers));
+    let (req, span) = prepare(&coordinator, headers, prompt, r.common)?;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Value>();
     tokio::spawn(async move {
         let started = Instant::now();

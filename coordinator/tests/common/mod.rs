@@ -142,6 +142,22 @@ pub async fn three_nodes() -> anyhow::Result<Vec<Node>> {
     Ok(nodes)
 }
 
+/// Members named `names` (weight 1), one per node in order.
+pub fn members(nodes: &[Node], names: &[&str]) -> Vec<coordinator::config::NodeConfig> {
+    nodes
+        .iter()
+        .zip(names)
+        .map(|(n, name)| {
+            coordinator::service::NodeSpec {
+                name: (*name).into(),
+                url: n.url.clone(),
+                weight: 1.0,
+            }
+            .into()
+        })
+        .collect()
+}
+
 /// A port that was free a moment ago (for child processes that take an address, not a listener).
 pub fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
