@@ -3,8 +3,9 @@
 # (PyPI) through Debian's chromedriver, against `ensemble up` on the bundled models with an API key.
 # It asks arithmetic and atlas questions with SpecFuse and CharED, waits for each answer, and checks
 # the coloured spans and the hover details against the gRPC trace of the same request (Python grpcio),
-# then saves screenshots under docs/ui/.
+# then saves screenshots (in a temporary directory; UI_SHOTS=docs/ui refreshes the README's).
 #   bash tests/ui/check.sh
+#   UI_SHOTS=docs/ui bash tests/ui/check.sh
 # Needs the release build, python3 (PyPI on the first run) and `chromium chromium-driver` from
 # Debian's packages (.ci/run installs them).
 set -euo pipefail
@@ -43,6 +44,7 @@ for _ in $(seq 1 300); do
   if ! kill -0 $up 2>/dev/null; then cat "$work/up.log"; echo "ensemble up exited" >&2; exit 1; fi
   sleep 0.5
 done
-mkdir -p docs/ui
+shots="${UI_SHOTS:-$work/shots}"
+mkdir -p "$shots"
 STUBS="$work" ENSEMBLE_HTTP="http://127.0.0.1:$http" ENSEMBLE_GRPC="127.0.0.1:$grpc" ENSEMBLE_KEY="$key" \
-  SHOTS=docs/ui "$venv/bin/python" tests/ui/check.py
+  SHOTS="$shots" "$venv/bin/python" tests/ui/check.py
