@@ -298,9 +298,16 @@ async fn chat(
     headers: HeaderMap,
     b: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let (prompt, common) = chat_body(b)?;
+    run(app, headers, Kind::Chat, prompt, common).await
+}
+
+/// A chat body's prompt and shared fields (`/v1/chat/completions`, the trace page).
+fn chat_body(
+    b: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<(pb::Prompt, Common), ApiError> {
     let r: openai::ChatRequest = parse(&body(b)?)?;
-    let prompt = openai::chat_prompt(r.messages)?;
-    run(app, headers, Kind::Chat, prompt, r.common).await
+    Ok((openai::chat_prompt(r.messages)?, r.common))
 }
 
 async fn completions(

@@ -382,46 +382,31 @@ impl NodeClient {
         max_hypotheses: Option<u32>,
         lookahead: Option<bool>,
     ) -> Result<pb::NextCharsResponse> {
-        self.calls[2] += 1;
-        call_with_context!(
-            self,
-            next_char_distributions,
-            "NextCharDistributions",
-            |context| {
-                pb::NextCharsRequest {
-                    context,
-                    continuation: continuation.to_owned(),
-                    draft_chars,
-                    top_k,
-                    max_hypotheses,
-                    lookahead,
-                    observed: false,
-                }
-            }
-        )
+        self.next_chars_call(pb::NextCharsRequest {
+            context: None,
+            continuation: continuation.to_owned(),
+            draft_chars,
+            top_k,
+            max_hypotheses,
+            lookahead,
+            observed: false,
+        })
+        .await
     }
 
     /// The exact probability of each character of `continuation` after the answer so far and the
     /// continuation's characters before it (not appended): one call, `CharDistribution.observed` at
     /// positions `0..n`.
     pub async fn observed_chars(&mut self, continuation: &str) -> Result<Vec<f64>> {
-        self.calls[2] += 1;
-        let r: pb::NextCharsResponse = call_with_context!(
-            self,
-            next_char_distributions,
-            "NextCharDistributions",
-            |context| {
-                pb::NextCharsRequest {
-                    context,
-                    continuation: continuation.to_owned(),
-                    draft_chars: 0,
-                    top_k: 1,
-                    max_hypotheses: None,
-                    lookahead: None,
-                    observed: true,
-                }
-            }
-        )?;
+        let r = self
+            .next_chars_call(pb::NextCharsRequest {
+                context: None,
+                continuation: continuation.to_owned(),
+                top_k: 1,
+                observed: true,
+                ..Default::default()
+            })
+            .await?;
         let n = continuation.chars().count();
         let probs: Vec<f64> = r
             .positions
@@ -437,6 +422,20 @@ impl NodeClient {
             });
         }
         Ok(probs)
+    }
+
+    /// One `NextCharDistributions` call: `req` with this request's context.
+    async fn next_chars_call(&mut self, req: pb::NextCharsRequest) -> Result<pb::NextCharsResponse> {
+        self.calls[2] += 1;
+        call_with_context!(
+            self,
+            next_char_distributions,
+            "NextCharDistributions",
+            |context| pb::NextCharsRequest {
+                context,
+                ..req.clone()
+            }
+        )
     }
 
     /// Shares the member's ejection state: calls are skipped while it is ejected, and their outcomes

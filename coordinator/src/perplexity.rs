@@ -252,18 +252,16 @@ pub async fn measure(
         let session = format!("perplexity-{}-{d}", std::process::id());
         let mut clients = coordinator.clients(&session, &raw, None);
         let chars: Vec<char> = doc.chars().collect();
-        let runs = clients.iter_mut().enumerate().map(|(m, c)| {
-            let session = format!("{session}-{m}");
-            let chars = &chars;
-            let raw = raw.clone();
+        let runs = clients.iter_mut().map(|c| {
+            let (session, chars, raw) = (&session, &chars, raw.clone());
             async move {
-                let r = score_doc(c, &session, raw, chars).await;
+                let r = score_doc(c, session, raw, chars).await;
                 c.close().await;
-                r
+                r.map(|(probs, slides)| (probs, slides, c.calls().2))
             }
         });
         for (m, r) in futures::future::join_all(runs).await.into_iter().enumerate() {
-            let (probs, calls, slides) = r?;
+            let (probs, slides, calls) = r?;
             members[m].probs.extend(probs);
             members[m].calls += calls;
             members[m].slides += slides;
@@ -293,20 +291,19 @@ fn too_long(e: &Error) -> bool {
     matches!(e, Error::Node { code: tonic::Code::InvalidArgument, message, .. } if message.contains("context too long"))
 }
 
-/// One document through one member: (probabilities, calls, windows slid).
+/// One document through one member, whose client has begun `session` with `prompt`:
+/// (probabilities, windows slid).
 async fn score_doc(
     c: &mut crate::node_client::NodeClient,
     session: &str,
     prompt: pb::Prompt,
     chars: &[char],
-) -> Result<(Vec<f64>, u64, u64)> {
-    let (mut probs, mut calls, mut slides) = (Vec::with_capacity(chars.len()), 0u64, 0u64);
+) -> Result<(Vec<f64>, u64)> {
+    let (mut probs, mut slides) = (Vec::with_capacity(chars.len()), 0u64);
     let (mut start, mut at, mut chunk) = (0usize, 0usize, CHUNK_CHARS);
-    c.begin(format!("{session}-0"), prompt.clone());
     while at < chars.len() {
         let end = (at + chunk).min(chars.len());
         let text: String = chars[at..end].iter().collect();
-        calls += 1;
         match c.observed_chars(&text).await {
             Ok(p) => {
                 probs.extend(p);
@@ -337,5 +334,5 @@ async fn score_doc(
             Err(e) => return Err(e),
         }
     }
-    Ok((probs, calls, slides))
+    Ok((probs, slides))
 }

@@ -117,18 +117,18 @@ impl Ensemble for EnsembleService {
     ) -> Result<Response<pb::PerplexityResponse>, Status> {
         let span = grpc_span(&req);
         let r = req.into_inner();
-        if r.documents.iter().all(String::is_empty) {
+        let docs: Vec<String> = r.documents.into_iter().filter(|d| !d.is_empty()).collect();
+        if docs.is_empty() {
             return Err(Status::invalid_argument(
                 "documents: give at least one non-empty document",
             ));
         }
-        if r.fit_weights && r.documents.len() < 2 {
+        if r.fit_weights && docs.len() < 2 {
             return Err(Status::invalid_argument(
-                "fit_weights needs at least two documents: the weights are fitted on the even-numbered \
+                "fit_weights needs at least two non-empty documents: the weights are fitted on the even-numbered \
                  ones and reported on the odd-numbered ones",
             ));
         }
-        let docs: Vec<String> = r.documents.into_iter().filter(|d| !d.is_empty()).collect();
         let p =
             tracing::Instrument::instrument(crate::perplexity::measure(&self.0, &docs, &mut |_| {}), span)
                 .await?;

@@ -131,6 +131,13 @@ async fn every_character_is_priced_as_the_member_lists_it() -> anyhow::Result<()
             },
             "fit_weights",
         ),
+        (
+            pb::PerplexityRequest {
+                documents: vec!["x".into(), String::new()],
+                fit_weights: true,
+            },
+            "fit_weights",
+        ),
     ] {
         let e = svc
             .perplexity(tonic::Request::new(req))

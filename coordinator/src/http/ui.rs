@@ -30,7 +30,7 @@ use futures::StreamExt as _;
 use serde_json::{Value, json};
 
 use super::openai::{self, ApiError};
-use super::{App, authenticate, body, parse, prepare};
+use super::{App, authenticate, chat_body, prepare};
 use crate::core::Coordinator;
 use crate::strategy::Step;
 
@@ -157,10 +157,9 @@ async fn generate(
     headers: HeaderMap,
     b: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let r: openai::ChatRequest = parse(&body(b)?)?;
-    let prompt = openai::chat_prompt(r.messages)?;
+    let (prompt, common) = chat_body(b)?;
     let coordinator: Arc<Coordinator> = app.coordinator.clone();
-    let (req, span) = prepare(&coordinator, headers, prompt, r.common)?;
+    let (req, span) = prepare(&coordinator, headers, prompt, common)?;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Value>();
     tokio::spawn(async move {
         let started = Instant::now();
