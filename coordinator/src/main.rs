@@ -24,6 +24,27 @@ struct Cli {
 enum Command {
     /// Serve the Ensemble gRPC API.
     Serve(ServeArgs),
+    /// Ask a running coordinator for its grpc.health.v1 status (the container health check): exits 0
+    /// when it answers SERVING, 1 otherwise, with the reason on stderr.
+    Health(HealthArgs),
+}
+
+#[derive(Debug, Args)]
+struct HealthArgs {
+    /// The coordinator's gRPC listen address; default: `listen` of --config, else 0.0.0.0:50050. A
+    /// wildcard address is probed on loopback, as from inside the coordinator's container.
+    #[arg(long, env = "COORDINATOR_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// The TOML config `serve` reads (for its `listen`).
+    #[arg(long, env = "COORDINATOR_CONFIG")]
+    config: Option<PathBuf>,
+    /// The health service name: `ensemble.v1.Ensemble` (ready: enough members up, not draining) or
+    /// the empty string (the process).
+    #[arg(long, default_value = "ensemble.v1.Ensemble")]
+    service: String,
+    /// How long to wait for the answer, milliseconds.
+    #[arg(long, default_value_t = 3000)]
+    timeout_ms: u64,
 }
 
 #[derive(Debug, Args)]
@@ -75,7 +96,10 @@ struct ServeArgs {
 }
 
 fn main() -> anyhow::Result<()> {
-    let Command::Serve(args) = Cli::parse().command;
+    let args = match Cli::parse().command {
+        Command::Serve(args) => args,
+        Command::Health(args) => return health(&args),
+    };
     let rt = tokio::runtime::Runtime::new()?;
     // Trace export (when OTEL_* asks for it) lives on the runtime; the guard flushes on return.
     let _telemetry = {
@@ -158,4 +182,25 @@ fn main() -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!(e))?;
         Ok(())
     })
+}
+
+fn health(args: &HealthArgs) -> anyhow::Result<()> {
+    let listen = match (args.listen, &args.config) {
+        (Some(l), _) => l,
+        (None, Some(p)) => FileConfig::load(p)
+            .map_err(anyhow::Error::msg)?
+            .listen
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 50050))),
+        (None, None) => SocketAddr::from(([0, 0, 0, 0], 50050)),
+    };
+    let target = ensemble_proto::health::local_target(listen);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(ensemble_proto::health::check(
+        target,
+        &args.service,
+        Duration::from_millis(args.timeout_ms),
+    ))
+    .map_err(anyhow::Error::msg)
 }

@@ -27,18 +27,38 @@ pub enum Command {
     /// RTD reference stores.
     #[command(subcommand)]
     Rtd(RtdCommand),
+    /// Ask a running node for its grpc.health.v1 status (the container health check): exits 0 when
+    /// it answers SERVING, 1 otherwise, with the reason on stderr.
+    Health(HealthArgs),
 }
 
 impl Command {
-    /// The model every subcommand loads.
-    pub fn model(&self) -> &ModelArgs {
+    /// The model the subcommand loads (none for `health`).
+    pub fn model(&self) -> Option<&ModelArgs> {
         match self {
-            Command::Serve(a) => &a.model,
-            Command::Generate(a) => &a.model,
-            Command::Bench(a) => &a.model,
-            Command::Rtd(RtdCommand::Build(a)) => &a.model,
+            Command::Serve(a) => Some(&a.model),
+            Command::Generate(a) => Some(&a.model),
+            Command::Bench(a) => Some(&a.model),
+            Command::Rtd(RtdCommand::Build(a)) => Some(&a.model),
+            Command::Health(_) => None,
         }
     }
+}
+
+/// `model-node health`.
+#[derive(Debug, Clone, Args)]
+pub struct HealthArgs {
+    /// The node's gRPC listen address (the same variable as `serve`); a wildcard address is probed
+    /// on loopback, as from inside the node's container.
+    #[arg(long, env = "MODEL_NODE_LISTEN", default_value = "0.0.0.0:50051")]
+    pub listen: SocketAddr,
+    /// The health service name: `ensemble.v1.ModelNode` (ready: loaded and not draining) or the
+    /// empty string (the process).
+    #[arg(long, default_value = "ensemble.v1.ModelNode")]
+    pub service: String,
+    /// How long to wait for the answer, milliseconds.
+    #[arg(long, default_value_t = 3000)]
+    pub timeout_ms: u64,
 }
 
 /// Numeric precision of the weights.

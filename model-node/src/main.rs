@@ -15,7 +15,10 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     // SAFETY: first thing in main, before the async runtime or any other thread starts.
     #[allow(unsafe_code)]
-    let threads = unsafe { model_node::threads::settle(cli.command.model().threads) };
+    let threads = match cli.command.model() {
+        Some(m) => unsafe { model_node::threads::settle(m.threads) },
+        None => 1,
+    };
     match run(cli, threads) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -31,6 +34,7 @@ fn run(cli: Cli, threads: usize) -> anyhow::Result<()> {
     let command = match cli.command {
         // `serve` sets up its own logging and trace export.
         Command::Serve(args) => return serve(args, threads),
+        Command::Health(args) => return health(&args),
         c => c,
     };
     tracing_subscriber::fmt()
@@ -42,7 +46,21 @@ fn run(cli: Cli, threads: usize) -> anyhow::Result<()> {
         Command::Generate(args) => generate(args),
         Command::Bench(args) => model_node::bench::run(&args).map_err(Into::into),
         Command::Rtd(RtdCommand::Build(args)) => rtd_build(&args),
+        Command::Health(args) => health(&args),
     }
+}
+
+fn health(args: &model_node::config::HealthArgs) -> anyhow::Result<()> {
+    let target = ensemble_proto::health::local_target(args.listen);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(ensemble_proto::health::check(
+        target,
+        &args.service,
+        Duration::from_millis(args.timeout_ms),
+    ))
+    .map_err(anyhow::Error::msg)
 }
 
 fn rtd_build(args: &RtdBuildArgs) -> anyhow::Result<()> {

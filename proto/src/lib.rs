@@ -10,8 +10,11 @@
 //!   metadata (shared by both binaries).
 //! - [`tls`]: TLS and mutual TLS for the gRPC hops, from PEM files.
 //! - [`net`]: how every listener accepts connections (TCP_NODELAY on each accepted socket).
+//! - [`health`]: the `grpc.health.v1` probe behind both binaries' `health` subcommand (container
+//!   health checks).
 
 pub mod faults;
+pub mod health;
 pub mod limits;
 pub mod net;
 pub mod telemetry;

@@ -91,7 +91,10 @@ pub enum Export<'a> {
 /// [`init`] with the export decided by the caller (benchmarks, embedding programs).
 pub fn init_with(service: &str, export: Export<'_>) -> Result<Telemetry, String> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colours only on a terminal: container logs, journald and files get plain text.
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let endpoint = match export {
         Export::To(e) => Some(e),
         Export::FromEnv => None,
