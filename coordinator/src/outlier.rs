@@ -68,12 +68,17 @@ impl Outlier {
     }
 
     /// A call failed in a way that counts; returns the ejection time when this failure ejects the
-    /// member.
+    /// member. A failure while the member is ejected already is one of the calls that were in flight
+    /// when it was ejected (several requests' calls time out together on a hung node): it neither
+    /// ejects again nor lengthens the ejection.
     pub fn failure(&self) -> Option<Duration> {
         if self.after == 0 {
             return None;
         }
         let mut s = self.state();
+        if s.until.is_some_and(|u| u > Instant::now()) {
+            return None;
+        }
         s.consecutive += 1;
         if s.consecutive < self.after {
             return None;
@@ -153,6 +158,24 @@ mod tests {
         let never = Outlier::new(0, Duration::from_secs(1));
         assert_eq!(never.failure(), None);
         assert!(never.ejected_for().is_none());
+    }
+
+    #[test]
+    fn calls_in_flight_at_the_ejection_do_not_eject_again() {
+        // Four requests' calls time out together on a hung node: one ejection, of the base time.
+        let o = Outlier::new(1, Duration::from_secs(60));
+        assert_eq!(o.failure(), Some(Duration::from_secs(60)));
+        for _ in 0..3 {
+            assert_eq!(o.failure(), None);
+        }
+        assert_eq!(o.ejections(), 1);
+        assert!(o.ejected_for().is_some_and(|d| d <= Duration::from_secs(60)));
+        // Once the ejection is over, the next failure (the trial call's) ejects for longer.
+        let o = Outlier::new(1, Duration::from_millis(20));
+        assert!(o.failure().is_some());
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(o.failure(), Some(Duration::from_millis(40)));
+        assert_eq!(o.ejections(), 2);
     }
 
     #[test]
