@@ -3,6 +3,7 @@
 # schemas, the generated coordinator config, compose.yaml. Needs python3 (3.11+) and access to PyPI
 # for the first run; no cluster, no docker daemon, no helm binary. Run from anywhere:
 #   bash deploy/check.sh
+#   bash deploy/check.sh --images ensemble-model-node:dev,ensemble-coordinator:dev   # built images vs the chart
 # The venv lives in target/deploy-check-venv (DEPLOY_CHECK_VENV overrides), reused while
 # deploy/tools/requirements.txt is unchanged.
 set -euo pipefail
@@ -28,4 +29,4 @@ if ! cmp -s "$req" "$venv/requirements.installed"; then
   cp "$req" "$venv/requirements.installed"
 fi
 
-PYTHONDONTWRITEBYTECODE=1 exec "$venv/bin/python" deploy/tools/check.py
+PYTHONDONTWRITEBYTECODE=1 exec "$venv/bin/python" deploy/tools/check.py "$@"

@@ -44,5 +44,7 @@ LABEL org.opencontainers.image.title="ensemble model-node (CUDA)" \
 USER 10001:10001
 EXPOSE 50051 9090
 STOPSIGNAL SIGTERM
+# grpc.health.v1 `ensemble.v1.ModelNode`: SERVING once the model is loaded, NOT_SERVING while draining.
+HEALTHCHECK --interval=5s --timeout=4s --start-period=300s --retries=3 CMD ["model-node", "health"]
 ENTRYPOINT ["model-node"]
 CMD ["serve"]

@@ -3,9 +3,11 @@
 
 1. The facts the deployment relies on, read from the Rust sources: environment variable names,
    default ports, the drain grace default, gRPC health service names, the coordinator's config keys.
-2. Dockerfiles: parsed with BuildKit's own parser (PyPI `dockerfile`), then: known instructions,
-   multi-stage with the expected base images and build commands, COPY --from an existing stage,
-   non-root USER, STOPSIGNAL SIGTERM, EXPOSEd ports, no model baked in, a .dockerignore per file.
+2. Dockerfiles: parsed with BuildKit's own parser (PyPI `dockerfile`), then: known instructions;
+   the CPU images one stage FROM ${BASE_IMAGE} around their binary, the CUDA image multi-stage with
+   the expected base images and build command; non-root USER, STOPSIGNAL SIGTERM, EXPOSEd ports,
+   HEALTHCHECK through the binary's `health`, no model baked in.
+   With `--images A,B` instead: the images built here against the chart (deploy/tools/images.py).
 3. The Helm chart: `helm lint` (strict) and renders of the examples through Helm's Go SDK
    (PyPI `helm-python-sdk`); every object validated against the Kubernetes OpenAPI schemas of two
    pinned versions, strictly (PyPI `kubernetes-validate`); invariants between the objects (selectors,
@@ -177,22 +179,47 @@ INSTRUCTIONS = {"FROM", "RUN", "CMD", "LABEL", "EXPOSE", "ENV", "ADD", "COPY", "
                 "USER", "WORKDIR", "ARG", "ONBUILD", "STOPSIGNAL", "HEALTHCHECK", "SHELL"}
 
 DOCKERFILES = {
+    # Runtime images around a binary built beforehand (deploy/docker/build.sh stages the context).
     "model-node.Dockerfile": {
-        "build": "rust:1.95-bookworm", "runtime": "debian:bookworm-slim",
-        "cargo": ["cargo build", "--release", "--workspace", "--locked"],
+        "prebuilt": "model-node", "runtime": "debian:bookworm-slim",
         "ports": {"50051", "9090"}, "entrypoint": ["model-node"],
     },
+    "coordinator.Dockerfile": {
+        "prebuilt": "coordinator", "runtime": "debian:bookworm-slim",
+        "ports": {"50050", "8080"}, "entrypoint": ["coordinator"],
+    },
+    # Multi-stage from source (BuildKit and a registry for the CUDA images).
     "model-node-cuda.Dockerfile": {
         "build": "nvidia/cuda:12.4.1-devel-ubuntu22.04", "runtime": "nvidia/cuda:12.4.1-runtime-ubuntu22.04",
         "cargo": ["cargo build", "--release", "-p model-node", "--features cuda", "--locked"],
         "ports": {"50051", "9090"}, "entrypoint": ["model-node"],
     },
-    "coordinator.Dockerfile": {
-        "build": "rust:1.95-bookworm", "runtime": "debian:bookworm-slim",
-        "cargo": ["cargo build", "--release", "-p coordinator", "--locked"],
-        "ports": {"50050", "8080"}, "entrypoint": ["coordinator"],
-    },
 }
+
+
+def c_from(cmds: list[Any]) -> str:
+    return " ".join(c.original for c in cmds if c.cmd.upper() == "FROM")
+
+
+def check_build_stage(r: Report, f: Facts, name: str, want: dict[str, Any], stages: list[dict[str, Any]]) -> None:
+    r.check(f"{name}: multi-stage (build stage `{want['build']}`, runtime `{want['runtime']}`)",
+            len(stages) >= 2 and stages[0]["image"] == want["build"] and stages[-1]["image"] == want["runtime"]
+            and stages[0]["alias"] == "build", str([(s["image"], s["alias"]) for s in stages]))
+    aliases = [s["alias"] for s in stages]
+    bad_from = []
+    for i, s in enumerate(stages):
+        for c in s["cmds"]:
+            for fl in c.flags:
+                if fl.startswith("--from=") and fl[7:] not in aliases[:i]:
+                    bad_from.append(f"line {c.start_line}: {fl}")
+    r.check(f"{name}: every COPY --from names an earlier stage", not bad_from, str(bad_from))
+    runs = " ".join(c.value[0] for c in stages[0]["cmds"] if c.cmd.upper() == "RUN")
+    r.check(f"{name}: builds with `{' '.join(want['cargo'])}`", all(w in runs for w in want["cargo"]), runs)
+    tool = re.search(r"rust:(\d+)\.(\d+)", want["build"]) or re.search(
+        r"RUST_VERSION=(\d+)\.(\d+)", " ".join(c.value[0] for c in stages[0]["cmds"] if c.cmd.upper() == "ARG"))
+    r.check(f"{name}: Rust toolchain >= workspace rust-version {f.rust_version}",
+            bool(tool) and f.rust_version is not None
+            and (int(tool.group(1)), int(tool.group(2))) >= f.rust_version[:2])
 
 
 def check_dockerfile(r: Report, f: Facts, name: str, want: dict[str, Any]) -> None:
@@ -217,24 +244,17 @@ def check_dockerfile(r: Report, f: Facts, name: str, want: dict[str, Any]) -> No
             stages.append({"image": image, "alias": alias, "cmds": []})
         elif stages:
             stages[-1]["cmds"].append(c)
-    r.check(f"{name}: multi-stage (build stage `{want['build']}`, runtime `{want['runtime']}`)",
-            len(stages) >= 2 and stages[0]["image"] == want["build"] and stages[-1]["image"] == want["runtime"]
-            and stages[0]["alias"] == "build", str([(s["image"], s["alias"]) for s in stages]))
-    aliases = [s["alias"] for s in stages]
-    bad_from = []
-    for i, s in enumerate(stages):
-        for c in s["cmds"]:
-            for fl in c.flags:
-                if fl.startswith("--from=") and fl[7:] not in aliases[:i]:
-                    bad_from.append(f"line {c.start_line}: {fl}")
-    r.check(f"{name}: every COPY --from names an earlier stage", not bad_from, str(bad_from))
-    runs = " ".join(c.value[0] for c in stages[0]["cmds"] if c.cmd.upper() == "RUN")
-    r.check(f"{name}: builds with `{' '.join(want['cargo'])}`", all(w in runs for w in want["cargo"]), runs)
-    tool = re.search(r"rust:(\d+)\.(\d+)", want["build"]) or re.search(
-        r"RUST_VERSION=(\d+)\.(\d+)", " ".join(c.value[0] for c in stages[0]["cmds"] if c.cmd.upper() == "ARG"))
-    r.check(f"{name}: Rust toolchain >= workspace rust-version {f.rust_version}",
-            bool(tool) and f.rust_version is not None
-            and (int(tool.group(1)), int(tool.group(2))) >= f.rust_version[:2])
+    if want.get("prebuilt"):
+        binary = want["prebuilt"]
+        copies = [c for c in stages[-1]["cmds"] if c.cmd.upper() in ("COPY", "ADD")]
+        r.check(f"{name}: one stage FROM ${{BASE_IMAGE}} (default `{want['runtime']}`), the binary copied in, "
+                "no RUN (any base: the local debootstrap one, slim, distroless)",
+                len(stages) == 1 and stages[0]["image"] == want["runtime"] and "${BASE_IMAGE}" in c_from(cmds)
+                and [list(c.value) for c in copies] == [[binary, f"/usr/local/bin/{binary}"]]
+                and not any(c.cmd.upper() == "RUN" for c in stages[0]["cmds"]),
+                str([(s["image"], s["alias"]) for s in stages]) + str([c.original for c in copies]))
+    else:
+        check_build_stage(r, f, name, want, stages)
 
     final = stages[-1]["cmds"]
     users = [c.value[0] for c in final if c.cmd.upper() == "USER"]
@@ -262,13 +282,20 @@ def check_dockerfile(r: Report, f: Facts, name: str, want: dict[str, Any]) -> No
              and not any(fl.startswith("--from=") for fl in c.flags)
              and any(re.search(r"(^|/)models?(/|$)|\.safetensors$|\.gguf$", v) for v in c.value[:-1])]
     final_copies = [c.original for c in final if c.cmd.upper() in ("COPY", "ADD")
-                    and not any(fl.startswith("--from=") for fl in c.flags)]
-    r.check(f"{name}: no model in the image (no COPY of models; runtime copies only from the build)",
+                    and not any(fl.startswith("--from=") for fl in c.flags)
+                    and list(c.value[:-1]) != [want.get("prebuilt")]]
+    r.check(f"{name}: no model in the image (no COPY of models; the runtime copies only its binary)",
             not baked and not final_copies and not any(c.cmd.upper() == "VOLUME" for c in final),
             str(baked + final_copies))
-    ignore = path.with_name(name + ".dockerignore")
-    lines = set(ignore.read_text().split()) if ignore.exists() else set()
-    r.check(f"{name}: {ignore.name} leaves out target, .git, models", {"target", ".git", "models"} <= lines)
+    hc = [c for c in final if c.cmd.upper() == "HEALTHCHECK"]
+    r.check(f"{name}: HEALTHCHECK CMD [{want['entrypoint'][0]}, health] (grpc.health.v1)",
+            len(hc) == 1 and f'CMD ["{want["entrypoint"][0]}", "health"]' in hc[0].original,
+            str([c.original for c in hc]))
+    if not want.get("prebuilt"):
+        # The repository root is the build context: keep outputs, weights and VCS data out of it.
+        ignore = path.with_name(name + ".dockerignore")
+        lines = set(ignore.read_text().split()) if ignore.exists() else set()
+        r.check(f"{name}: {ignore.name} leaves out target, .git, models", {"target", ".git", "models"} <= lines)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -677,8 +704,8 @@ def check_compose(r: Report, f: Facts) -> None:
             problems.append(f"{svc}: models/{model} is not bind-mounted read-only at /models: {vols}")
         env = s.get("environment") or {}
         problems += [f"{svc}: unknown env {k}" for k in env if k.startswith("MODEL_NODE_") and k not in f.node_env]
-        if s.get("build", {}).get("dockerfile") != "deploy/docker/model-node.Dockerfile":
-            problems.append(f"{svc}: not built from deploy/docker/model-node.Dockerfile")
+        if not (str(s.get("image", "")).startswith("ensemble-model-node:") and s.get("pull_policy") == "never"):
+            problems.append(f"{svc}: not the image deploy/docker/build.sh makes (ensemble-model-node, never pulled)")
     for name, s in services.items():
         if not (s.get("read_only") and s.get("cap_drop") == ["ALL"] and str(s.get("user", "")).startswith("10001")
                 and s.get("stop_signal") == "SIGTERM" and s.get("healthcheck", {}).get("test")):
@@ -722,6 +749,14 @@ def check_local_toml(r: Report, f: Facts) -> None:
 
 def main() -> int:
     r = Report()
+    if len(sys.argv) == 3 and sys.argv[1] == "--images":
+        from images import check_images
+
+        values = chart_render.load_values([DEPLOY / "examples" / "bundled-cpu.yaml"])
+        check_images(r, sys.argv[2].split(","), docs_of(chart_render.render(values, release=RELEASE,
+                                                                              namespace=NAMESPACE)))
+        print(f"\n{r.passed} passed, {len(r.failed)} failed")
+        return 1 if r.failed else 0
     facts = Facts()
     check_facts(r, facts)
     r.begin("Dockerfiles (deploy/docker, BuildKit parser)")
