@@ -306,18 +306,24 @@ def scenario_replicas():
     def served():
         return {n: metric_sum(u, "ensemble_node_requests_total") for n, u in urls.items()}
 
-    # The coordinator re-resolves every dns_refresh_ms (5 s in compose-coordinator.toml).
-    before = served()
+    # The coordinator re-resolves every dns_refresh_ms (5 s in compose-coordinator.toml): once the new
+    # replica serves, it knows both; then 20 requests show how they are spread.
+    first = served()
     load = Load()
-    wait("both replicas serving", lambda: all(v > before[n] for n, v in served().items()), timeout=60)
-    spread = {n: int(v - before[n]) for n, v in served().items()}
-    log(f"calls per replica: {spread}")
+    wait("the new replica serving", lambda: served()[names[1]] > first[names[1]], timeout=60)
+    before, n = served(), load.done()
+    load.wait_done(n + 20)
+    spread = {k: int(v - before[k]) for k, v in served().items()}
+    log(f"node calls per replica over 20 requests: {spread}")
+    if min(spread.values()) == 0:
+        fail(f"requests not spread over the two replicas: {spread}")
     sh("docker", "kill", names[1])
     log(f"docker kill {names[1]}")
     n = load.done()
     load.wait_done(n + 30)
     failed = summary("two arith replicas, one killed", load.stop(),
-                     "calls per replica before the kill: " + ", ".join(str(v) for v in spread.values()))
+                     "node calls per replica over 20 requests before the kill: "
+                     + " and ".join(str(v) for v in spread.values()))
     if failed:
         fail(f"{len(failed)} requests failed: {failed[:3]}")
     sh("docker", "rm", "-f", names[1])

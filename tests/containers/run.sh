@@ -66,6 +66,6 @@ bash deploy/check.sh --images "ensemble-model-node:$ENSEMBLE_TAG,ensemble-coordi
   proto/proto/ensemble/v1/node.proto proto/proto/ensemble/v1/ensemble.proto
 echo "== faults across hosts"
 PROJECT="$COMPOSE_PROJECT_NAME" COMPOSE="$compose" COMPOSE_FILES="$files" STUBS="$work" \
-  GRPC_PORT="$ENSEMBLE_GRPC_PORT" HTTP_PORT="$ENSEMBLE_HTTP_PORT" DEADLINE_MS=2000 \
+  GRPC_PORT="$ENSEMBLE_GRPC_PORT" HTTP_PORT="$ENSEMBLE_HTTP_PORT" DEADLINE_MS=3000 \
   timeout 1200 "$venv/bin/python" tests/containers/faults.py "$@"
 echo "containers: passed in $((SECONDS - start)) s"
