@@ -60,25 +60,27 @@ mod tests {
     #[test]
     fn unspecified_listen_addresses_are_probed_on_loopback() {
         assert_eq!(
-            local_target("0.0.0.0:50051".parse().unwrap()),
-            "127.0.0.1:50051".parse().unwrap()
+            local_target("0.0.0.0:50051".parse().expect("an address")),
+            "127.0.0.1:50051".parse().expect("an address")
         );
         assert_eq!(
-            local_target("[::]:9".parse().unwrap()),
-            "[::1]:9".parse().unwrap()
+            local_target("[::]:9".parse().expect("an address")),
+            "[::1]:9".parse().expect("an address")
         );
         assert_eq!(
-            local_target("10.0.0.2:7".parse().unwrap()),
-            "10.0.0.2:7".parse().unwrap()
+            local_target("10.0.0.2:7".parse().expect("an address")),
+            "10.0.0.2:7".parse().expect("an address")
         );
     }
 
     #[tokio::test]
     async fn a_closed_port_is_reported_not_hung() {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = l.local_addr().unwrap();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+        let addr = l.local_addr().expect("bound");
         drop(l);
-        let e = check(addr, "", Duration::from_secs(2)).await.unwrap_err();
+        let e = check(addr, "", Duration::from_secs(2))
+            .await
+            .expect_err("nothing listens");
         assert!(e.contains("does not accept connections"), "{e}");
     }
 }
