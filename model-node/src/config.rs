@@ -27,6 +27,9 @@ pub enum Command {
     /// RTD reference stores.
     #[command(subcommand)]
     Rtd(RtdCommand),
+    /// Write a HuggingFace model directory as GGUF (llama.cpp's names and metadata), quantized or not,
+    /// with its tokenizer files beside it: a directory `serve --model-dir` (and llama.cpp) loads.
+    Convert(ConvertArgs),
     /// Ask a running node for its grpc.health.v1 status (the container health check): exits 0 when
     /// it answers SERVING, 1 otherwise, with the reason on stderr.
     Health(HealthArgs),
@@ -40,9 +43,25 @@ impl Command {
             Command::Generate(a) => Some(&a.model),
             Command::Bench(a) => Some(&a.model),
             Command::Rtd(RtdCommand::Build(a)) => Some(&a.model),
-            Command::Health(_) => None,
+            Command::Health(_) | Command::Convert(_) => None,
         }
     }
+}
+
+/// `model-node convert`.
+#[derive(Debug, Clone, Args)]
+pub struct ConvertArgs {
+    /// The HuggingFace model directory (config.json, tokenizer.json, safetensors).
+    #[arg(long)]
+    pub model_dir: PathBuf,
+    /// The output directory: model.gguf and the tokenizer files.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// GGML type of the matrices: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k … q6_k (norms and
+    /// biases stay f32; a matrix whose rows are not whole blocks of the type falls back to q8_0, f16
+    /// or f32).
+    #[arg(long = "type", default_value = "q8_0", value_parser = crate::model::gguf::parse_type)]
+    pub ty: candle_core::quantized::GgmlDType,
 }
 
 /// `model-node health`.
@@ -77,7 +96,9 @@ pub enum DTypeArg {
 /// Which model and where it runs.
 #[derive(Debug, Clone, Args)]
 pub struct ModelArgs {
-    /// HuggingFace model directory (config.json, tokenizer.json, *.safetensors).
+    /// HuggingFace model directory (config.json, tokenizer.json, *.safetensors), or a GGUF file (or a
+    /// directory holding one): its metadata replaces config.json, and tokenizer.json /
+    /// tokenizer_config.json beside it are used when present.
     #[arg(long, env = "MODEL_NODE_MODEL_DIR")]
     pub model_dir: PathBuf,
     /// Model id reported by Info (default: the directory name).

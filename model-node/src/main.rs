@@ -38,6 +38,7 @@ fn run(cli: Cli, threads: usize) -> anyhow::Result<()> {
         c => c,
     };
     tracing_subscriber::fmt()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(std::io::stderr)
         .init();
@@ -47,7 +48,23 @@ fn run(cli: Cli, threads: usize) -> anyhow::Result<()> {
         Command::Bench(args) => model_node::bench::run(&args).map_err(Into::into),
         Command::Rtd(RtdCommand::Build(args)) => rtd_build(&args),
         Command::Health(args) => health(&args),
+        Command::Convert(args) => convert(&args),
     }
+}
+
+fn convert(args: &model_node::config::ConvertArgs) -> anyhow::Result<()> {
+    let t0 = std::time::Instant::now();
+    let c = model_node::model::gguf::convert(&args.model_dir, &args.out, args.ty)?;
+    let mut types: Vec<String> = c.types.iter().map(|(t, n)| format!("{n} {t}")).collect();
+    types.sort();
+    eprintln!(
+        "{}: {:.2} MB ({}) in {:.1} s",
+        c.file.display(),
+        c.bytes as f64 / 1e6,
+        types.join(", "),
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 fn health(args: &model_node::config::HealthArgs) -> anyhow::Result<()> {

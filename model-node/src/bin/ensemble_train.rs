@@ -241,7 +241,10 @@ fn main() -> anyhow::Result<()> {
     unsafe {
         model_node::threads::settle(requested)
     };
-    tracing_subscriber::fmt().with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
     match cli.command {
         Command::Model {
             recipe: name,

@@ -82,6 +82,9 @@ pub enum RopeScaling {
         /// Context length the model was pre-trained with.
         original_max_position_embeddings: usize,
     },
+    /// Each frequency divided by its own factor (GGUF's `rope_freqs`, how llama.cpp stores Llama 3.1's
+    /// scaling).
+    Factors(Vec<f32>),
 }
 
 /// Hidden activation of the MLP.

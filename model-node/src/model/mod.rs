@@ -5,11 +5,18 @@
 //! - [`transformer`]: [`Transformer`] (weights, rotary tables, forward passes).
 //! - `kv`: [`KvCache`], storage preallocated per layer, appended in place, views forked freely.
 //! - `ragged`: the CPU decode-attention kernel of a batched step (every row over its own cache).
+//! - [`weights`]: where weights come from ([`WeightSource`]: safetensors or GGUF) and [`Linear`], a
+//!   projection dense or GGML-quantized.
+//! - [`gguf`]: GGUF files: llama.cpp's names and metadata read into the same forward pass, and
+//!   written from a HuggingFace directory (`model-node convert`), quantized or not.
 
 pub mod config;
+pub mod gguf;
 mod kv;
 mod ragged;
 pub mod transformer;
+pub mod weights;
 
 pub use config::{Arch, ArchConfig, SUPPORTED};
 pub use transformer::{KvCache, RaggedStep, Transformer};
+pub use weights::{Linear, WeightSource};

@@ -8,6 +8,8 @@
 use candle_core::{D, DType, Device, Module, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 
+use super::weights::{Linear, WeightSource};
+
 use super::config::{Activation, Arch, ArchConfig, RopeScaling};
 pub use super::kv::KvCache;
 use super::kv::KvShape;
@@ -21,10 +23,11 @@ struct RmsNorm {
 }
 
 impl RmsNorm {
-    fn load(vb: VarBuilder, dim: usize, eps: f64, plus_one: bool) -> CResult<Self> {
-        let w = vb.get(dim, "weight")?;
-        // Gemma stores the norm weight as an offset from 1.
-        let weight = if plus_one { (w + 1.0)? } else { w };
+    /// `plus_one`: Gemma's safetensors store the norm weight as an offset from 1 (its GGUF files
+    /// store the weight itself).
+    fn load(w: &dyn WeightSource, name: &str, dim: usize, eps: f64, plus_one: bool) -> CResult<Self> {
+        let t = w.tensor(name, &[dim])?;
+        let weight = if plus_one { (t + 1.0)? } else { t };
         Ok(Self {
             weight,
             eps: eps as f32,
@@ -33,47 +36,6 @@ impl RmsNorm {
 
     fn forward(&self, x: &Tensor) -> CResult<Tensor> {
         candle_nn::ops::rms_norm(x, &self.weight, self.eps)
-    }
-}
-
-fn linear(vb: VarBuilder, i: usize, o: usize, bias: bool) -> CResult<Linear> {
-    Ok(Linear(if bias {
-        candle_nn::linear(i, o, vb)?
-    } else {
-        candle_nn::linear_no_bias(i, o, vb)?
-    }))
-}
-
-/// candle's linear layer, whose several-row products run as `W·xᵀ`: with the weight as the left
-/// operand, candle's CPU gemm reads it once without repacking it, which makes a decode step of 16
-/// rows ~2× cheaper than `x·Wᵀ` (measured: 149 against 301 µs for 16 × 512 → 1408; 48 µs for one
-/// row either way). One row, and other devices, keep candle's own path.
-#[derive(Debug, Clone)]
-struct Linear(candle_nn::Linear);
-
-impl Linear {
-    fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self(candle_nn::Linear::new(weight, bias))
-    }
-
-    fn forward(&self, x: &Tensor) -> CResult<Tensor> {
-        let w = self.0.weight();
-        let dims = x.dims().to_vec();
-        let inner = dims.last().copied().unwrap_or(1).max(1);
-        let rows = x.elem_count() / inner;
-        if rows <= 1 || !w.device().is_cpu() {
-            return self.0.forward(x);
-        }
-        let mut shape = dims;
-        if let Some(last) = shape.last_mut() {
-            *last = w.dim(0)?;
-        }
-        let x2 = x.reshape((rows, inner))?.t()?.contiguous()?;
-        let y = w.matmul(&x2)?.t()?.contiguous()?.reshape(shape)?;
-        match self.0.bias() {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
-        }
     }
 }
 
@@ -130,16 +92,31 @@ pub struct RaggedStep {
     pub caches: Vec<KvCache>,
 }
 
-fn inv_freq(cfg: &ArchConfig) -> Vec<f32> {
+fn base_freq(cfg: &ArchConfig) -> Vec<f32> {
     let d = cfg.head_dim;
-    let base: Vec<f32> = (0..d)
+    (0..d)
         .step_by(2)
         .map(|i| 1.0 / (cfg.rope_theta as f32).powf(i as f32 / d as f32))
-        .collect();
-    match cfg.rope_scaling {
+        .collect()
+}
+
+/// The factor each rotary frequency is divided by (llama.cpp's `rope_freqs` tensor): 1 without
+/// scaling.
+pub(crate) fn rope_factors(cfg: &ArchConfig) -> Vec<f32> {
+    base_freq(cfg)
+        .into_iter()
+        .zip(inv_freq(cfg))
+        .map(|(b, f)| b / f)
+        .collect()
+}
+
+fn inv_freq(cfg: &ArchConfig) -> Vec<f32> {
+    let base = base_freq(cfg);
+    match &cfg.rope_scaling {
         RopeScaling::None => base,
+        RopeScaling::Factors(f) => base.into_iter().zip(f).map(|(b, f)| b / f).collect(),
         RopeScaling::Linear { factor } => base.into_iter().map(|f| f / factor).collect(),
-        RopeScaling::Llama3 {
+        &RopeScaling::Llama3 {
             factor,
             low_freq_factor,
             high_freq_factor,
@@ -167,34 +144,41 @@ fn inv_freq(cfg: &ArchConfig) -> Vec<f32> {
 }
 
 impl Transformer {
-    /// Builds the model from weights with HuggingFace names. `max_positions` bounds the rotary tables.
+    /// Builds the model from safetensors weights with HuggingFace names. `max_positions` bounds the
+    /// rotary tables.
     pub fn load(cfg: &ArchConfig, vb: VarBuilder, max_positions: usize) -> CResult<Self> {
-        let device = vb.device().clone();
-        let dtype = vb.dtype();
+        Self::load_from(cfg, &vb, max_positions)
+    }
+
+    /// Builds the model from any [`WeightSource`] (safetensors, GGUF).
+    pub fn load_from(cfg: &ArchConfig, w: &dyn WeightSource, max_positions: usize) -> CResult<Self> {
+        let device = w.device().clone();
+        let dtype = w.dtype();
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
         let (q_out, kv_out) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
         let gemma = cfg.arch == Arch::Gemma2;
-        let m = vb.pp("model");
+        let plus_one = gemma && !w.norms_stored_whole();
         // A tied checkpoint may store the shared matrix under either name (HF transformers accepts
         // both): tinystories656K, for one, ships only `lm_head.weight`.
-        let embed = if cfg.tie_word_embeddings
-            && !vb.contains_tensor("model.embed_tokens.weight")
-            && vb.contains_tensor("lm_head.weight")
+        let embed_name = if cfg.tie_word_embeddings
+            && !w.contains("model.embed_tokens.weight")
+            && w.contains("lm_head.weight")
         {
-            Embedding::new(vb.get((cfg.vocab_size, h), "lm_head.weight")?, h)
+            "lm_head.weight"
         } else {
-            candle_nn::embedding(cfg.vocab_size, h, m.pp("embed_tokens"))?
+            "model.embed_tokens.weight"
         };
+        let embed = Embedding::new(w.tensor(embed_name, &[cfg.vocab_size, h])?, h);
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
-            let lb = m.pp(format!("layers.{i}"));
-            let attn = lb.pp("self_attn");
-            let mlp = lb.pp("mlp");
+            let lp = format!("model.layers.{i}");
+            let attn = format!("{lp}.self_attn");
+            let mlp = format!("{lp}.mlp");
             let (qkv, gate_up) = if cfg.arch == Arch::Phi3 {
                 (
-                    Qkv::Fused(linear(attn.pp("qkv_proj"), h, q_out + 2 * kv_out, false)?),
-                    GateUp::Fused(linear(
-                        mlp.pp("gate_up_proj"),
+                    Qkv::Fused(w.linear(&format!("{attn}.qkv_proj"), h, q_out + 2 * kv_out, false)?),
+                    GateUp::Fused(w.linear(
+                        &format!("{mlp}.gate_up_proj"),
                         h,
                         2 * cfg.intermediate_size,
                         false,
@@ -203,19 +187,20 @@ impl Transformer {
             } else {
                 (
                     Qkv::Split {
-                        q: linear(attn.pp("q_proj"), h, q_out, cfg.qkv_bias)?,
-                        k: linear(attn.pp("k_proj"), h, kv_out, cfg.qkv_bias)?,
-                        v: linear(attn.pp("v_proj"), h, kv_out, cfg.qkv_bias)?,
+                        q: w.linear(&format!("{attn}.q_proj"), h, q_out, cfg.qkv_bias)?,
+                        k: w.linear(&format!("{attn}.k_proj"), h, kv_out, cfg.qkv_bias)?,
+                        v: w.linear(&format!("{attn}.v_proj"), h, kv_out, cfg.qkv_bias)?,
                     },
                     GateUp::Split {
-                        gate: linear(mlp.pp("gate_proj"), h, cfg.intermediate_size, false)?,
-                        up: linear(mlp.pp("up_proj"), h, cfg.intermediate_size, false)?,
+                        gate: w.linear(&format!("{mlp}.gate_proj"), h, cfg.intermediate_size, false)?,
+                        up: w.linear(&format!("{mlp}.up_proj"), h, cfg.intermediate_size, false)?,
                     },
                 )
             };
-            let o = linear(attn.pp("o_proj"), q_out, h, gemma && cfg.qkv_bias)?;
-            let down = linear(mlp.pp("down_proj"), cfg.intermediate_size, h, false)?;
-            let norm = |name: &str| RmsNorm::load(lb.pp(name), h, cfg.rms_norm_eps, gemma);
+            let o = w.linear(&format!("{attn}.o_proj"), q_out, h, gemma && cfg.qkv_bias)?;
+            let down = w.linear(&format!("{mlp}.down_proj"), cfg.intermediate_size, h, false)?;
+            let norm =
+                |name: &str| RmsNorm::load(w, &format!("{lp}.{name}.weight"), h, cfg.rms_norm_eps, plus_one);
             let ff_norms = if gemma {
                 Some((
                     norm("pre_feedforward_layernorm")?,
@@ -240,11 +225,11 @@ impl Transformer {
                 sliding_window,
             });
         }
-        let norm = RmsNorm::load(m.pp("norm"), h, cfg.rms_norm_eps, gemma)?;
-        let lm_head = if cfg.tie_word_embeddings && !vb.contains_tensor("lm_head.weight") {
-            Linear::new(embed.embeddings().clone(), None)
+        let norm = RmsNorm::load(w, "model.norm.weight", h, cfg.rms_norm_eps, plus_one)?;
+        let lm_head = if cfg.tie_word_embeddings && !w.contains("lm_head.weight") {
+            w.tied_head(embed.embeddings())?
         } else {
-            linear(vb.pp("lm_head"), h, cfg.vocab_size, false)?
+            w.linear("lm_head", h, cfg.vocab_size, false)?
         };
         let freqs = inv_freq(cfg);
         let n = max_positions.max(1);
@@ -506,7 +491,7 @@ impl Transformer {
 
     /// The mean of the LM head's rows, f32 `(hidden,)`: Co-LLM's initial deferral vector.
     pub fn lm_head_mean(&self) -> CResult<Tensor> {
-        self.lm_head.0.weight().to_dtype(DType::F32)?.mean(0)
+        self.lm_head.weight_f32()?.mean(0)
     }
 
     /// Embedding and every layer; `attention(layer index, layer, normed input)` returns the attention

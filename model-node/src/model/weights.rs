@@ -1,0 +1,146 @@
+//! Where the forward pass gets its weights: a [`WeightSource`] answers HuggingFace tensor names
+//! (`model.layers.0.self_attn.q_proj.weight`, ...) from safetensors (a candle `VarBuilder`) or from a
+//! GGUF file ([`super::gguf::GgufWeights`], which maps the names to llama.cpp's), and [`Linear`] is a
+//! projection either dense or quantized (`QMatMul` over GGML blocks).
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::VarBuilder;
+
+type CResult<T> = candle_core::Result<T>;
+
+/// Tensors by their HuggingFace names.
+pub trait WeightSource {
+    /// Where the tensors go.
+    fn device(&self) -> &Device;
+    /// The dtype of the dense tensors.
+    fn dtype(&self) -> DType;
+    /// Whether `name` is present.
+    fn contains(&self, name: &str) -> bool;
+    /// The dense tensor `name` of `shape`, as [`WeightSource::dtype`].
+    fn tensor(&self, name: &str, shape: &[usize]) -> CResult<Tensor>;
+    /// The projection `prefix.weight` (`out × inp`) and, with `bias`, `prefix.bias`.
+    fn linear(&self, prefix: &str, inp: usize, out: usize, bias: bool) -> CResult<Linear> {
+        let w = self.tensor(&format!("{prefix}.weight"), &[out, inp])?;
+        let b = if bias {
+            Some(self.tensor(&format!("{prefix}.bias"), &[out])?)
+        } else {
+            None
+        };
+        Ok(Linear::dense(w, b))
+    }
+    /// Whether Gemma's norm weights are stored as they multiply (GGUF) rather than as offsets from 1
+    /// (safetensors).
+    fn norms_stored_whole(&self) -> bool {
+        false
+    }
+    /// The embedding matrix as a projection (a tied LM head); by default the dense matrix.
+    fn tied_head(&self, embed: &Tensor) -> CResult<Linear> {
+        Ok(Linear::dense(embed.clone(), None))
+    }
+}
+
+impl WeightSource for VarBuilder<'_> {
+    fn device(&self) -> &Device {
+        VarBuilder::device(self)
+    }
+
+    fn dtype(&self) -> DType {
+        VarBuilder::dtype(self)
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.contains_tensor(name)
+    }
+
+    fn tensor(&self, name: &str, shape: &[usize]) -> CResult<Tensor> {
+        self.get(shape, name)
+    }
+}
+
+/// A projection `y = x·Wᵀ + b`.
+#[derive(Debug, Clone)]
+pub enum Linear {
+    /// Dense weights (safetensors, F32/F16 GGUF tensors).
+    Dense(candle_nn::Linear),
+    /// GGML-quantized weights (Q8_0, k-quants, ...): candle's quantized matmul on f32 activations.
+    Quant {
+        /// The quantized matrix.
+        w: QMatMul,
+        /// The bias, dense.
+        bias: Option<Tensor>,
+    },
+}
+
+impl Linear {
+    /// A dense projection.
+    pub fn dense(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self::Dense(candle_nn::Linear::new(weight, bias))
+    }
+
+    /// A projection from a GGML tensor: dense when it is stored as floats (F32, F16, BF16: the same
+    /// matmul as safetensors, bit for bit in F32), else quantized.
+    pub fn from_qtensor(q: QTensor, dtype: DType, device: &Device, bias: Option<Tensor>) -> CResult<Self> {
+        if matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
+            return Ok(Self::dense(q.dequantize(device)?.to_dtype(dtype)?, bias));
+        }
+        Ok(Self::Quant {
+            w: QMatMul::from_qtensor(q)?,
+            bias,
+        })
+    }
+
+    /// The weight matrix `(out, inp)` as dense f32 (dequantized when quantized).
+    pub fn weight_f32(&self) -> CResult<Tensor> {
+        match self {
+            Self::Dense(l) => l.weight().to_dtype(DType::F32),
+            Self::Quant { w, .. } => match w {
+                QMatMul::QTensor(q) => q.dequantize(&q.device()),
+                QMatMul::Tensor(t) => t.to_dtype(DType::F32),
+                QMatMul::TensorF16(t) => t.to_dtype(DType::F32),
+            },
+        }
+    }
+
+    /// Whether the weights are GGML-quantized.
+    pub fn is_quantized(&self) -> bool {
+        matches!(self, Self::Quant { .. })
+    }
+
+    /// The projection of `x` (`(..., inp)`).
+    ///
+    /// Dense several-row products run as `W·xᵀ`: with the weight as the left operand, candle's CPU
+    /// gemm reads it once without repacking it, which makes a decode step of 16 rows ~2× cheaper than
+    /// `x·Wᵀ` (measured: 149 against 301 µs for 16 × 512 → 1408; 48 µs for one row either way). One
+    /// row, and other devices, keep candle's own path.
+    pub fn forward(&self, x: &Tensor) -> CResult<Tensor> {
+        let lin = match self {
+            Self::Dense(l) => l,
+            Self::Quant { w, bias } => {
+                let dtype = x.dtype();
+                let y = w.forward(&x.to_dtype(DType::F32)?)?.to_dtype(dtype)?;
+                return match bias {
+                    Some(b) => y.broadcast_add(b),
+                    None => Ok(y),
+                };
+            }
+        };
+        let w = lin.weight();
+        let dims = x.dims().to_vec();
+        let inner = dims.last().copied().unwrap_or(1).max(1);
+        let rows = x.elem_count() / inner;
+        if rows <= 1 || !w.device().is_cpu() {
+            return lin.forward(x);
+        }
+        let mut shape = dims;
+        if let Some(last) = shape.last_mut() {
+            *last = w.dim(0)?;
+        }
+        let x2 = x.reshape((rows, inner))?.t()?.contiguous()?;
+        let y = w.matmul(&x2)?.t()?.contiguous()?.reshape(shape)?;
+        match lin.bias() {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
