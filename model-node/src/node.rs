@@ -155,8 +155,16 @@ pub fn load_serving(
         TokenizerKind::Plain => pb::TokenizerKind::Plain,
     };
     let model_id = args.model_id.clone().unwrap_or_else(|| {
-        args.model_dir
-            .file_name()
+        // The directory's name; for a GGUF file its stem (`model.gguf`: its directory's name).
+        let p = &args.model_dir;
+        let named = if p.is_file() && p.file_stem().is_some_and(|s| s != "model") {
+            p.file_stem()
+        } else if p.is_file() {
+            p.parent().and_then(|d| d.file_name())
+        } else {
+            p.file_name()
+        };
+        named
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "model".into())
     });

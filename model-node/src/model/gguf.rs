@@ -9,8 +9,8 @@
 //! quantized ones (Q8_0, Q4_K, ...) stay quantized and multiply through candle's `QMatMul`.
 //!
 //! Writing: [`convert`] writes a HuggingFace directory as GGUF with the same conventions (names,
-//! permutation, metadata), every matrix in the GGML type asked for, and copies the tokenizer files
-//! beside it.
+//! permutation, metadata, the tokenizer as `tokenizer.ggml.*` where llama.cpp has a model for it:
+//! `gguf_vocab`), every matrix in the GGML type asked for, and copies the tokenizer files beside it.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -588,6 +588,10 @@ pub fn convert(src: &Path, out: &Path, ty: GgmlDType) -> Result<Converted> {
     }
     if let Some(id) = files.eos_ids.first() {
         meta.push(("tokenizer.ggml.eos_token_id".into(), Value::U32(*id)));
+    }
+
+    if let Ok(text) = std::fs::read_to_string(src.join("tokenizer.json")) {
+        meta.extend(super::gguf_vocab::metadata(&text, files.add_bos, cfg.vocab_size));
     }
 
     std::fs::create_dir_all(out).map_err(|e| Error::ModelDir(format!("{}: {e}", out.display())))?;

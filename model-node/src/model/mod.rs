@@ -12,6 +12,7 @@
 
 pub mod config;
 pub mod gguf;
+mod gguf_vocab;
 mod kv;
 mod ragged;
 pub mod transformer;
