@@ -14,9 +14,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from llama_cpp import Llama
 
-ROUNDS, TOKENS = int(sys.argv[1]), int(sys.argv[2])
+ROUNDS, TOKENS = (int(a) for a in (sys.argv[1:3] if len(sys.argv) > 2 else (5, 200)))
 ROOT = Path(__file__).resolve().parents[2]
 BIN = ROOT / "target" / "release" / "model-node"
 WORK = ROOT / "target" / "llamacpp-bench"
@@ -79,13 +78,16 @@ def convert(src, ty):
 
 
 def ours(gguf):
-    """tokens/s while decoding, from the node's own log of its generation (load time excluded)."""
+    """tokens/s while decoding, from the node's own log of its generation (load time excluded), and
+    cores used by the whole process (CPU time / wall time, loading included)."""
+    t0, c0 = time.monotonic(), os.times()
     p = subprocess.run([BIN, "generate", "--model-dir", gguf, "--raw", "--prompt", "", "--threads",
                         str(THREADS), "--max-new-tokens", str(TOKENS), "--temperature", "0"],
                        capture_output=True, text=True, check=True, env={**os.environ, "NO_COLOR": "1"})
     m = re.search(r"tokens=(\d+) .*ms=([\d.]+)", p.stderr)
     tokens, ms = int(m.group(1)), float(m.group(2))
-    return tokens / (ms / 1000)
+    wall, c1 = time.monotonic() - t0, os.times()
+    return tokens / (ms / 1000), (c1.children_user - c0.children_user + c1.children_system - c0.children_system) / wall
 
 
 def llama_cpp(llm):
@@ -103,6 +105,8 @@ def llama_cpp(llm):
 
 
 def main():
+    from llama_cpp import Llama
+
     models = []
     if REAL.exists():
         models.append(("stories260K (real)", REAL))
@@ -114,21 +118,23 @@ def main():
             gguf = convert(src, ty)
             llm = Llama(model_path=str(gguf), n_threads=THREADS, n_threads_batch=THREADS, n_ctx=1024,
                         n_batch=512, verbose=False, seed=0)
-            a, b, cores = [], [], []
+            a, b, cores_a, cores_b = [], [], [], []
             for _ in range(ROUNDS):
-                a.append(ours(gguf))
+                tps, c = ours(gguf)
+                a.append(tps)
+                cores_a.append(c)
                 tps, c = llama_cpp(llm)
                 b.append(tps)
-                cores.append(c)
+                cores_b.append(c)
             del llm
             ma, mb = statistics.median(a), statistics.median(b)
-            rows.append((label, ty, ma, mb, statistics.median(cores)))
+            rows.append((label, ty, ma, mb, statistics.median(cores_a), statistics.median(cores_b)))
             print(f"{label} {ty}: model-node {ma:,.0f} tok/s, llama.cpp {mb:,.0f} tok/s", flush=True)
     print(f"\nbatch 1, greedy from BOS, {TOKENS} tokens, {THREADS} threads, median of {ROUNDS} interleaved rounds\n")
-    print("| model | GGUF type | model-node tok/s | llama.cpp tok/s | ratio | llama.cpp cores used |")
+    print("| model | GGUF type | model-node tok/s | llama.cpp tok/s | ratio | cores used (node / llama.cpp) |")
     print("|---|---|---:|---:|---:|---:|")
-    for label, ty, ma, mb, c in rows:
-        print(f"| {label} | {ty.upper()} | {ma:,.0f} | {mb:,.0f} | {ma / mb:.2f}x | {c:.1f} |")
+    for label, ty, ma, mb, ca, cb in rows:
+        print(f"| {label} | {ty.upper()} | {ma:,.0f} | {mb:,.0f} | {ma / mb:.2f}x | {ca:.1f} / {cb:.1f} |")
 
 
 if __name__ == "__main__":

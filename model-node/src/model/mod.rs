@@ -4,6 +4,7 @@
 //! - [`config`]: `config.json` → [`ArchConfig`] for Llama, Qwen2, Mistral, Phi-3 and Gemma 2.
 //! - [`transformer`]: [`Transformer`] (weights, rotary tables, forward passes).
 //! - `kv`: [`KvCache`], storage preallocated per layer, appended in place, views forked freely.
+//! - `matvec`: the one-row product of a decode step split over the kernel threads.
 //! - `ragged`: the CPU decode-attention kernel of a batched step (every row over its own cache).
 //! - [`weights`]: where weights come from ([`WeightSource`]: safetensors or GGUF) and [`Linear`], a
 //!   projection dense or GGML-quantized.
@@ -14,6 +15,7 @@ pub mod config;
 pub mod gguf;
 mod gguf_vocab;
 mod kv;
+mod matvec;
 mod ragged;
 pub mod transformer;
 pub mod weights;

@@ -109,6 +109,9 @@ impl Linear {
 
     /// The projection of `x` (`(..., inp)`).
     ///
+    /// A one-row product of a large f32 matrix on the CPU (a decode step at batch 1) is split over
+    /// the kernel threads ([`super::matvec`]).
+    ///
     /// Dense several-row products run as `W·xᵀ`: with the weight as the left operand, candle's CPU
     /// gemm reads it once without repacking it, which makes a decode step of 16 rows ~2× cheaper than
     /// `x·Wᵀ` (measured: 149 against 301 µs for 16 × 512 → 1408; 48 µs for one row either way). One
@@ -129,12 +132,21 @@ impl Linear {
         let dims = x.dims().to_vec();
         let inner = dims.last().copied().unwrap_or(1).max(1);
         let rows = x.elem_count() / inner;
-        if rows <= 1 || !w.device().is_cpu() {
-            return lin.forward(x);
-        }
         let mut shape = dims;
         if let Some(last) = shape.last_mut() {
             *last = w.dim(0)?;
+        }
+        let cpu_f32 = w.device().is_cpu() && w.dtype() == DType::F32 && x.dtype() == DType::F32;
+        if rows == 1 && cpu_f32 && w.elem_count() >= super::matvec::PARALLEL_ELEMS {
+            // A decode step's one-row product, on every kernel thread (gemm's runs on one).
+            let y = super::matvec::matvec(w, x)?.reshape(shape)?;
+            return match lin.bias() {
+                Some(b) => y.broadcast_add(b),
+                None => Ok(y),
+            };
+        }
+        if rows <= 1 || !w.device().is_cpu() {
+            return lin.forward(x);
         }
         let x2 = x.reshape((rows, inner))?.t()?.contiguous()?;
         let y = w.matmul(&x2)?.t()?.contiguous()?.reshape(shape)?;
