@@ -148,6 +148,9 @@ enum Command {
         /// Write the report as JSON.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Write the report's tables as Markdown.
+        #[arg(long)]
+        markdown: Option<PathBuf>,
     },
     /// The coordinator's nodes and their health.
     Nodes {
@@ -716,6 +719,7 @@ fn main() -> anyhow::Result<()> {
                 max_chars,
                 fit_weights,
                 json,
+                markdown,
             } => {
                 let docs = documents(&text, field.as_deref(), limit, max_chars)?;
                 let req = pb::PerplexityRequest {
@@ -726,7 +730,13 @@ fn main() -> anyhow::Result<()> {
                     Ok(client.perplexity(req).await.map_err(status)?.into_inner())
                 })
                 .await?;
-                println!("{}", perplexity_table(&r));
+                let md = perplexity_table(&r);
+                println!("{md}");
+                if let Some(p) = markdown {
+                    std::fs::write(&p, format!("# Bits per character: {}\n\n{md}", text.display()))
+                        .with_context(|| p.display().to_string())?;
+                    eprintln!("wrote {}", p.display());
+                }
                 if let Some(p) = json {
                     let rows = |rows: &[pb::ModelBits]| -> Vec<serde_json::Value> {
                         rows.iter()
