@@ -1,6 +1,7 @@
 """Decode speed of model-node and llama.cpp (llama-cpp-python) on the same GGUF files: batch 1,
 greedy from BOS, 2 threads each, medians of interleaved rounds; cores used = CPU time / wall time
-during decoding. Run by tests/bench/llamacpp.sh."""
+during decoding; prefill of ~1,000 characters of real text (the node's time includes its first
+token). Run by tests/bench/llamacpp.sh."""
 
 import json
 import os
@@ -20,6 +21,10 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = ROOT / "target" / "release" / "model-node"
 WORK = ROOT / "target" / "llamacpp-bench"
 REAL = ROOT.parent / "shared" / "real" / "models" / "stories260K"
+TEXT = ROOT.parent / "shared" / "real" / "text" / "tinystories-valid-a.txt"
+# The prefill prompt: ~1,000 characters of real text (about 250 tokens with stories260K's tokenizer).
+PROMPT = (TEXT.read_text() if TEXT.exists() else "Once upon a time, there was a little girl. " * 40)
+PROMPT = " ".join(PROMPT.split())[:1000]
 THREADS = 2
 
 
@@ -90,6 +95,23 @@ def ours(gguf):
     return tokens / (ms / 1000), (c1.children_user - c0.children_user + c1.children_system - c0.children_system) / wall
 
 
+def ours_prefill(gguf):
+    """Milliseconds to read PROMPT and produce one token (the node's own measure)."""
+    p = subprocess.run([BIN, "generate", "--model-dir", gguf, "--raw", "--prompt", PROMPT, "--threads",
+                        str(THREADS), "--max-new-tokens", "1", "--temperature", "0"],
+                       capture_output=True, text=True, check=True)
+    return float(re.search(r"ms=([\d.]+)", p.stderr).group(1))
+
+
+def llama_cpp_prefill(llm):
+    """Milliseconds to evaluate PROMPT's tokens (BOS first), and how many there are."""
+    tokens = llm.tokenize(PROMPT.encode(), add_bos=True)
+    llm.reset()
+    t0 = time.monotonic()
+    llm.eval(tokens)
+    return (time.monotonic() - t0) * 1000, len(tokens)
+
+
 def llama_cpp(llm):
     bos = llm.token_bos()
     llm.reset()
@@ -118,7 +140,7 @@ def main():
             gguf = convert(src, ty)
             llm = Llama(model_path=str(gguf), n_threads=THREADS, n_threads_batch=THREADS, n_ctx=1024,
                         n_batch=512, verbose=False, seed=0)
-            a, b, cores_a, cores_b = [], [], [], []
+            a, b, cores_a, cores_b, pa, pb = [], [], [], [], [], []
             for _ in range(ROUNDS):
                 tps, c = ours(gguf)
                 a.append(tps)
@@ -126,15 +148,21 @@ def main():
                 tps, c = llama_cpp(llm)
                 b.append(tps)
                 cores_b.append(c)
+                pa.append(ours_prefill(gguf))
+                ms, n_prompt = llama_cpp_prefill(llm)
+                pb.append(ms)
             del llm
             ma, mb = statistics.median(a), statistics.median(b)
-            rows.append((label, ty, ma, mb, statistics.median(cores_a), statistics.median(cores_b)))
+            rows.append((label, ty, ma, mb, statistics.median(cores_a), statistics.median(cores_b),
+                         statistics.median(pa), statistics.median(pb), n_prompt))
             print(f"{label} {ty}: model-node {ma:,.0f} tok/s, llama.cpp {mb:,.0f} tok/s", flush=True)
     print(f"\nbatch 1, greedy from BOS, {TOKENS} tokens, {THREADS} threads, median of {ROUNDS} interleaved rounds\n")
-    print("| model | GGUF type | model-node tok/s | llama.cpp tok/s | ratio | cores used (node / llama.cpp) |")
-    print("|---|---|---:|---:|---:|---:|")
-    for label, ty, ma, mb, ca, cb in rows:
-        print(f"| {label} | {ty.upper()} | {ma:,.0f} | {mb:,.0f} | {ma / mb:.2f}x | {ca:.1f} / {cb:.1f} |")
+    print("| model | GGUF type | model-node tok/s | llama.cpp tok/s | ratio | cores used (node / llama.cpp) "
+          "| prefill ms, node / llama.cpp (prompt tokens) | prefill ratio |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for label, ty, ma, mb, ca, cb, pa, pb, n in rows:
+        print(f"| {label} | {ty.upper()} | {ma:,.0f} | {mb:,.0f} | {ma / mb:.2f}x | {ca:.1f} / {cb:.1f} "
+              f"| {pa:,.1f} / {pb:,.1f} ({n}) | {pb / pa:.2f}x |")
 
 
 if __name__ == "__main__":
