@@ -193,14 +193,6 @@ fn health(args: &HealthArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 50050))),
         (None, None) => SocketAddr::from(([0, 0, 0, 0], 50050)),
     };
-    let target = ensemble_proto::health::local_target(listen);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(ensemble_proto::health::check(
-        target,
-        &args.service,
-        Duration::from_millis(args.timeout_ms),
-    ))
-    .map_err(anyhow::Error::msg)
+    ensemble_proto::health::probe_local(listen, &args.service, Duration::from_millis(args.timeout_ms))
+        .map_err(anyhow::Error::msg)
 }

@@ -68,16 +68,8 @@ fn convert(args: &model_node::config::ConvertArgs) -> anyhow::Result<()> {
 }
 
 fn health(args: &model_node::config::HealthArgs) -> anyhow::Result<()> {
-    let target = ensemble_proto::health::local_target(args.listen);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(ensemble_proto::health::check(
-        target,
-        &args.service,
-        Duration::from_millis(args.timeout_ms),
-    ))
-    .map_err(anyhow::Error::msg)
+    ensemble_proto::health::probe_local(args.listen, &args.service, Duration::from_millis(args.timeout_ms))
+        .map_err(anyhow::Error::msg)
 }
 
 fn rtd_build(args: &RtdBuildArgs) -> anyhow::Result<()> {

@@ -53,6 +53,16 @@ pub async fn check(addr: std::net::SocketAddr, service: &str, timeout: Duration)
         .map_err(|_| format!("{addr} gave no answer within {} ms", timeout.as_millis()))?
 }
 
+/// The `health` subcommand of both binaries: probes the server listening on `listen` from its own
+/// host (a wildcard address on loopback) on a runtime of its own.
+pub fn probe_local(listen: std::net::SocketAddr, service: &str, timeout: Duration) -> Result<(), String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the probe's runtime: {e}"))?;
+    rt.block_on(check(local_target(listen), service, timeout))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
