@@ -9,6 +9,11 @@ use candle_nn::VarBuilder;
 
 type CResult<T> = candle_core::Result<T>;
 
+/// Rows up to which a dense product runs as `W·xᵀ` (decode steps of a batch); above, as candle's
+/// `x·Wᵀ`, whose gemm takes the transposed weight as it is, without the two transposing copies
+/// (a prefill).
+const GEMM_ROWS: usize = 256;
+
 /// Tensors by their HuggingFace names.
 pub trait WeightSource {
     /// Where the tensors go.
@@ -145,7 +150,7 @@ impl Linear {
                 None => Ok(y),
             };
         }
-        if rows <= 1 || !w.device().is_cpu() {
+        if rows <= 1 || rows > GEMM_ROWS || !w.device().is_cpu() {
             return lin.forward(x);
         }
         let x2 = x.reshape((rows, inner))?.t()?.contiguous()?;
