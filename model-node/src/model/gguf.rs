@@ -384,9 +384,23 @@ impl WeightSource for GgufWeights<'_> {
         Linear::from_qtensor(q, self.dtype, &self.device, b)
     }
 
-    fn tied_head(&self, _embed: &Tensor) -> CResult<Linear> {
-        let q = self.qtensor("model.embed_tokens.weight")?;
-        Linear::from_qtensor(q, self.dtype, &self.device, None)
+    fn tied_head(&self, embed: &Tensor) -> CResult<Linear> {
+        // A float embedding is already dense: share it. A quantized one is read again, to multiply
+        // through QMatMul instead of as a dequantized copy.
+        let stored = gguf_name(self.cfg.arch, "model.embed_tokens.weight")
+            .and_then(|n| self.file.content.tensor_infos.get(&n))
+            .map(|t| t.ggml_dtype);
+        match stored {
+            Some(GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) | None => {
+                Ok(Linear::dense(embed.clone(), None))
+            }
+            Some(_) => Linear::from_qtensor(
+                self.qtensor("model.embed_tokens.weight")?,
+                self.dtype,
+                &self.device,
+                None,
+            ),
+        }
     }
 
     fn norms_stored_whole(&self) -> bool {
