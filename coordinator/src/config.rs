@@ -172,6 +172,8 @@ pub struct CharEdDefaults {
     pub draft_chars: Option<u32>,
     /// The confidence gate, in (0, 1] (unset = off).
     pub gate: Option<f64>,
+    /// Per-context weights: w_i · exp(−β · H_i) (0 = the weights alone).
+    pub entropy_beta: Option<f64>,
 }
 
 /// The file.
@@ -459,6 +461,9 @@ impl Settings {
         }
         if c.gate.is_some() {
             s.chared.gate = c.gate;
+        }
+        if let Some(v) = c.entropy_beta {
+            s.chared.entropy_beta = v;
         }
         s.colm = file.colm.clone();
         s.pipeline = file.pipeline.clone();

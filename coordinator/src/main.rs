@@ -95,7 +95,19 @@ struct ServeArgs {
     tls_client_ca: Option<PathBuf>,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One paragraph for people: the chain of causes, never a backtrace (whatever
+            // RUST_BACKTRACE says).
+            eprintln!("coordinator: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     let args = match Cli::parse().command {
         Command::Serve(args) => args,
         Command::Health(args) => return health(&args),

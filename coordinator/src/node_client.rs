@@ -395,33 +395,40 @@ impl NodeClient {
     }
 
     /// The exact probability of each character of `continuation` after the answer so far and the
-    /// continuation's characters before it (not appended): one call, `CharDistribution.observed` at
-    /// positions `0..n`.
-    pub async fn observed_chars(&mut self, continuation: &str) -> Result<Vec<f64>> {
+    /// continuation's characters before it (not appended), and the entropy (nats) of the node's
+    /// distribution there over its `top_k` listed characters, EOS and the residual as one outcome
+    /// ([`crate::strategy::chared::entropy`]): one call, positions `0..n`.
+    pub async fn observed_chars(&mut self, continuation: &str, top_k: u32) -> Result<Vec<(f64, f64)>> {
         let r = self
             .next_chars_call(pb::NextCharsRequest {
                 context: None,
                 continuation: continuation.to_owned(),
-                top_k: 1,
+                top_k,
                 observed: true,
                 ..Default::default()
             })
             .await?;
         let n = continuation.chars().count();
-        let probs: Vec<f64> = r
+        let out: Vec<(f64, f64)> = r
             .positions
             .iter()
             .take(n)
-            .map(|d| d.observed.unwrap_or(0.0))
+            .map(|d| {
+                let masses = d.chars.iter().map(|c| c.prob).chain([d.eos_prob, d.residual]);
+                (
+                    d.observed.unwrap_or(0.0),
+                    crate::strategy::chared::entropy(masses),
+                )
+            })
             .collect();
-        if probs.len() != n {
+        if out.len() != n {
             return Err(Error::Node {
                 node: self.name.clone(),
                 code: tonic::Code::Internal,
-                message: format!("{} positions for {n} characters", probs.len()),
+                message: format!("{} positions for {n} characters", out.len()),
             });
         }
-        Ok(probs)
+        Ok(out)
     }
 
     /// One `NextCharDistributions` call: `req` with this request's context.

@@ -9,6 +9,12 @@
 //! probabilities and any weights, and [`Perplexity::fit_weights`] finds the weights that minimise it
 //! (EM for mixture weights: deterministic, each step never increases the bits).
 //!
+//! A *per-context* mixture lets each member's weight follow its own confidence at each character:
+//! `π_i ∝ w_i · exp(−β · H_i)`, `H_i` the entropy of the member's next-character distribution there
+//! (its listed characters, EOS and the residual as one outcome; what CharED's `entropy_beta` uses).
+//! [`Perplexity::fit_context`] fits `w` and `β` together (a grid over β, the weights by a damped
+//! fixed-point of the likelihood's gradient for each; deterministic).
+//!
 //! A document longer than a member's context is scored in sliding windows: when the node refuses a
 //! chunk as too long, the member starts a new session whose context is the later half of the current
 //! window (the characters already scored are context only; none is scored twice), and goes on.
@@ -33,6 +39,9 @@ pub struct MemberRun {
     /// cannot price it (the first character of a document under a tokenizer without BOS, which
     /// cannot start from an empty context).
     pub probs: Vec<f64>,
+    /// The entropy (nats) of the member's listed next-character distribution at each character
+    /// (NaN where `probs` is).
+    pub entropy: Vec<f64>,
     /// `NextCharDistributions` calls made.
     pub calls: u64,
     /// Windows started after the first of a document (context overflows).
@@ -52,7 +61,12 @@ pub struct Perplexity {
     pub members: Vec<MemberRun>,
     /// The configured member weights (normalised).
     pub weights: Vec<f64>,
+    /// The configured per-context β (CharED's `entropy_beta`; 0: the weights alone).
+    pub entropy_beta: f64,
 }
+
+/// The β grid [`Perplexity::fit_context`] searches: 0 to 4 by 0.1.
+const BETA_GRID: std::ops::RangeInclusive<u32> = 0..=40;
 
 /// Bits per character and per byte of one model or mixture over a set of documents.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -90,16 +104,33 @@ impl Perplexity {
     /// Bits of the mixture with `weights` (one per member; a one-hot vector is that member alone) over
     /// the documents `pick` selects.
     pub fn bits(&self, weights: &[f64], pick: &dyn Fn(usize) -> bool) -> Bits {
-        let total: f64 = weights.iter().sum();
+        self.bits_in_context(weights, 0.0, pick)
+    }
+
+    /// Member weights at character `i` of a per-context mixture (`weights`, `beta`), normalised.
+    fn context_weights(&self, weights: &[f64], beta: f64, i: usize, out: &mut [f64]) {
+        for ((o, m), w) in out.iter_mut().zip(&self.members).zip(weights) {
+            *o = if beta == 0.0 {
+                *w
+            } else {
+                w * (-beta * m.entropy[i]).exp()
+            };
+        }
+        let total: f64 = out.iter().sum();
+        if total > 0.0 {
+            out.iter_mut().for_each(|o| *o /= total);
+        }
+    }
+
+    /// Bits of the per-context mixture: at each character member i weighs `weights[i] · exp(−beta ·
+    /// H_i)`, renormalised (`beta` 0: [`Perplexity::bits`]).
+    pub fn bits_in_context(&self, weights: &[f64], beta: f64, pick: &dyn Fn(usize) -> bool) -> Bits {
         let (mut nats, mut chars, mut bytes, mut floored) = (0.0, 0usize, 0usize, 0usize);
+        let mut pi = vec![0.0; self.members.len()];
         for r in self.ranges(pick) {
             for i in r.filter(|&i| self.scored(i)) {
-                let p: f64 = self
-                    .members
-                    .iter()
-                    .zip(weights)
-                    .map(|(m, w)| w / total * m.probs[i])
-                    .sum();
+                self.context_weights(weights, beta, i, &mut pi);
+                let p: f64 = self.members.iter().zip(&pi).map(|(m, w)| w * m.probs[i]).sum();
                 if p < FLOOR {
                     floored += 1;
                 }
@@ -170,6 +201,88 @@ impl Perplexity {
         }
         w
     }
+
+    /// The per-context mixture (weights, β) with the fewest bits per character over the documents
+    /// `pick` selects: β from 0 to 4 by 0.1, for each the weights by the damped fixed point
+    /// `w_i ← w_i · (Σ_t r_i(t) / Σ_t π_i(t))^η` (r the posterior, π the context weights; at β = 0 it
+    /// is EM), each step kept only if it lowers the bits (η halves otherwise). Deterministic; never
+    /// worse than [`Perplexity::fit_weights`] (β = 0 is on the grid).
+    pub fn fit_context(&self, pick: &dyn Fn(usize) -> bool) -> (Vec<f64>, f64) {
+        let k = self.members.len();
+        let idx: Vec<usize> = self
+            .ranges(pick)
+            .into_iter()
+            .flat_map(|r| r.filter(|&i| self.scored(i)))
+            .collect();
+        let start = self.fit_weights(pick);
+        if k < 2 || idx.is_empty() {
+            return (start, 0.0);
+        }
+        let nats = |w: &[f64], beta: f64| -> f64 {
+            let mut pi = vec![0.0; k];
+            idx.iter()
+                .map(|&i| {
+                    self.context_weights(w, beta, i, &mut pi);
+                    let p: f64 = (0..k).map(|j| pi[j] * self.members[j].probs[i]).sum();
+                    -p.max(FLOOR).ln()
+                })
+                .sum()
+        };
+        let mut best = (start.clone(), 0.0, nats(&start, 0.0));
+        for step in BETA_GRID.skip(1) {
+            let beta = f64::from(step) / 10.0;
+            let mut w = start.clone();
+            let mut cur = nats(&w, beta);
+            let mut eta = 1.0;
+            let mut pi = vec![0.0; k];
+            for _ in 0..200 {
+                let (mut r_sum, mut pi_sum) = (vec![0.0; k], vec![0.0; k]);
+                for &i in &idx {
+                    self.context_weights(&w, beta, i, &mut pi);
+                    let p: f64 = (0..k).map(|j| pi[j] * self.members[j].probs[i]).sum();
+                    if p <= 0.0 {
+                        continue;
+                    }
+                    for j in 0..k {
+                        r_sum[j] += pi[j] * self.members[j].probs[i] / p;
+                        pi_sum[j] += pi[j];
+                    }
+                }
+                let mut next: Vec<f64> = (0..k)
+                    .map(|j| {
+                        if pi_sum[j] > 0.0 {
+                            w[j] * (r_sum[j] / pi_sum[j]).powf(eta)
+                        } else {
+                            w[j]
+                        }
+                    })
+                    .collect();
+                let total: f64 = next.iter().sum();
+                next.iter_mut().for_each(|x| *x /= total);
+                let n = nats(&next, beta);
+                if n < cur {
+                    let moved = next
+                        .iter()
+                        .zip(&w)
+                        .map(|(a, b)| (a - b).abs())
+                        .fold(0.0, f64::max);
+                    (w, cur) = (next, n);
+                    if moved < 1e-10 {
+                        break;
+                    }
+                } else {
+                    eta /= 2.0;
+                    if eta < 1e-3 {
+                        break;
+                    }
+                }
+            }
+            if cur < best.2 {
+                best = (w, beta, cur);
+            }
+        }
+        (best.0, best.1)
+    }
 }
 
 impl Perplexity {
@@ -187,11 +300,13 @@ impl Perplexity {
             },
             calls: member.map_or(0, |m| m.calls),
             windows_slid: member.map_or(0, |m| m.slides),
+            entropy_beta: 0.0,
         }
     }
 
-    /// The members alone and the configured mixture over every document; with `fit`, the same and the
-    /// fitted mixture on the odd-numbered documents, the weights fitted on the even-numbered ones.
+    /// The members alone and the configured mixture over every document; with `fit`, the same, the
+    /// fitted mixture and the fitted per-context mixture on the odd-numbered documents, fitted on the
+    /// even-numbered ones.
     pub fn report(&self, fit: bool) -> pb::PerplexityResponse {
         let rows = |pick: &dyn Fn(usize) -> bool| -> Vec<pb::ModelBits> {
             let mut rows: Vec<pb::ModelBits> = self
@@ -200,7 +315,11 @@ impl Perplexity {
                 .enumerate()
                 .map(|(i, m)| self.row(&m.name, self.member_bits(i, pick), &[], Some(m)))
                 .collect();
-            rows.push(self.row("mixture", self.bits(&self.weights, pick), &self.weights, None));
+            let bits = self.bits_in_context(&self.weights, self.entropy_beta, pick);
+            rows.push(pb::ModelBits {
+                entropy_beta: self.entropy_beta,
+                ..self.row("mixture", bits, &self.weights, None)
+            });
             rows
         };
         let all = |_: usize| true;
@@ -211,6 +330,16 @@ impl Perplexity {
             held_out = rows(&odd);
             let w = self.fit_weights(&even);
             held_out.push(self.row("fitted mixture", self.bits(&w, &odd), &w, None));
+            let (w, beta) = self.fit_context(&even);
+            held_out.push(pb::ModelBits {
+                entropy_beta: beta,
+                ..self.row(
+                    "fitted per-context mixture",
+                    self.bits_in_context(&w, beta, &odd),
+                    &w,
+                    None,
+                )
+            });
         }
         pb::PerplexityResponse {
             chars: self.bits(&self.weights, &all).chars as u64,
@@ -235,6 +364,7 @@ pub async fn measure(
 ) -> Result<Perplexity> {
     let weights: Vec<f64> = coordinator.member_configs().map(|(c, _)| c.weight).collect();
     let total: f64 = weights.iter().sum();
+    let chared = &coordinator.settings().chared;
     let raw = pb::Prompt {
         kind: Some(pb::prompt::Kind::Raw(String::new())),
     };
@@ -244,6 +374,7 @@ pub async fn measure(
         .map(|n| MemberRun {
             name: n.clone(),
             probs: Vec::new(),
+            entropy: Vec::new(),
             calls: 0,
             slides: 0,
         })
@@ -255,14 +386,15 @@ pub async fn measure(
         let runs = clients.iter_mut().map(|c| {
             let (session, chars, raw) = (&session, &chars, raw.clone());
             async move {
-                let r = score_doc(c, session, raw, chars).await;
+                let r = score_doc(c, session, raw, chars, chared.top_k).await;
                 c.close().await;
                 r.map(|(probs, slides)| (probs, slides, c.calls().2))
             }
         });
         for (m, r) in futures::future::join_all(runs).await.into_iter().enumerate() {
             let (probs, slides, calls) = r?;
-            members[m].probs.extend(probs);
+            members[m].probs.extend(probs.iter().map(|p| p.0));
+            members[m].entropy.extend(probs.iter().map(|p| p.1));
             members[m].calls += calls;
             members[m].slides += slides;
         }
@@ -278,6 +410,7 @@ pub async fn measure(
             .collect(),
         members,
         weights: weights.iter().map(|w| w / total).collect(),
+        entropy_beta: chared.entropy_beta,
     })
 }
 
@@ -292,19 +425,20 @@ fn too_long(e: &Error) -> bool {
 }
 
 /// One document through one member, whose client has begun `session` with `prompt`:
-/// (probabilities, windows slid).
+/// ((probability, entropy) of each character, windows slid).
 async fn score_doc(
     c: &mut crate::node_client::NodeClient,
     session: &str,
     prompt: pb::Prompt,
     chars: &[char],
-) -> Result<(Vec<f64>, u64)> {
+    top_k: u32,
+) -> Result<(Vec<(f64, f64)>, u64)> {
     let (mut probs, mut slides) = (Vec::with_capacity(chars.len()), 0u64);
     let (mut start, mut at, mut chunk) = (0usize, 0usize, CHUNK_CHARS);
     while at < chars.len() {
         let end = (at + chunk).min(chars.len());
         let text: String = chars[at..end].iter().collect();
-        match c.observed_chars(&text).await {
+        match c.observed_chars(&text, top_k).await {
             Ok(p) => {
                 probs.extend(p);
                 c.accept(&text);
@@ -313,7 +447,7 @@ async fn score_doc(
             }
             Err(e) if at == 0 && needs_context(&e) && !chars.is_empty() => {
                 // No BOS: the first character is context only, unpriced.
-                probs.push(f64::NAN);
+                probs.push((f64::NAN, f64::NAN));
                 c.accept(&chars[0].to_string());
                 at = 1;
             }

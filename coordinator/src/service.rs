@@ -117,22 +117,57 @@ impl Ensemble for EnsembleService {
     ) -> Result<Response<pb::PerplexityResponse>, Status> {
         let span = grpc_span(&req);
         let r = req.into_inner();
-        let docs: Vec<String> = r.documents.into_iter().filter(|d| !d.is_empty()).collect();
-        if docs.is_empty() {
-            return Err(Status::invalid_argument(
-                "documents: give at least one non-empty document",
-            ));
-        }
-        if r.fit_weights && docs.len() < 2 {
-            return Err(Status::invalid_argument(
-                "fit_weights needs at least two non-empty documents: the weights are fitted on the even-numbered \
-                 ones and reported on the odd-numbered ones",
-            ));
-        }
+        let docs = perplexity_docs(r.documents, r.fit_weights)?;
         let p =
             tracing::Instrument::instrument(crate::perplexity::measure(&self.0, &docs, &mut |_| {}), span)
                 .await?;
         Ok(Response::new(p.report(r.fit_weights)))
+    }
+
+    type PerplexityStreamStream =
+        Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::PerplexityEvent, Status>> + Send>>;
+
+    async fn perplexity_stream(
+        &self,
+        req: Request<pb::PerplexityRequest>,
+    ) -> Result<Response<Self::PerplexityStreamStream>, Status> {
+        let span = grpc_span(&req);
+        let r = req.into_inner();
+        let docs = perplexity_docs(r.documents, r.fit_weights)?;
+        // One event per document (bounded by the request) and the report: an unbounded channel cannot
+        // outgrow the request. A client that leaves cancels the run (its node sessions are closed).
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Result<pb::PerplexityEvent, Status>>();
+        let coordinator = self.0.clone();
+        tokio::spawn(async move {
+            let chars: Vec<u64> = docs.iter().map(|d| d.chars().count() as u64).collect();
+            let total = chars.iter().sum();
+            let progress = tx.clone();
+            let mut on_doc = move |done: usize| {
+                let _ = progress.send(Ok(pb::PerplexityEvent {
+                    event: Some(pb::perplexity_event::Event::Progress(pb::PerplexityProgress {
+                        documents_done: done as u64,
+                        documents: chars.len() as u64,
+                        chars_done: chars[..done].iter().sum(),
+                        chars: total,
+                    })),
+                }));
+            };
+            let run = tracing::Instrument::instrument(
+                crate::perplexity::measure(&coordinator, &docs, &mut on_doc),
+                span,
+            );
+            tokio::select! {
+                out = run => {
+                    let _ = tx.send(out.map_err(Status::from).map(|p| pb::PerplexityEvent {
+                        event: Some(pb::perplexity_event::Event::Done(p.report(r.fit_weights))),
+                    }));
+                }
+                () = tx.closed() => {}
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::UnboundedReceiverStream::new(rx),
+        )))
     }
 
     async fn list_nodes(
@@ -252,4 +287,21 @@ pub fn step_trace(s: Step<'_>, names: &[String]) -> pb::generate_event::Event {
         Step::Span(sp) => pb::generate_event::Event::Span(span_trace(sp, names)),
         Step::Stage(st) => pb::generate_event::Event::Stage(stage_trace(st, names)),
     }
+}
+
+/// The non-empty documents of a perplexity request, or why it cannot run.
+fn perplexity_docs(documents: Vec<String>, fit_weights: bool) -> Result<Vec<String>, Status> {
+    let docs: Vec<String> = documents.into_iter().filter(|d| !d.is_empty()).collect();
+    if docs.is_empty() {
+        return Err(Status::invalid_argument(
+            "documents: give at least one non-empty document",
+        ));
+    }
+    if fit_weights && docs.len() < 2 {
+        return Err(Status::invalid_argument(
+            "fit_weights needs at least two non-empty documents: the weights are fitted on the even-numbered \
+             ones and reported on the odd-numbered ones",
+        ));
+    }
+    Ok(docs)
 }

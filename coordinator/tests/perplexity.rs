@@ -1,7 +1,8 @@
 //! Bits per character across tokenizers: every character of a text priced by every member through
 //! the coordinator (sessions, chunks, sliding windows past a member's context, tokenizers without
-//! BOS); the fitted mixture never does worse than the uniform one or any member; and the
-//! `Perplexity` RPC reports and refuses as documented.
+//! BOS); the fitted mixture never does worse than the uniform one or any member, the fitted
+//! per-context mixture never worse than the fitted one; and the `Perplexity` and `PerplexityStream`
+//! RPCs report and refuse as documented.
 
 mod common;
 
@@ -51,6 +52,12 @@ async fn every_character_is_priced_as_the_member_lists_it() -> anyhow::Result<()
     // prices it, and the rows count it as `floored`).
     for m in &p.members {
         assert_eq!(m.probs.len(), chars, "{}", m.name);
+        assert_eq!(m.entropy.len(), chars, "{}", m.name);
+        for (q, h) in m.probs.iter().zip(&m.entropy) {
+            // An entropy wherever a probability, within [0, ln(top_k + 2)] (32 listed, EOS, residual).
+            assert_eq!(q.is_nan(), h.is_nan());
+            assert!(h.is_nan() || (0.0..=34f64.ln() + 1e-12).contains(h), "{h}");
+        }
         let bad: Vec<(usize, f64)> = m
             .probs
             .iter()
@@ -86,6 +93,25 @@ async fn every_character_is_priced_as_the_member_lists_it() -> anyhow::Result<()
         );
     }
 
+    // The per-context mixture: at β = 0 it is the plain mixture; fitted, never worse than the fitted
+    // weights alone (β = 0 is on its grid), and its weights a distribution.
+    let plain = p.bits(&w, &all);
+    assert_eq!(p.bits_in_context(&w, 0.0, &all), plain);
+    let (cw, beta) = p.fit_context(&all);
+    assert!((cw.iter().sum::<f64>() - 1.0).abs() < 1e-9, "{cw:?}");
+    assert!((0.0..=4.0).contains(&beta), "{beta}");
+    let ctx = p.bits_in_context(&cw, beta, &all).per_char;
+    assert!(
+        ctx <= plain.per_char + 1e-12,
+        "per-context {ctx} > fitted {}",
+        plain.per_char
+    );
+    assert_ne!(
+        p.bits_in_context(&w, 2.0, &all),
+        plain,
+        "β must change the mixture"
+    );
+
     // The RPC: members, then the mixture; with fit_weights the held-out rows; refusals.
     let svc = EnsembleService::shared(coordinator.clone());
     let r = svc
@@ -104,7 +130,60 @@ async fn every_character_is_priced_as_the_member_lists_it() -> anyhow::Result<()
         0
     };
     assert_eq!(r.chars as usize, chars - unscored);
-    assert_eq!(r.held_out.len(), 5);
+    let held: Vec<&str> = r.held_out.iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(
+        held,
+        [
+            "a",
+            "b",
+            "c",
+            "mixture",
+            "fitted mixture",
+            "fitted per-context mixture"
+        ]
+    );
+    let odd = |d: usize| d % 2 == 1;
+    let even = |d: usize| d.is_multiple_of(2);
+    let (cw, beta) = p.fit_context(&even);
+    assert_eq!(r.held_out[5].entropy_beta, beta);
+    assert_eq!(r.held_out[5].weights, cw);
+    assert_eq!(
+        r.held_out[5].bits_per_char,
+        p.bits_in_context(&cw, beta, &odd).per_char
+    );
+
+    // The stream: one progress event per document, then the same report.
+    let mut events = svc
+        .perplexity_stream(tonic::Request::new(pb::PerplexityRequest {
+            documents: docs.clone(),
+            fit_weights: true,
+        }))
+        .await?
+        .into_inner();
+    let mut progress = Vec::new();
+    let mut done = None;
+    while let Some(e) = tokio_stream::StreamExt::next(&mut events).await {
+        match e?.event {
+            Some(pb::perplexity_event::Event::Progress(p)) => {
+                assert!(done.is_none(), "progress after the report");
+                assert_eq!((p.documents, p.chars), (DOCS.len() as u64, chars as u64));
+                progress.push((p.documents_done, p.chars_done));
+            }
+            Some(pb::perplexity_event::Event::Done(d)) => done = Some(d),
+            None => anyhow::bail!("an empty event"),
+        }
+    }
+    let mut at = 0;
+    let want: Vec<(u64, u64)> = DOCS
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            at += d.chars().count() as u64;
+            (i as u64 + 1, at)
+        })
+        .collect();
+    assert_eq!(progress, want);
+    assert_eq!(done, Some(r.clone()));
     assert_eq!(
         r.held_out_chars as usize,
         DOCS[1].chars().count() + DOCS[3].chars().count() - unscored / 2

@@ -24,6 +24,9 @@ use ensemble_proto::v1::ensemble_client::EnsembleClient;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
+#[path = "ensemble/perplexity.rs"]
+mod perplexity;
+
 /// A client of the coordinator that sends the API key, if any, with every call.
 type Client = EnsembleClient<InterceptedService<Channel, Bearer>>;
 
@@ -79,7 +82,8 @@ enum Command {
     Generate {
         #[command(flatten)]
         target: Target,
-        /// specfuse, chared or single:NAME (default: the coordinator's).
+        /// specfuse, chared, colm, pipeline or single:NAME (default: the coordinator's), with
+        /// options as in `eval`: `chared/draft_chars=16/entropy_beta=0.7`.
         #[arg(long, default_value = "")]
         strategy: String,
         /// Most characters in the answer.
@@ -130,101 +134,14 @@ enum Command {
     Perplexity {
         #[command(flatten)]
         target: Target,
-        /// The text: one document per line, or JSON Lines with --field.
-        #[arg(long)]
-        text: PathBuf,
-        /// With JSON Lines: the field holding each document's text.
-        #[arg(long)]
-        field: Option<String>,
-        /// Only the first N documents.
-        #[arg(long)]
-        limit: Option<usize>,
-        /// Only the first N characters of each document.
-        #[arg(long)]
-        max_chars: Option<usize>,
-        /// Also fit the mixture weights (EM) on the even-numbered documents and report on the others.
-        #[arg(long)]
-        fit_weights: bool,
-        /// Write the report as JSON.
-        #[arg(long)]
-        json: Option<PathBuf>,
-        /// Write the report's tables as Markdown.
-        #[arg(long)]
-        markdown: Option<PathBuf>,
+        #[command(flatten)]
+        args: perplexity::PerplexityArgs,
     },
     /// The coordinator's nodes and their health.
     Nodes {
         #[command(flatten)]
         target: Target,
     },
-}
-
-/// The documents of a text file: one per non-empty line, or the `field` of each JSON line.
-fn documents(
-    path: &Path,
-    field: Option<&str>,
-    limit: Option<usize>,
-    max_chars: Option<usize>,
-) -> anyhow::Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
-    let mut docs = Vec::new();
-    for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let doc = match field {
-            Some(f) => {
-                let v: serde_json::Value = serde_json::from_str(line)
-                    .with_context(|| format!("{} line {}: not JSON", path.display(), n + 1))?;
-                v[f].as_str()
-                    .with_context(|| format!("{} line {}: no string field {f:?}", path.display(), n + 1))?
-                    .to_owned()
-            }
-            None => line.to_owned(),
-        };
-        docs.push(match max_chars {
-            Some(m) => doc.chars().take(m).collect(),
-            None => doc,
-        });
-    }
-    if let Some(l) = limit {
-        docs.truncate(l);
-    }
-    if docs.is_empty() {
-        bail!(
-            "{}: no document (one per line, or JSON Lines with --field)",
-            path.display()
-        );
-    }
-    Ok(docs)
-}
-
-/// The perplexity report as Markdown tables.
-fn perplexity_table(r: &pb::PerplexityResponse) -> String {
-    let table = |rows: &[pb::ModelBits]| -> String {
-        let mut t = String::from(
-            "| model | bits per char | bits per byte | weights | calls | windows slid |\n|---|---:|---:|---|---:|---:|\n",
-        );
-        for m in rows {
-            let w: Vec<String> = m.weights.iter().map(|w| format!("{w:.3}")).collect();
-            t.push_str(&format!(
-                "| {} | {:.4} | {:.4} | {} | {} | {} |\n",
-                m.name,
-                m.bits_per_char,
-                m.bits_per_byte,
-                w.join(" / "),
-                m.calls,
-                m.windows_slid
-            ));
-        }
-        t
-    };
-    let mut out = format!("{} characters, {} bytes\n\n{}", r.chars, r.bytes, table(&r.rows));
-    if !r.held_out.is_empty() {
-        out.push_str(&format!(
-            "\nheld out ({} characters of the odd-numbered documents; weights fitted on the others)\n\n{}",
-            r.held_out_chars,
-            table(&r.held_out)
-        ));
-    }
-    out
 }
 
 fn load_config(path: &Path) -> anyhow::Result<(FileConfig, PathBuf)> {
@@ -578,21 +495,16 @@ fn strategy_request(spec: &str) -> anyhow::Result<pb::GenerateRequest> {
             v.parse::<bool>()
                 .with_context(|| format!("{spec}: {k} takes true or false"))
         };
+        let real = || {
+            v.parse::<f64>()
+                .with_context(|| format!("{spec}: {k} takes a number"))
+        };
         match (strategy.as_str(), k) {
             ("chared", "draft_chars") => req.chared.get_or_insert_default().draft_chars = Some(num()?),
             ("chared", "published") => req.chared.get_or_insert_default().published = Some(flag()?),
-            ("chared", "gate") => {
-                let g = v
-                    .parse::<f64>()
-                    .with_context(|| format!("{spec}: gate takes a number"))?;
-                req.chared.get_or_insert_default().gate = Some(g);
-            }
-            ("specfuse", "gate") => {
-                let g = v
-                    .parse::<f64>()
-                    .with_context(|| format!("{spec}: gate takes a number"))?;
-                req.specfuse.get_or_insert_default().gate = Some(g);
-            }
+            ("chared", "gate") => req.chared.get_or_insert_default().gate = Some(real()?),
+            ("chared", "entropy_beta") => req.chared.get_or_insert_default().entropy_beta = Some(real()?),
+            ("specfuse", "gate") => req.specfuse.get_or_insert_default().gate = Some(real()?),
             ("specfuse", "segment_tokens") => {
                 req.specfuse.get_or_insert_default().segment_tokens = Some(num()?);
             }
@@ -619,7 +531,19 @@ fn strategy_request(spec: &str) -> anyhow::Result<pb::GenerateRequest> {
     Ok(req)
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One paragraph for people: the chain of causes, never a backtrace (whatever
+            // RUST_BACKTRACE says).
+            eprintln!("ensemble: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
@@ -669,10 +593,9 @@ fn main() -> anyhow::Result<()> {
                 }
                 let req = pb::GenerateRequest {
                     prompt: Some(conversation(&text, raw)),
-                    strategy,
                     max_chars,
                     stop,
-                    ..Default::default()
+                    ..strategy_request(&strategy)?
                 };
                 with_target(&target, async |client| generate(client, req, trace).await).await
             }
@@ -711,49 +634,7 @@ fn main() -> anyhow::Result<()> {
                 }
                 Ok(())
             }
-            Command::Perplexity {
-                target,
-                text,
-                field,
-                limit,
-                max_chars,
-                fit_weights,
-                json,
-                markdown,
-            } => {
-                let docs = documents(&text, field.as_deref(), limit, max_chars)?;
-                let req = pb::PerplexityRequest {
-                    documents: docs,
-                    fit_weights,
-                };
-                let r = with_target(&target, async |mut client| {
-                    Ok(client.perplexity(req).await.map_err(status)?.into_inner())
-                })
-                .await?;
-                let md = perplexity_table(&r);
-                println!("{md}");
-                if let Some(p) = markdown {
-                    std::fs::write(&p, format!("# Bits per character: {}\n\n{md}", text.display()))
-                        .with_context(|| p.display().to_string())?;
-                    eprintln!("wrote {}", p.display());
-                }
-                if let Some(p) = json {
-                    let rows = |rows: &[pb::ModelBits]| -> Vec<serde_json::Value> {
-                        rows.iter()
-                            .map(|m| {
-                                serde_json::json!({"name": m.name, "bits_per_char": m.bits_per_char,
-                                    "bits_per_byte": m.bits_per_byte, "floored": m.floored, "weights": m.weights,
-                                    "calls": m.calls, "windows_slid": m.windows_slid})
-                            })
-                            .collect()
-                    };
-                    let v = serde_json::json!({"text": text, "chars": r.chars, "bytes": r.bytes,
-                        "rows": rows(&r.rows), "held_out_chars": r.held_out_chars, "held_out": rows(&r.held_out)});
-                    std::fs::write(&p, serde_json::to_string_pretty(&v)?).with_context(|| p.display().to_string())?;
-                    eprintln!("wrote {}", p.display());
-                }
-                Ok(())
-            }
+            Command::Perplexity { target, args } => perplexity::run(&target, args).await,
             Command::Nodes { target } => {
                 with_target(&target, async |mut client| {
                     let r = client

@@ -54,6 +54,10 @@ pub struct CharedParams {
     /// probability >= this, it decides alone and the other nodes are not asked
     /// ([`CharEd::confident_prefix`]). Default `None`: every node is asked at every position.
     pub gate: Option<f64>,
+    /// Per-context weights, in [0, 100]: at each character node i weighs `w_i · exp(−β · H_i)`, `H_i`
+    /// the entropy (nats) of its own distribution there ([`NodeCharDist::entropy`]), renormalised
+    /// over the nodes that answered. Default 0: the weights alone.
+    pub entropy_beta: f64,
 }
 
 impl Default for CharedParams {
@@ -68,6 +72,7 @@ impl Default for CharedParams {
             alternatives: 5,
             draft_chars: 0,
             gate: None,
+            entropy_beta: 0.0,
         }
     }
 }
@@ -95,6 +100,13 @@ impl CharedParams {
             && !(g.is_finite() && g > 0.0 && g <= 1.0)
         {
             return Err(Error::invalid("gate", g, "a number in (0, 1] (unset = off)"));
+        }
+        if !(self.entropy_beta.is_finite() && (0.0..=100.0).contains(&self.entropy_beta)) {
+            return Err(Error::invalid(
+                "entropy_beta",
+                self.entropy_beta,
+                "a number in [0, 100] (0 = the weights alone)",
+            ));
         }
         if self.draft_chars > 256 {
             return Err(Error::invalid(
@@ -135,6 +147,27 @@ pub struct NodeCharDist {
     pub eos: f64,
     /// Mass of all unlisted characters.
     pub residual: f64,
+}
+
+impl NodeCharDist {
+    /// The entropy (nats) of this distribution with the listed characters, EOS and the residual as
+    /// outcomes (the residual as one: a lower bound of the full distribution's entropy), after
+    /// normalising their total to 1; 0 for an empty distribution.
+    pub fn entropy(&self) -> f64 {
+        entropy(self.chars.iter().map(|c| c.1).chain([self.eos, self.residual]))
+    }
+}
+
+/// The entropy (nats) of non-negative masses normalised to sum 1 (0 when they sum to 0).
+pub fn entropy(masses: impl Iterator<Item = f64> + Clone) -> f64 {
+    let total: f64 = masses.clone().filter(|p| *p > 0.0).sum();
+    if total <= 0.0 {
+        return 0.0;
+    }
+    -masses
+        .filter(|p| *p > 0.0)
+        .map(|p| p / total * (p / total).ln())
+        .sum::<f64>()
 }
 
 /// The next step of the answer.
@@ -463,7 +496,15 @@ impl CharEd {
         }
         outcomes.push(CharOutcome::Eos);
 
-        let weight_total: f64 = accepted.iter().map(|(node, _, _)| self.weights[*node]).sum();
+        let beta = self.params.entropy_beta;
+        let raw_weight = |node: usize, d: &NodeCharDist| {
+            if beta == 0.0 {
+                self.weights[node]
+            } else {
+                self.weights[node] * (-beta * d.entropy()).exp()
+            }
+        };
+        let weight_total: f64 = accepted.iter().map(|(node, d, _)| raw_weight(*node, d)).sum();
         let contributors: Vec<Contributor> = accepted
             .iter()
             .map(|&(node, d, total)| {
@@ -476,7 +517,7 @@ impl CharEd {
                 probs[outcomes.len() - 1] = d.eos / total;
                 Contributor {
                     node,
-                    weight: self.weights[node] / weight_total,
+                    weight: raw_weight(node, d) / weight_total,
                     probs,
                 }
             })

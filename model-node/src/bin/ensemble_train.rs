@@ -230,7 +230,19 @@ fn deferral(o: &deferral_data::Options, report_path: Option<&PathBuf>) -> anyhow
     Ok(())
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One paragraph for people: the chain of causes, never a backtrace (whatever
+            // RUST_BACKTRACE says).
+            eprintln!("ensemble-train: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let requested = match &cli.command {
         Command::Model { threads, .. } | Command::Deferral { threads, .. } => *threads,

@@ -78,6 +78,9 @@ pub fn params(
     if let Some(v) = o.gate {
         p.gate = Some(v);
     }
+    if let Some(v) = o.entropy_beta {
+        p.entropy_beta = v;
+    }
     p
 }
 

@@ -568,3 +568,41 @@ fn the_gate_counts_the_positions_the_lead_is_sure_of() {
     };
     assert!(bad.validate().is_err_and(|e| e.to_string().contains("gate")));
 }
+
+#[test]
+fn entropy_beta_weighs_each_node_by_its_own_confidence() {
+    // Node 0 is sure of 'a' (entropy of 0.9/0.1), node 1 unsure between 'a' and 'b' (ln 2) and
+    // leaning to 'b'.
+    let sure = dist(&[('a', 0.9), ('b', 0.1)], 0.0, 0.0);
+    let unsure = dist(&[('b', 0.55), ('a', 0.35)], 0.0, 0.1);
+    let h0 = -(0.9f64 * 0.9f64.ln() + 0.1 * 0.1f64.ln());
+    let h1 = -(0.55f64 * 0.55f64.ln() + 0.35 * 0.35f64.ln() + 0.1 * 0.1f64.ln());
+    assert!(close(sure.entropy(), h0) && close(unsure.entropy(), h1));
+    assert!(close(dist(&[], 0.0, 0.0).entropy(), 0.0));
+    for beta in [0.0, 1.0, 3.0] {
+        let mut e = ed(
+            CharedParams {
+                entropy_beta: beta,
+                weights: Some(vec![1.0, 5.0]),
+                ..Default::default()
+            },
+            2,
+        );
+        let s = step(&mut e, &[(0, sure.clone()), (1, unsure.clone())]);
+        let (w0, w1) = ((-beta * h0).exp() / 6.0, 5.0 * (-beta * h1).exp() / 6.0);
+        let (w0, w1) = (w0 / (w0 + w1), w1 / (w0 + w1));
+        let pa = w0 * 0.9 + w1 * 0.35;
+        let pb = w0 * 0.1 + w1 * 0.55;
+        assert!(close(s.prob, pa.max(pb)), "β {beta}: {} vs {pa} / {pb}", s.prob);
+        assert!(close(s.shares[0].weight, w0) && close(s.shares[1].weight, w1));
+        // With the weights alone the heavier, unsure node wins 'b'; confidence turns it to 'a'.
+        assert_eq!(s.chosen, if beta >= 1.0 { c('a') } else { c('b') }, "β {beta}");
+    }
+    for bad in [-0.5, f64::NAN, 101.0] {
+        let p = CharedParams {
+            entropy_beta: bad,
+            ..Default::default()
+        };
+        assert!(p.validate().is_err(), "{bad}");
+    }
+}
