@@ -29,6 +29,11 @@ pub(crate) struct PerplexityArgs {
     /// even-numbered documents and report both on the others.
     #[arg(long)]
     fit_weights: bool,
+    /// With --fit-weights: write the cluster config (--config) to this file with the fitted mixture
+    /// that did better on the held-out documents: each member's `weight`, and `[chared]
+    /// entropy_beta` (0 for the static fit). Comments and everything else are kept.
+    #[arg(long, requires = "fit_weights")]
+    weights_out: Option<PathBuf>,
     /// Write the report as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -112,6 +117,7 @@ pub(crate) async fn run(target: &Target, args: PerplexityArgs) -> anyhow::Result
         limit,
         max_chars,
         fit_weights,
+        weights_out,
         json,
         markdown,
     } = args;
@@ -154,6 +160,25 @@ pub(crate) async fn run(target: &Target, args: PerplexityArgs) -> anyhow::Result
             .with_context(|| p.display().to_string())?;
         eprintln!("wrote {}", p.display());
     }
+    if let Some(p) = weights_out {
+        let config = std::fs::read_to_string(&target.config)
+            .with_context(|| format!("--weights-out rewrites --config: {}", target.config.display()))?;
+        // Relative model_dir paths are relative to the config's directory: written elsewhere, they
+        // become absolute.
+        let dir = |p: &Path| {
+            let d = p
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            d.canonicalize().unwrap_or_else(|_| d.to_owned())
+        };
+        let (from, to) = (dir(&target.config), dir(&p));
+        let rebase = (from != to).then_some(from.as_path());
+        let out = config_with_weights(&config, &r, &text, rebase)
+            .with_context(|| format!("{}: cannot set the weights", target.config.display()))?;
+        std::fs::write(&p, out).with_context(|| p.display().to_string())?;
+        eprintln!("wrote {}", p.display());
+    }
     if let Some(p) = json {
         let rows = |rows: &[pb::ModelBits]| -> Vec<serde_json::Value> {
             rows.iter()
@@ -170,4 +195,113 @@ pub(crate) async fn run(target: &Target, args: PerplexityArgs) -> anyhow::Result
         eprintln!("wrote {}", p.display());
     }
     Ok(())
+}
+
+/// `config` (a cluster config's text) with the better held-out fitted mixture of `r` set: each
+/// `[[nodes]]` entry's `weight` (matched by name) and `[chared] entropy_beta`; a comment on top says
+/// where they come from. With `rebase`, relative `model_dir`s are joined to it.
+fn config_with_weights(
+    config: &str,
+    r: &pb::PerplexityResponse,
+    text: &Path,
+    rebase: Option<&Path>,
+) -> anyhow::Result<String> {
+    let find = |name: &str| r.held_out.iter().find(|m| m.name == name);
+    let (Some(fitted), Some(ctx)) = (find("fitted mixture"), find("fitted per-context mixture")) else {
+        bail!("the report has no fitted mixture (run with --fit-weights)");
+    };
+    let best = if ctx.bits_per_char < fitted.bits_per_char {
+        ctx
+    } else {
+        fitted
+    };
+    let members: Vec<&str> = r
+        .rows
+        .iter()
+        .map(|m| m.name.as_str())
+        .take(best.weights.len())
+        .collect();
+    let mut doc: toml_edit::DocumentMut = config.parse()?;
+    let Some(nodes) = doc.get_mut("nodes").and_then(|n| n.as_array_of_tables_mut()) else {
+        bail!("no [[nodes]] entries");
+    };
+    for (name, w) in members.iter().zip(&best.weights) {
+        let Some(node) = nodes
+            .iter_mut()
+            .find(|t| t.get("name").and_then(|n| n.as_str()) == Some(name))
+        else {
+            bail!("no [[nodes]] entry named {name:?}");
+        };
+        node["weight"] = toml_edit::value((w * 1e4).round() / 1e4);
+    }
+    for node in nodes.iter_mut() {
+        let dir = node.get("model_dir").and_then(|d| d.as_str()).map(PathBuf::from);
+        if let (Some(base), Some(dir)) = (rebase, dir.filter(|d| d.is_relative())) {
+            node["model_dir"] = toml_edit::value(base.join(dir).display().to_string());
+        }
+    }
+    let chared = doc
+        .entry("chared")
+        .or_insert_with(toml_edit::table)
+        .as_table_mut()
+        .context("chared is not a table")?;
+    chared["entropy_beta"] = toml_edit::value(best.entropy_beta);
+    Ok(format!(
+        "# Weights fitted by `ensemble perplexity --fit-weights` on the even-numbered documents of\n\
+         # {}: {} ({:.4} bits per character on the odd-numbered ones).\n{doc}",
+        text.display(),
+        best.name,
+        best.bits_per_char
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bits(name: &str, bpc: f64, weights: &[f64], beta: f64) -> pb::ModelBits {
+        pb::ModelBits {
+            name: name.into(),
+            bits_per_char: bpc,
+            weights: weights.to_vec(),
+            entropy_beta: beta,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn fitted_weights_are_written_into_the_config() -> anyhow::Result<()> {
+        let config = "# keep me\nlisten = \"127.0.0.1:1\"\n\n[[nodes]]\nname = \"a\" # first\nurl = \"http://x:1\"\n\
+                      model_dir = \"models/a\"\n\n[[nodes]]\nname = \"b\"\nurl = \"http://x:2\"\nweight = 3.0\n";
+        let mut r = pb::PerplexityResponse {
+            rows: vec![bits("a", 1.3, &[], 0.0), bits("b", 1.2, &[], 0.0)],
+            held_out: vec![
+                bits("fitted mixture", 1.10, &[0.25, 0.75], 0.0),
+                bits("fitted per-context mixture", 1.09, &[0.4, 0.6], 0.7),
+            ],
+            ..Default::default()
+        };
+        let out = config_with_weights(config, &r, Path::new("t.txt"), Some(Path::new("/base")))?;
+        assert!(
+            out.contains("# keep me") && out.contains("name = \"a\" # first"),
+            "{out}"
+        );
+        let v: toml::Table = toml::from_str(&out)?;
+        let nodes = v["nodes"].as_array().expect("nodes");
+        assert_eq!(nodes[0]["weight"].as_float(), Some(0.4));
+        assert_eq!(nodes[1]["weight"].as_float(), Some(0.6));
+        assert_eq!(nodes[0]["model_dir"].as_str(), Some("/base/models/a"));
+        assert_eq!(v["chared"]["entropy_beta"].as_float(), Some(0.7));
+        // The static fit when it did better on the held-out documents; β 0.
+        r.held_out[1].bits_per_char = 1.11;
+        let v: toml::Table = toml::from_str(&config_with_weights(config, &r, Path::new("t.txt"), None)?)?;
+        assert_eq!(v["nodes"][0]["weight"].as_float(), Some(0.25));
+        assert_eq!(v["nodes"][0]["model_dir"].as_str(), Some("models/a"));
+        assert_eq!(v["chared"]["entropy_beta"].as_float(), Some(0.0));
+        // A member the config does not name.
+        r.rows[1].name = "c".into();
+        let e = config_with_weights(config, &r, Path::new("t.txt"), None).expect_err("no c");
+        assert!(e.to_string().contains("\"c\""), "{e}");
+        Ok(())
+    }
 }
