@@ -1,49 +1,327 @@
-//! The one-row product `y = W·x` of a decode step on every kernel thread.
+//! Products of a weight with a few rows, `y = x·Wᵀ` for `x` `(n, cols)` with `n` up to [`MAX_ROWS`]:
+//! a decode step (one row per sequence) on every kernel thread, with each weight read once.
 //!
 //! candle sends a one-row f32 matmul to `gemm`'s matrix-vector path, which runs on one thread: at
 //! batch 1 a decode step then streams every weight through one core (measured at 150M parameters:
-//! ~1.0 core used, ~9.4 GB/s, while llama.cpp used 1.9). Here the rows of `W` are split over the
-//! kernel pool and each thread takes dot products of whole rows with `x` (16 independent partial
-//! sums, which the compiler vectorises). Small matrices keep candle's path: below
-//! [`PARALLEL_ELEMS`] a thread wake-up costs more than it saves.
+//! ~1.0 core used, ~9.4 GB/s, while llama.cpp used 1.9). For a few rows (a batched decode step)
+//! `gemm` packs the weight into panels and runs its microkernel over 6-column strips: at 16 rows and
+//! 25M parameters, where the weights come from memory rather than cache, a step cost ~3× its
+//! isolated products. Here the rows of `W` are split over the kernel pool and each thread streams
+//! its rows of `W` once, in blocks of 4 rows against 3 rows of `x` at a time (12 accumulators in
+//! registers: each chunk of `W` loaded serves 3 rows, each chunk of `x` 4; `x` stays in cache).
+//! Where the CPU has AVX2 and FMA (checked once at run time) the loops are compiled for them, with
+//! fused multiply-adds.
+//!
+//! **A row's result does not depend on its batch mates**: every dot product is summed the same way
+//! (8 lanes over whole chunks in order, then the lanes in order, then the tail), whatever block it
+//! falls in, so a batched decode step gives bit-identical logits to the same sequence stepped alone.
 
 use candle_core::{CpuStorage, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 type CResult<T> = candle_core::Result<T>;
 
-/// Weight elements from which a one-row product is split across threads (a 512 × 512 matrix).
-pub(super) const PARALLEL_ELEMS: usize = 1 << 18;
+/// Most rows of `x` this product takes; more go to candle's gemm (prefill).
+pub(super) const MAX_ROWS: usize = 32;
 
-/// Rows per task: enough work per task to amortise the scheduling (~64 K multiply-adds).
-fn rows_per_task(rows: usize, cols: usize, threads: usize) -> usize {
-    let by_work = (1usize << 16).div_ceil(cols.max(1));
+/// Multiply-adds below which a product runs on the calling thread (a wake-up costs more).
+const PARALLEL_WORK: usize = 1 << 18;
+
+/// Rows of `W` one block of the kernel takes at once (tasks own multiples of it).
+const W_BLOCK: usize = 4;
+
+/// Rows of `W` per task: enough work per task to amortise the scheduling (~64 K multiply-adds).
+fn rows_per_task(rows: usize, work_per_row: usize, threads: usize) -> usize {
+    let by_work = (1usize << 16).div_ceil(work_per_row.max(1));
     let by_threads = rows.div_ceil(4 * threads.max(1));
-    by_work.max(by_threads).clamp(1, rows.max(1))
+    by_work
+        .max(by_threads)
+        .next_multiple_of(W_BLOCK)
+        .clamp(1, rows.max(1))
 }
 
-/// `Σ a[i]·b[i]` with 16 independent partial sums.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for i in 0..16 {
-            acc[i] += x[i] * y[i];
+/// How a block of dot products is computed: each implementation sums every product the same way
+/// whatever the block (partial sums over whole chunks of its lane count in order, the lanes reduced
+/// in a fixed order, then the tail in order), so that a row's result never depends on its batch mates.
+trait Kernel {
+    /// The dot products of `A` rows of `W` with `B` rows of `x` (all of one length).
+    fn block<const A: usize, const B: usize>(ws: [&[f32]; A], xs: [&[f32]; B]) -> [[f32; B]; A];
+}
+
+/// Any CPU: 8 partial sums per product, vectorised as the compiler can.
+struct Portable;
+
+impl Kernel for Portable {
+    #[inline(always)]
+    fn block<const A: usize, const B: usize>(ws: [&[f32]; A], xs: [&[f32]; B]) -> [[f32; B]; A] {
+        std::array::from_fn(|a| {
+            std::array::from_fn(|b| {
+                let (wc, wt) = ws[a].as_chunks::<8>();
+                let (xc, xt) = xs[b].as_chunks::<8>();
+                let mut acc = [0f32; 8];
+                for (w, x) in wc.iter().zip(xc) {
+                    for l in 0..8 {
+                        acc[l] += w[l] * x[l];
+                    }
+                }
+                let mut tail = 0f32;
+                for (w, x) in wt.iter().zip(xt) {
+                    tail += w * x;
+                }
+                acc.iter().sum::<f32>() + tail
+            })
+        })
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    //! AVX2 and AVX-512 blocks with explicit intrinsics (the compiler's vectoriser kept the
+    //! accumulators of a multi-row block in memory).
+    #![allow(unsafe_code)]
+
+    use std::arch::x86_64::*;
+
+    /// AVX2 + FMA: 8 lanes per product, blocks of 4 rows of `W` by 3 of `x` (12 accumulators).
+    pub(super) struct Avx2;
+
+    /// AVX-512: 16 lanes per product, blocks of 4 by 4 (16 accumulators of the 32 registers).
+    pub(super) struct Avx512;
+
+    /// The products of one block on AVX2.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA; every slice must have the length of `ws[0]`.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn block_avx2<const A: usize, const B: usize>(ws: [&[f32]; A], xs: [&[f32]; B]) -> [[f32; B]; A] {
+        let cols = ws[0].len();
+        let chunks = cols / 8;
+        let mut acc = [[_mm256_setzero_ps(); B]; A];
+        for i in 0..chunks {
+            // SAFETY: i * 8 + 8 <= cols, the length of every slice.
+            let xv: [__m256; B] =
+                std::array::from_fn(|b| unsafe { _mm256_loadu_ps(xs[b].as_ptr().add(i * 8)) });
+            for a in 0..A {
+                // SAFETY: as above.
+                let wv = unsafe { _mm256_loadu_ps(ws[a].as_ptr().add(i * 8)) };
+                for b in 0..B {
+                    acc[a][b] = _mm256_fmadd_ps(wv, xv[b], acc[a][b]);
+                }
+            }
+        }
+        let mut out = [[0f32; B]; A];
+        for a in 0..A {
+            for b in 0..B {
+                let mut lanes = [0f32; 8];
+                // SAFETY: `lanes` holds 8 floats.
+                unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc[a][b]) };
+                let mut sum = lanes.iter().sum::<f32>();
+                for k in chunks * 8..cols {
+                    sum = ws[a][k].mul_add(xs[b][k], sum);
+                }
+                out[a][b] = sum;
+            }
+        }
+        out
+    }
+
+    /// The products of one block on AVX-512.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F; every slice must have the length of `ws[0]`.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    #[inline]
+    unsafe fn block_avx512<const A: usize, const B: usize>(
+        ws: [&[f32]; A],
+        xs: [&[f32]; B],
+    ) -> [[f32; B]; A] {
+        let cols = ws[0].len();
+        let chunks = cols / 16;
+        let mut acc = [[_mm512_setzero_ps(); B]; A];
+        for i in 0..chunks {
+            // SAFETY: i * 16 + 16 <= cols, the length of every slice.
+            let xv: [__m512; B] =
+                std::array::from_fn(|b| unsafe { _mm512_loadu_ps(xs[b].as_ptr().add(i * 16)) });
+            for a in 0..A {
+                // SAFETY: as above.
+                let wv = unsafe { _mm512_loadu_ps(ws[a].as_ptr().add(i * 16)) };
+                for b in 0..B {
+                    acc[a][b] = _mm512_fmadd_ps(wv, xv[b], acc[a][b]);
+                }
+            }
+        }
+        let mut out = [[0f32; B]; A];
+        for a in 0..A {
+            for b in 0..B {
+                let mut lanes = [0f32; 16];
+                // SAFETY: `lanes` holds 16 floats.
+                unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), acc[a][b]) };
+                let mut sum = lanes.iter().sum::<f32>();
+                for k in chunks * 16..cols {
+                    sum = ws[a][k].mul_add(xs[b][k], sum);
+                }
+                out[a][b] = sum;
+            }
+        }
+        out
+    }
+
+    fn same_lengths(ws: &[&[f32]], xs: &[&[f32]]) -> bool {
+        let n = ws.first().map_or(0, |w| w.len());
+        ws.iter().chain(xs).all(|s| s.len() == n)
+    }
+
+    impl super::Kernel for Avx2 {
+        #[inline(always)]
+        fn block<const A: usize, const B: usize>(ws: [&[f32]; A], xs: [&[f32]; B]) -> [[f32; B]; A] {
+            assert!(
+                same_lengths(&ws, &xs),
+                "few-rows matmul: rows of different lengths"
+            );
+            // SAFETY: only reached from `task_avx2`, which runs on CPUs with AVX2 and FMA; lengths
+            // checked above.
+            unsafe { block_avx2(ws, xs) }
         }
     }
-    let mut tail = 0f32;
-    for (x, y) in ra.iter().zip(rb) {
-        tail += x * y;
+
+    impl super::Kernel for Avx512 {
+        #[inline(always)]
+        fn block<const A: usize, const B: usize>(ws: [&[f32]; A], xs: [&[f32]; B]) -> [[f32; B]; A] {
+            assert!(
+                same_lengths(&ws, &xs),
+                "few-rows matmul: rows of different lengths"
+            );
+            // SAFETY: only reached from `task_avx512`, which runs on CPUs with AVX-512F; lengths
+            // checked above.
+            unsafe { block_avx512(ws, xs) }
+        }
     }
-    acc.iter().sum::<f32>() + tail
 }
 
-struct MatVec;
+/// Every row of `x` against `A` rows of `W` from `first` (`yt`: their `(A, n)` outputs), `XB` rows
+/// of `x` at a time.
+#[inline(always)]
+fn rows_block<K: Kernel, const A: usize, const XB: usize>(
+    w: &[f32],
+    x: &[f32],
+    cols: usize,
+    n: usize,
+    first: usize,
+    yt: &mut [f32],
+) {
+    let wr: [&[f32]; A] = std::array::from_fn(|a| &w[(first + a) * cols..(first + a + 1) * cols]);
+    let xr = |j: usize| &x[j * cols..(j + 1) * cols];
+    let mut j = 0;
+    while j + XB <= n {
+        let d = K::block::<A, XB>(wr, std::array::from_fn(|b| xr(j + b)));
+        for (a, row) in d.iter().enumerate() {
+            yt[a * n + j..a * n + j + XB].copy_from_slice(row);
+        }
+        j += XB;
+    }
+    while j < n {
+        let d = K::block::<A, 1>(wr, [xr(j)]);
+        for (a, row) in d.iter().enumerate() {
+            yt[a * n + j] = row[0];
+        }
+        j += 1;
+    }
+}
 
-impl candle_core::CustomOp2 for MatVec {
+/// `yt[k·n + j] = W[first + k] · x[j]` for the rows of `W` a task owns (`yt`: `(rows, n)`), in
+/// blocks of [`W_BLOCK`] rows of `W` by `XB` rows of `x`.
+#[inline(always)]
+fn task<K: Kernel, const XB: usize>(
+    w: &[f32],
+    x: &[f32],
+    cols: usize,
+    n: usize,
+    first: usize,
+    yt: &mut [f32],
+) {
+    let rows = yt.len() / n;
+    let mut k = 0;
+    while k + W_BLOCK <= rows {
+        rows_block::<K, W_BLOCK, XB>(w, x, cols, n, first + k, &mut yt[k * n..(k + W_BLOCK) * n]);
+        k += W_BLOCK;
+    }
+    while k < rows {
+        rows_block::<K, 1, XB>(w, x, cols, n, first + k, &mut yt[k * n..(k + 1) * n]);
+        k += 1;
+    }
+}
+
+/// [`task`] compiled for AVX-512: 4 × 4 blocks (16 accumulators of the 32 registers).
+///
+/// # Safety
+/// The CPU must have AVX-512F ([`Isa::detect`]).
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn task_avx512(w: &[f32], x: &[f32], cols: usize, n: usize, first: usize, yt: &mut [f32]) {
+    task::<x86::Avx512, 4>(w, x, cols, n, first, yt);
+}
+
+/// [`task`] compiled for AVX2 and FMA: 4 × 3 blocks (12 accumulators of the 16 registers).
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA ([`Isa::detect`]).
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn task_avx2(w: &[f32], x: &[f32], cols: usize, n: usize, first: usize, yt: &mut [f32]) {
+    task::<x86::Avx2, 3>(w, x, cols, n, first, yt);
+}
+
+/// The instruction set the kernel is compiled for, detected once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Isa {
+    Avx512,
+    Avx2,
+    Portable,
+}
+
+impl Isa {
+    fn detect() -> Self {
+        static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *ISA.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            {
+                let fma =
+                    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
+                if fma && std::arch::is_x86_feature_detected!("avx512f") {
+                    return Isa::Avx512;
+                }
+                if fma {
+                    return Isa::Avx2;
+                }
+            }
+            Isa::Portable
+        })
+    }
+}
+
+/// One task, on the fastest code this CPU runs.
+fn run_task(w: &[f32], x: &[f32], cols: usize, n: usize, first: usize, yt: &mut [f32]) {
+    match Isa::detect() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has AVX-512F, AVX2 and FMA (detected).
+        #[allow(unsafe_code)]
+        Isa::Avx512 => unsafe { task_avx512(w, x, cols, n, first, yt) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has AVX2 and FMA (detected).
+        #[allow(unsafe_code)]
+        Isa::Avx2 => unsafe { task_avx2(w, x, cols, n, first, yt) },
+        _ => task::<Portable, 1>(w, x, cols, n, first, yt),
+    }
+}
+
+struct FewRows;
+
+impl candle_core::CustomOp2 for FewRows {
     fn name(&self) -> &'static str {
-        "par-matvec"
+        "few-rows-matmul"
     }
 
     fn cpu_fwd(
@@ -54,34 +332,47 @@ impl candle_core::CustomOp2 for MatVec {
         xl: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
         let (CpuStorage::F32(w), CpuStorage::F32(x)) = (ws, xs) else {
-            candle_core::bail!("par-matvec: f32 storage expected");
+            candle_core::bail!("few-rows matmul: f32 storage expected");
         };
         let (rows, cols) = wl.shape().dims2()?;
+        let (n, xcols) = xl.shape().dims2()?;
         let (Some((w0, w1)), Some((x0, x1))) = (wl.contiguous_offsets(), xl.contiguous_offsets()) else {
-            candle_core::bail!("par-matvec: contiguous operands expected");
+            candle_core::bail!("few-rows matmul: contiguous operands expected");
         };
-        let (w, x) = (&w[w0..w1], &x[x0..x1]);
-        if x.len() != cols {
-            candle_core::bail!("par-matvec: {} inputs for {cols} columns", x.len());
+        if xcols != cols || n == 0 {
+            candle_core::bail!("few-rows matmul: x {n} x {xcols} for W {rows} x {cols}");
         }
-        let mut y = vec![0f32; rows];
-        let per = rows_per_task(rows, cols, rayon::current_num_threads());
-        y.par_chunks_mut(per).enumerate().for_each(|(t, ys)| {
-            for (k, yk) in ys.iter_mut().enumerate() {
-                let r = t * per + k;
-                *yk = dot(&w[r * cols..(r + 1) * cols], x);
+        let (w, x) = (&w[w0..w1], &x[x0..x1]);
+        let mut yt = vec![0f32; rows * n];
+        if rows * cols * n < PARALLEL_WORK {
+            run_task(w, x, cols, n, 0, &mut yt);
+        } else {
+            let per = rows_per_task(rows, cols * n, rayon::current_num_threads());
+            yt.par_chunks_mut(per * n)
+                .enumerate()
+                .for_each(|(t, ys)| run_task(w, x, cols, n, t * per, ys));
+        }
+        let y = if n == 1 {
+            yt
+        } else {
+            let mut y = vec![0f32; rows * n];
+            for (o, ys) in yt.chunks_exact(n).enumerate() {
+                for (j, v) in ys.iter().enumerate() {
+                    y[j * rows + o] = *v;
+                }
             }
-        });
-        Ok((CpuStorage::F32(y), Shape::from(rows)))
+            y
+        };
+        Ok((CpuStorage::F32(y), Shape::from((n, rows))))
     }
 }
 
-/// `W·x` for `W` `(rows, cols)` and `x` of `cols` elements (any shape), both f32 on the CPU:
-/// a `(rows,)` tensor.
-pub(super) fn matvec(w: &Tensor, x: &Tensor) -> CResult<Tensor> {
+/// `x·Wᵀ` for `W` `(rows, cols)` and `x` `(n, cols)` (n ≤ [`MAX_ROWS`] to be worth it), both f32 on
+/// the CPU: a `(n, rows)` tensor.
+pub(super) fn few_rows(w: &Tensor, x: &Tensor) -> CResult<Tensor> {
     let w = w.contiguous()?;
-    let x = x.flatten_all()?.contiguous()?;
-    w.apply_op2_no_bwd(&x, &MatVec)
+    let x = x.contiguous()?;
+    w.apply_op2_no_bwd(&x, &FewRows)
 }
 
 #[cfg(test)]
@@ -91,17 +382,98 @@ mod tests {
 
     #[test]
     fn equals_candles_product_to_rounding() -> CResult<()> {
-        for (rows, cols) in [(1, 1), (3, 17), (1408, 512), (512, 1408), (37, 1000)] {
+        for (rows, cols, n) in [
+            (1, 1, 1),
+            (3, 17, 2),
+            (1408, 512, 1),
+            (512, 1408, 16),
+            (37, 1000, 7),
+        ] {
             let w = Tensor::randn(0f32, 1.0, (rows, cols), &Device::Cpu)?;
-            let x = Tensor::randn(0f32, 1.0, (1, cols), &Device::Cpu)?;
-            let ours = matvec(&w, &x)?.to_vec1::<f32>()?;
+            let x = Tensor::randn(0f32, 1.0, (n, cols), &Device::Cpu)?;
+            let ours = few_rows(&w, &x)?.flatten_all()?.to_vec1::<f32>()?;
             let theirs = x.matmul(&w.t()?)?.flatten_all()?.to_vec1::<f32>()?;
             for (a, b) in ours.iter().zip(&theirs) {
                 assert!(
                     (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
-                    "{rows}x{cols}: {a} vs {b}"
+                    "{rows}x{cols}x{n}: {a} vs {b}"
                 );
             }
+        }
+        Ok(())
+    }
+
+    /// Each row's result is bit-identical alone and among others, wherever it sits.
+    #[test]
+    fn a_row_does_not_depend_on_its_batch_mates() -> CResult<()> {
+        let (rows, cols) = (700, 515);
+        let w = Tensor::randn(0f32, 1.0, (rows, cols), &Device::Cpu)?;
+        let x = Tensor::randn(0f32, 1.0, (13, cols), &Device::Cpu)?;
+        let all = few_rows(&w, &x)?.to_vec2::<f32>()?;
+        for j in 0..13 {
+            let alone = few_rows(&w, &x.narrow(0, j, 1)?)?.to_vec2::<f32>()?;
+            assert_eq!(alone[0], all[j], "row {j}");
+            let pair = few_rows(&w, &x.narrow(0, j.min(11), 2)?)?.to_vec2::<f32>()?;
+            assert_eq!(pair[j - j.min(11)], all[j], "row {j} in a pair");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod timing {
+    use super::*;
+    use candle_core::Device;
+
+    /// Not a test: `cargo test --release -p model-node --lib matvec::timing -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn print_timings() -> CResult<()> {
+        // 8 layers of a 25M Llama: q, k, v, o 512x512, gate, up 1376x512, down 512x1376.
+        let mut ws = Vec::new();
+        for _ in 0..8 {
+            for (r, c) in [
+                (512, 512),
+                (512, 512),
+                (512, 512),
+                (512, 512),
+                (1376, 512),
+                (1376, 512),
+                (512, 1376),
+            ] {
+                ws.push(Tensor::randn(0f32, 1.0, (r, c), &Device::Cpu)?);
+            }
+        }
+        for n in [1usize, 4, 16, 32, 64] {
+            let xs: Vec<Tensor> = [512usize, 1376]
+                .iter()
+                .map(|&c| Tensor::randn(0f32, 1.0, (n, c), &Device::Cpu))
+                .collect::<CResult<_>>()?;
+            let x_for = |w: &Tensor| -> &Tensor {
+                if w.dim(1).unwrap_or(0) == 512 {
+                    &xs[0]
+                } else {
+                    &xs[1]
+                }
+            };
+            let time = |f: &dyn Fn(&Tensor, &Tensor) -> CResult<Tensor>| -> CResult<f64> {
+                for w in &ws {
+                    f(w, x_for(w))?;
+                }
+                let t = std::time::Instant::now();
+                for _ in 0..5 {
+                    for w in &ws {
+                        f(w, x_for(w))?;
+                    }
+                }
+                Ok(t.elapsed().as_secs_f64() * 1e3 / 5.0)
+            };
+            let ours = time(&|w, x| few_rows(w, x))?;
+            let gemm_left = time(&|w, x| w.matmul(&x.t()?.contiguous()?)?.t()?.contiguous())?;
+            let gemm_right = time(&|w, x| x.matmul(&w.t()?))?;
+            println!(
+                "n {n:>2}: few_rows {ours:.2} ms, W·xT {gemm_left:.2} ms, x·WT {gemm_right:.2} ms per 8 layers"
+            );
         }
         Ok(())
     }

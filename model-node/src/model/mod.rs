@@ -4,7 +4,8 @@
 //! - [`config`]: `config.json` → [`ArchConfig`] for Llama, Qwen2, Mistral, Phi-3 and Gemma 2.
 //! - [`transformer`]: [`Transformer`] (weights, rotary tables, forward passes).
 //! - `kv`: [`KvCache`], storage preallocated per layer, appended in place, views forked freely.
-//! - `matvec`: the one-row product of a decode step split over the kernel threads.
+//! - `matvec`: the products of a decode step (up to 32 rows) on every kernel thread, each weight read
+//!   once, a row's result independent of its batch mates (AVX-512 / AVX2 kernels picked at run time).
 //! - `ragged`: the CPU decode-attention kernel of a batched step (every row over its own cache).
 //! - [`weights`]: where weights come from ([`WeightSource`]: safetensors or GGUF) and [`Linear`], a
 //!   projection dense or GGML-quantized.

@@ -9,9 +9,9 @@ use candle_nn::VarBuilder;
 
 type CResult<T> = candle_core::Result<T>;
 
-/// Rows up to which a dense product runs as `W·xᵀ` (decode steps of a batch); above, as candle's
-/// `x·Wᵀ`, whose gemm takes the transposed weight as it is, without the two transposing copies
-/// (a prefill).
+/// Rows up to which a dense product of more than [`super::matvec::MAX_ROWS`] rows runs as `W·xᵀ`;
+/// above, as candle's `x·Wᵀ`, whose gemm takes the transposed weight as it is, without the two
+/// transposing copies (a long prefill).
 const GEMM_ROWS: usize = 256;
 
 /// Tensors by their HuggingFace names.
@@ -117,10 +117,12 @@ impl Linear {
     /// A one-row product of a large f32 matrix on the CPU (a decode step at batch 1) is split over
     /// the kernel threads ([`super::matvec`]).
     ///
-    /// Dense several-row products run as `W·xᵀ`: with the weight as the left operand, candle's CPU
-    /// gemm reads it once without repacking it, which makes a decode step of 16 rows ~2× cheaper than
-    /// `x·Wᵀ` (measured: 149 against 301 µs for 16 × 512 → 1408; 48 µs for one row either way). One
-    /// row, and other devices, keep candle's own path.
+    /// Dense products of up to [`super::matvec::MAX_ROWS`] rows (decode steps) go to
+    /// [`super::matvec::few_rows`]: every kernel thread, each weight read once, a row's result the
+    /// same alone or batched. More rows (prefill) run as `W·xᵀ` up to [`GEMM_ROWS`]: with the weight
+    /// as the left operand, candle's CPU gemm does not repack it (measured: 149 against 301 µs for
+    /// 16 × 512 → 1408 as `x·Wᵀ`); beyond, candle's own `x·Wᵀ`, which avoids two transposing copies.
+    /// Other devices and dtypes keep candle's path.
     pub fn forward(&self, x: &Tensor) -> CResult<Tensor> {
         let lin = match self {
             Self::Dense(l) => l,
@@ -142,9 +144,8 @@ impl Linear {
             *last = w.dim(0)?;
         }
         let cpu_f32 = w.device().is_cpu() && w.dtype() == DType::F32 && x.dtype() == DType::F32;
-        if rows == 1 && cpu_f32 && w.elem_count() >= super::matvec::PARALLEL_ELEMS {
-            // A decode step's one-row product, on every kernel thread (gemm's runs on one).
-            let y = super::matvec::matvec(w, x)?.reshape(shape)?;
+        if cpu_f32 && (1..=super::matvec::MAX_ROWS).contains(&rows) {
+            let y = super::matvec::few_rows(w, &x.reshape((rows, inner))?)?.reshape(shape)?;
             return match lin.bias() {
                 Some(b) => y.broadcast_add(b),
                 None => Ok(y),
