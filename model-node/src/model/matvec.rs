@@ -300,11 +300,21 @@ impl Isa {
             Isa::Portable
         })
     }
+
+    /// Every kernel this CPU runs (the detected one and the slower ones).
+    #[cfg(test)]
+    fn available() -> Vec<Self> {
+        match Self::detect() {
+            Isa::Avx512 => vec![Isa::Avx512, Isa::Avx2, Isa::Portable],
+            Isa::Avx2 => vec![Isa::Avx2, Isa::Portable],
+            Isa::Portable => vec![Isa::Portable],
+        }
+    }
 }
 
-/// One task, on the fastest code this CPU runs.
-fn run_task(w: &[f32], x: &[f32], cols: usize, n: usize, first: usize, yt: &mut [f32]) {
-    match Isa::detect() {
+/// One task, on the kernel of `isa` (which this CPU must run: [`Isa::detect`] or slower).
+fn run_task(isa: Isa, w: &[f32], x: &[f32], cols: usize, n: usize, first: usize, yt: &mut [f32]) {
+    match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the CPU has AVX-512F, AVX2 and FMA (detected).
         #[allow(unsafe_code)]
@@ -345,12 +355,12 @@ impl candle_core::CustomOp2 for FewRows {
         let (w, x) = (&w[w0..w1], &x[x0..x1]);
         let mut yt = vec![0f32; rows * n];
         if rows * cols * n < PARALLEL_WORK {
-            run_task(w, x, cols, n, 0, &mut yt);
+            run_task(Isa::detect(), w, x, cols, n, 0, &mut yt);
         } else {
             let per = rows_per_task(rows, cols * n, rayon::current_num_threads());
             yt.par_chunks_mut(per * n)
                 .enumerate()
-                .for_each(|(t, ys)| run_task(w, x, cols, n, t * per, ys));
+                .for_each(|(t, ys)| run_task(Isa::detect(), w, x, cols, n, t * per, ys));
         }
         let y = if n == 1 {
             yt
@@ -380,8 +390,23 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
+    /// `x·Wᵀ` `(n, rows)` on the kernel of `isa`, on the calling thread.
+    fn product_on(isa: Isa, w: &Tensor, x: &Tensor) -> CResult<Vec<Vec<f32>>> {
+        let (rows, cols) = w.dims2()?;
+        let n = x.dim(0)?;
+        let (wv, xv) = (
+            w.flatten_all()?.to_vec1::<f32>()?,
+            x.flatten_all()?.to_vec1::<f32>()?,
+        );
+        let mut yt = vec![0f32; rows * n];
+        run_task(isa, &wv, &xv, cols, n, 0, &mut yt);
+        Ok((0..n)
+            .map(|j| (0..rows).map(|o| yt[o * n + j]).collect())
+            .collect())
+    }
+
     #[test]
-    fn equals_candles_product_to_rounding() -> CResult<()> {
+    fn equals_candles_product_to_rounding_on_every_kernel() -> CResult<()> {
         for (rows, cols, n) in [
             (1, 1, 1),
             (3, 17, 2),
@@ -391,22 +416,28 @@ mod tests {
         ] {
             let w = Tensor::randn(0f32, 1.0, (rows, cols), &Device::Cpu)?;
             let x = Tensor::randn(0f32, 1.0, (n, cols), &Device::Cpu)?;
-            let ours = few_rows(&w, &x)?.flatten_all()?.to_vec1::<f32>()?;
-            let theirs = x.matmul(&w.t()?)?.flatten_all()?.to_vec1::<f32>()?;
-            for (a, b) in ours.iter().zip(&theirs) {
-                assert!(
-                    (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
-                    "{rows}x{cols}x{n}: {a} vs {b}"
-                );
+            let theirs = x.matmul(&w.t()?)?.to_vec2::<f32>()?;
+            let mut results = vec![("parallel op", few_rows(&w, &x)?.to_vec2::<f32>()?)];
+            for isa in Isa::available() {
+                results.push((format!("{isa:?}").leak(), product_on(isa, &w, &x)?));
+            }
+            for (what, ours) in results {
+                for (a, b) in ours.iter().flatten().zip(theirs.iter().flatten()) {
+                    assert!(
+                        (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                        "{what} {rows}x{cols}x{n}: {a} vs {b}"
+                    );
+                }
             }
         }
         Ok(())
     }
 
-    /// Each row's result is bit-identical alone and among others, wherever it sits.
+    /// On every kernel, each row's result is bit-identical alone and among others, wherever it sits
+    /// (rows of `W` and of `x` not multiples of the blocks, columns not of the lanes).
     #[test]
     fn a_row_does_not_depend_on_its_batch_mates() -> CResult<()> {
-        let (rows, cols) = (700, 515);
+        let (rows, cols) = (701, 515);
         let w = Tensor::randn(0f32, 1.0, (rows, cols), &Device::Cpu)?;
         let x = Tensor::randn(0f32, 1.0, (13, cols), &Device::Cpu)?;
         let all = few_rows(&w, &x)?.to_vec2::<f32>()?;
@@ -416,64 +447,14 @@ mod tests {
             let pair = few_rows(&w, &x.narrow(0, j.min(11), 2)?)?.to_vec2::<f32>()?;
             assert_eq!(pair[j - j.min(11)], all[j], "row {j} in a pair");
         }
-        Ok(())
-    }
-}
-
-#[cfg(test)]
-mod timing {
-    use super::*;
-    use candle_core::Device;
-
-    /// Not a test: `cargo test --release -p model-node --lib matvec::timing -- --ignored --nocapture`.
-    #[test]
-    #[ignore]
-    fn print_timings() -> CResult<()> {
-        // 8 layers of a 25M Llama: q, k, v, o 512x512, gate, up 1376x512, down 512x1376.
-        let mut ws = Vec::new();
-        for _ in 0..8 {
-            for (r, c) in [
-                (512, 512),
-                (512, 512),
-                (512, 512),
-                (512, 512),
-                (1376, 512),
-                (1376, 512),
-                (512, 1376),
-            ] {
-                ws.push(Tensor::randn(0f32, 1.0, (r, c), &Device::Cpu)?);
+        for isa in Isa::available() {
+            let all = product_on(isa, &w, &x)?;
+            for j in 0..13 {
+                let alone = product_on(isa, &w, &x.narrow(0, j, 1)?)?;
+                assert_eq!(alone[0], all[j], "{isa:?} row {j}");
+                let five = product_on(isa, &w, &x.narrow(0, j.min(8), 5)?)?;
+                assert_eq!(five[j - j.min(8)], all[j], "{isa:?} row {j} among five");
             }
-        }
-        for n in [1usize, 4, 16, 32, 64] {
-            let xs: Vec<Tensor> = [512usize, 1376]
-                .iter()
-                .map(|&c| Tensor::randn(0f32, 1.0, (n, c), &Device::Cpu))
-                .collect::<CResult<_>>()?;
-            let x_for = |w: &Tensor| -> &Tensor {
-                if w.dim(1).unwrap_or(0) == 512 {
-                    &xs[0]
-                } else {
-                    &xs[1]
-                }
-            };
-            let time = |f: &dyn Fn(&Tensor, &Tensor) -> CResult<Tensor>| -> CResult<f64> {
-                for w in &ws {
-                    f(w, x_for(w))?;
-                }
-                let t = std::time::Instant::now();
-                for _ in 0..5 {
-                    for w in &ws {
-                        f(w, x_for(w))?;
-                    }
-                }
-                Ok(t.elapsed().as_secs_f64() * 1e3 / 5.0)
-            };
-            let ours = time(&|w, x| few_rows(w, x))?;
-            let gemm_left = time(&|w, x| w.matmul(&x.t()?.contiguous()?)?.t()?.contiguous())?;
-            let gemm_right = time(&|w, x| x.matmul(&w.t()?))?;
-            println!(
-                "n {n:>2}: few_rows {ours:.2} ms, W·xT {gemm_left:.2} ms, x·WT {gemm_right:.2} ms per 8 layers"
-            );
         }
         Ok(())
     }
