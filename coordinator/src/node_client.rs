@@ -397,8 +397,12 @@ impl NodeClient {
     /// The exact probability of each character of `continuation` after the answer so far and the
     /// continuation's characters before it (not appended), and the entropy (nats) of the node's
     /// distribution there over its `top_k` listed characters, EOS and the residual as one outcome
-    /// ([`crate::strategy::chared::entropy`]): one call, positions `0..n`.
-    pub async fn observed_chars(&mut self, continuation: &str, top_k: u32) -> Result<Vec<(f64, f64)>> {
+    /// ([`crate::strategy::chared::entropy`]): one call, positions `0..n`; and the node's usage.
+    pub async fn observed_chars(
+        &mut self,
+        continuation: &str,
+        top_k: u32,
+    ) -> Result<(Vec<(f64, f64)>, pb::Usage)> {
         let r = self
             .next_chars_call(pb::NextCharsRequest {
                 context: None,
@@ -428,7 +432,7 @@ impl NodeClient {
                 message: format!("{} positions for {n} characters", out.len()),
             });
         }
-        Ok(out)
+        Ok((out, r.usage.unwrap_or_default()))
     }
 
     /// One `NextCharDistributions` call: `req` with this request's context.

@@ -44,6 +44,10 @@ pub struct MemberRun {
     pub entropy: Vec<f64>,
     /// `NextCharDistributions` calls made.
     pub calls: u64,
+    /// Forward passes the member's node reported.
+    pub forward_passes: u64,
+    /// Positions the member's node ran through its model.
+    pub computed_positions: u64,
     /// Windows started after the first of a document (context overflows).
     pub slides: u64,
 }
@@ -301,6 +305,8 @@ impl Perplexity {
             calls: member.map_or(0, |m| m.calls),
             windows_slid: member.map_or(0, |m| m.slides),
             entropy_beta: 0.0,
+            forward_passes: member.map_or(0, |m| m.forward_passes),
+            computed_positions: member.map_or(0, |m| m.computed_positions),
         }
     }
 
@@ -376,6 +382,8 @@ pub async fn measure(
             probs: Vec::new(),
             entropy: Vec::new(),
             calls: 0,
+            forward_passes: 0,
+            computed_positions: 0,
             slides: 0,
         })
         .collect();
@@ -388,15 +396,17 @@ pub async fn measure(
             async move {
                 let r = score_doc(c, session, raw, chars, chared.top_k).await;
                 c.close().await;
-                r.map(|(probs, slides)| (probs, slides, c.calls().2))
+                r.map(|(probs, work)| (probs, work, c.calls().2))
             }
         });
         for (m, r) in futures::future::join_all(runs).await.into_iter().enumerate() {
-            let (probs, slides, calls) = r?;
+            let (probs, work, calls) = r?;
             members[m].probs.extend(probs.iter().map(|p| p.0));
             members[m].entropy.extend(probs.iter().map(|p| p.1));
             members[m].calls += calls;
-            members[m].slides += slides;
+            members[m].slides += work.slides;
+            members[m].forward_passes += work.forward_passes;
+            members[m].computed_positions += work.computed_positions;
         }
         progress(d + 1);
     }
@@ -424,23 +434,33 @@ fn too_long(e: &Error) -> bool {
     matches!(e, Error::Node { code: tonic::Code::InvalidArgument, message, .. } if message.contains("context too long"))
 }
 
+/// What pricing a document cost a member.
+#[derive(Debug, Default)]
+struct Work {
+    slides: u64,
+    forward_passes: u64,
+    computed_positions: u64,
+}
+
 /// One document through one member, whose client has begun `session` with `prompt`:
-/// ((probability, entropy) of each character, windows slid).
+/// ((probability, entropy) of each character, the work).
 async fn score_doc(
     c: &mut crate::node_client::NodeClient,
     session: &str,
     prompt: pb::Prompt,
     chars: &[char],
     top_k: u32,
-) -> Result<(Vec<(f64, f64)>, u64)> {
-    let (mut probs, mut slides) = (Vec::with_capacity(chars.len()), 0u64);
+) -> Result<(Vec<(f64, f64)>, Work)> {
+    let (mut probs, mut work) = (Vec::with_capacity(chars.len()), Work::default());
     let (mut start, mut at, mut chunk) = (0usize, 0usize, CHUNK_CHARS);
     while at < chars.len() {
         let end = (at + chunk).min(chars.len());
         let text: String = chars[at..end].iter().collect();
         match c.observed_chars(&text, top_k).await {
-            Ok(p) => {
+            Ok((p, usage)) => {
                 probs.extend(p);
+                work.forward_passes += u64::from(usage.forward_passes);
+                work.computed_positions += u64::from(usage.computed_positions);
                 c.accept(&text);
                 at = end;
                 chunk = CHUNK_CHARS;
@@ -456,8 +476,8 @@ async fn score_doc(
                     // Slide: keep the later half of this window as context only (at least one
                     // character: a tokenizer without BOS cannot start from nothing).
                     start = (at - (at - start) / 2).min(at - 1);
-                    slides += 1;
-                    c.begin(format!("{session}-{slides}"), prompt.clone());
+                    work.slides += 1;
+                    c.begin(format!("{session}-{}", work.slides), prompt.clone());
                     c.accept(&chars[start..at].iter().collect::<String>());
                 } else if chunk > 1 {
                     chunk /= 2;
@@ -468,5 +488,5 @@ async fn score_doc(
             Err(e) => return Err(e),
         }
     }
-    Ok((probs, slides))
+    Ok((probs, work))
 }

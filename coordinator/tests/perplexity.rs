@@ -123,6 +123,15 @@ async fn every_character_is_priced_as_the_member_lists_it() -> anyhow::Result<()
         .into_inner();
     let names: Vec<&str> = r.rows.iter().map(|m| m.name.as_str()).collect();
     assert_eq!(names, ["a", "b", "c", "mixture"]);
+    // The members' work as their nodes reported it: every character is priced by some pass.
+    for (m, run) in r.rows.iter().zip(&p.members) {
+        assert_eq!((m.calls, m.windows_slid), (run.calls, run.slides), "{}", m.name);
+        assert!(
+            m.forward_passes > 0 && m.computed_positions >= m.forward_passes,
+            "{m:?}"
+        );
+    }
+    assert_eq!((r.rows[3].forward_passes, r.rows[3].calls), (0, 0));
     // Members without BOS cannot price a document's first character: it is left out of every row.
     let unscored = if p.members.iter().any(|m| m.probs[0].is_nan()) {
         DOCS.len()

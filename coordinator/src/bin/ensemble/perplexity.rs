@@ -81,10 +81,15 @@ fn documents(
 
 /// The perplexity report as Markdown tables.
 fn perplexity_table(r: &pb::PerplexityResponse) -> String {
-    let table = |rows: &[pb::ModelBits]| -> String {
-        let mut t = String::from(
-            "| model | bits per char | bits per byte | weights | calls | windows slid |\n|---|---:|---:|---|---:|---:|\n",
-        );
+    // The members' work per character (over all documents), in the first table only.
+    let table = |rows: &[pb::ModelBits], work: bool| -> String {
+        let mut t = String::from("| model | bits per char | bits per byte | weights |");
+        t.push_str(if work {
+            " calls / char | forward passes / char | positions / char | windows slid |\n|---|---:|---:|---|---:|---:|---:|---:|\n"
+        } else {
+            "\n|---|---:|---:|---|\n"
+        });
+        let per = |n: u64| n as f64 / r.chars.max(1) as f64;
         for m in rows {
             let w: Vec<String> = m.weights.iter().map(|w| format!("{w:.3}")).collect();
             let mut w = w.join(" / ");
@@ -92,18 +97,35 @@ fn perplexity_table(r: &pb::PerplexityResponse) -> String {
                 w.push_str(&format!(", entropy β {:.1}", m.entropy_beta));
             }
             t.push_str(&format!(
-                "| {} | {:.4} | {:.4} | {} | {} | {} |\n",
-                m.name, m.bits_per_char, m.bits_per_byte, w, m.calls, m.windows_slid
+                "| {} | {:.4} | {:.4} | {} |",
+                m.name, m.bits_per_char, m.bits_per_byte, w
             ));
+            if work && m.weights.is_empty() {
+                t.push_str(&format!(
+                    " {:.3} | {:.3} | {:.3} | {} |",
+                    per(m.calls),
+                    per(m.forward_passes),
+                    per(m.computed_positions),
+                    m.windows_slid
+                ));
+            } else if work {
+                t.push_str(" | | | |");
+            }
+            t.push('\n');
         }
         t
     };
-    let mut out = format!("{} characters, {} bytes\n\n{}", r.chars, r.bytes, table(&r.rows));
+    let mut out = format!(
+        "{} characters, {} bytes\n\n{}",
+        r.chars,
+        r.bytes,
+        table(&r.rows, true)
+    );
     if !r.held_out.is_empty() {
         out.push_str(&format!(
             "\nheld out ({} characters of the odd-numbered documents; weights fitted on the others)\n\n{}",
             r.held_out_chars,
-            table(&r.held_out)
+            table(&r.held_out, false)
         ));
     }
     out
@@ -185,7 +207,8 @@ pub(crate) async fn run(target: &Target, args: PerplexityArgs) -> anyhow::Result
                 .map(|m| {
                     serde_json::json!({"name": m.name, "bits_per_char": m.bits_per_char,
                         "bits_per_byte": m.bits_per_byte, "floored": m.floored, "weights": m.weights,
-                        "calls": m.calls, "windows_slid": m.windows_slid, "entropy_beta": m.entropy_beta})
+                        "calls": m.calls, "windows_slid": m.windows_slid, "entropy_beta": m.entropy_beta,
+                        "forward_passes": m.forward_passes, "computed_positions": m.computed_positions})
                 })
                 .collect()
         };
