@@ -4,7 +4,8 @@
 //! set, re-reads `/proc/cpuinfo` each time (most of a token's time on a tiny model). So the binaries
 //! decide the count once — `--threads`, else the cgroup's CPU quota (a container's `cpu.max`), else
 //! the cores this process may run on — then export it as `RAYON_NUM_THREADS` (what candle reads) and
-//! build rayon's global pool with it, the one pool every kernel runs on, before any kernel runs.
+//! build rayon's global pool with it before any kernel runs. The engine's forward passes run on a pool
+//! of the same size whose first worker is the engine loop itself (`Engine::spawn`).
 
 use std::path::Path;
 
