@@ -96,15 +96,7 @@ struct ServeArgs {
 }
 
 fn main() -> std::process::ExitCode {
-    match run() {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            // One paragraph for people: the chain of causes, never a backtrace (whatever
-            // RUST_BACKTRACE says).
-            eprintln!("coordinator: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    ensemble_proto::cli::exit("coordinator", run())
 }
 
 fn run() -> anyhow::Result<()> {

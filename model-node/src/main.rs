@@ -19,15 +19,7 @@ fn main() -> std::process::ExitCode {
         Some(m) => unsafe { model_node::threads::settle(m.threads) },
         None => 1,
     };
-    match run(cli, threads) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            // One paragraph for people: the chain of causes, never a backtrace (whatever
-            // RUST_BACKTRACE says).
-            eprintln!("model-node: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    ensemble_proto::cli::exit("model-node", run(cli, threads))
 }
 
 fn run(cli: Cli, threads: usize) -> anyhow::Result<()> {

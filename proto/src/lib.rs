@@ -12,7 +12,9 @@
 //! - [`net`]: how every listener accepts connections (TCP_NODELAY on each accepted socket).
 //! - [`health`]: the `grpc.health.v1` probe behind both binaries' `health` subcommand (container
 //!   health checks).
+//! - [`cli`]: how the binaries end (a failure in one paragraph, never a backtrace).
 
+pub mod cli;
 pub mod faults;
 pub mod health;
 pub mod limits;

@@ -532,15 +532,7 @@ fn strategy_request(spec: &str) -> anyhow::Result<pb::GenerateRequest> {
 }
 
 fn main() -> std::process::ExitCode {
-    match run() {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            // One paragraph for people: the chain of causes, never a backtrace (whatever
-            // RUST_BACKTRACE says).
-            eprintln!("ensemble: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    ensemble_proto::cli::exit("ensemble", run())
 }
 
 fn run() -> anyhow::Result<()> {

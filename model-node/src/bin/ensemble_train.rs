@@ -231,15 +231,7 @@ fn deferral(o: &deferral_data::Options, report_path: Option<&PathBuf>) -> anyhow
 }
 
 fn main() -> std::process::ExitCode {
-    match run() {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            // One paragraph for people: the chain of causes, never a backtrace (whatever
-            // RUST_BACKTRACE says).
-            eprintln!("ensemble-train: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    ensemble_proto::cli::exit("ensemble-train", run())
 }
 
 fn run() -> anyhow::Result<()> {

@@ -88,84 +88,75 @@ mod x86 {
     /// AVX-512: 16 lanes per product, blocks of 4 by 4 (16 accumulators of the 32 registers).
     pub(super) struct Avx512;
 
-    /// The products of one block on AVX2.
-    ///
-    /// # Safety
-    /// The CPU must have AVX2 and FMA; every slice must have the length of `ws[0]`.
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    unsafe fn block_avx2<const A: usize, const B: usize>(ws: [&[f32]; A], xs: [&[f32]; B]) -> [[f32; B]; A] {
-        let cols = ws[0].len();
-        let chunks = cols / 8;
-        let mut acc = [[_mm256_setzero_ps(); B]; A];
-        for i in 0..chunks {
-            // SAFETY: i * 8 + 8 <= cols, the length of every slice.
-            let xv: [__m256; B] =
-                std::array::from_fn(|b| unsafe { _mm256_loadu_ps(xs[b].as_ptr().add(i * 8)) });
-            for a in 0..A {
-                // SAFETY: as above.
-                let wv = unsafe { _mm256_loadu_ps(ws[a].as_ptr().add(i * 8)) };
-                for b in 0..B {
-                    acc[a][b] = _mm256_fmadd_ps(wv, xv[b], acc[a][b]);
+    /// One block's products with `$lanes`-wide registers: accumulate over whole chunks, store the
+    /// lanes and add them in order, then the tail.
+    macro_rules! simd_block {
+        ($name:ident, $features:literal, $isa:literal, $vec:ty, $lanes:literal, $zero:ident, $load:ident, $fma:ident, $store:ident) => {
+            #[doc = concat!("The products of one block on ", $isa, ".")]
+            ///
+            /// # Safety
+            #[doc = concat!("The CPU must have ", $isa, "; every slice must have the length of `ws[0]`.")]
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn $name<const A: usize, const B: usize>(
+                ws: [&[f32]; A],
+                xs: [&[f32]; B],
+            ) -> [[f32; B]; A] {
+                let cols = ws[0].len();
+                let chunks = cols / $lanes;
+                let mut acc: [[$vec; B]; A] = [[$zero(); B]; A];
+                for i in 0..chunks {
+                    // SAFETY: (i + 1) * lanes <= cols, the length of every slice.
+                    let xv: [$vec; B] =
+                        std::array::from_fn(|b| unsafe { $load(xs[b].as_ptr().add(i * $lanes)) });
+                    for a in 0..A {
+                        // SAFETY: as above.
+                        let wv = unsafe { $load(ws[a].as_ptr().add(i * $lanes)) };
+                        for b in 0..B {
+                            acc[a][b] = $fma(wv, xv[b], acc[a][b]);
+                        }
+                    }
                 }
-            }
-        }
-        let mut out = [[0f32; B]; A];
-        for a in 0..A {
-            for b in 0..B {
-                let mut lanes = [0f32; 8];
-                // SAFETY: `lanes` holds 8 floats.
-                unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc[a][b]) };
-                let mut sum = lanes.iter().sum::<f32>();
-                for k in chunks * 8..cols {
-                    sum = ws[a][k].mul_add(xs[b][k], sum);
+                let mut out = [[0f32; B]; A];
+                for a in 0..A {
+                    for b in 0..B {
+                        let mut lanes = [0f32; $lanes];
+                        // SAFETY: `lanes` holds one register's floats.
+                        unsafe { $store(lanes.as_mut_ptr(), acc[a][b]) };
+                        let mut sum = lanes.iter().sum::<f32>();
+                        for k in chunks * $lanes..cols {
+                            sum = ws[a][k].mul_add(xs[b][k], sum);
+                        }
+                        out[a][b] = sum;
+                    }
                 }
-                out[a][b] = sum;
+                out
             }
-        }
-        out
+        };
     }
 
-    /// The products of one block on AVX-512.
-    ///
-    /// # Safety
-    /// The CPU must have AVX-512F; every slice must have the length of `ws[0]`.
-    #[target_feature(enable = "avx512f,avx2,fma")]
-    #[inline]
-    unsafe fn block_avx512<const A: usize, const B: usize>(
-        ws: [&[f32]; A],
-        xs: [&[f32]; B],
-    ) -> [[f32; B]; A] {
-        let cols = ws[0].len();
-        let chunks = cols / 16;
-        let mut acc = [[_mm512_setzero_ps(); B]; A];
-        for i in 0..chunks {
-            // SAFETY: i * 16 + 16 <= cols, the length of every slice.
-            let xv: [__m512; B] =
-                std::array::from_fn(|b| unsafe { _mm512_loadu_ps(xs[b].as_ptr().add(i * 16)) });
-            for a in 0..A {
-                // SAFETY: as above.
-                let wv = unsafe { _mm512_loadu_ps(ws[a].as_ptr().add(i * 16)) };
-                for b in 0..B {
-                    acc[a][b] = _mm512_fmadd_ps(wv, xv[b], acc[a][b]);
-                }
-            }
-        }
-        let mut out = [[0f32; B]; A];
-        for a in 0..A {
-            for b in 0..B {
-                let mut lanes = [0f32; 16];
-                // SAFETY: `lanes` holds 16 floats.
-                unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), acc[a][b]) };
-                let mut sum = lanes.iter().sum::<f32>();
-                for k in chunks * 16..cols {
-                    sum = ws[a][k].mul_add(xs[b][k], sum);
-                }
-                out[a][b] = sum;
-            }
-        }
-        out
-    }
+    simd_block!(
+        block_avx2,
+        "avx2,fma",
+        "AVX2 and FMA",
+        __m256,
+        8,
+        _mm256_setzero_ps,
+        _mm256_loadu_ps,
+        _mm256_fmadd_ps,
+        _mm256_storeu_ps
+    );
+    simd_block!(
+        block_avx512,
+        "avx512f,avx2,fma",
+        "AVX-512F",
+        __m512,
+        16,
+        _mm512_setzero_ps,
+        _mm512_loadu_ps,
+        _mm512_fmadd_ps,
+        _mm512_storeu_ps
+    );
 
     fn same_lengths(ws: &[&[f32]], xs: &[&[f32]]) -> bool {
         let n = ws.first().map_or(0, |w| w.len());
