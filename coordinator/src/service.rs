@@ -121,7 +121,7 @@ impl Ensemble for EnsembleService {
         let p =
             tracing::Instrument::instrument(crate::perplexity::measure(&self.0, &docs, &mut |_| {}), span)
                 .await?;
-        Ok(Response::new(p.report(r.fit_weights)))
+        Ok(Response::new(report(p, r.fit_weights).await?))
     }
 
     type PerplexityStreamStream =
@@ -158,8 +158,12 @@ impl Ensemble for EnsembleService {
             );
             tokio::select! {
                 out = run => {
-                    let _ = tx.send(out.map_err(Status::from).map(|p| pb::PerplexityEvent {
-                        event: Some(pb::perplexity_event::Event::Done(p.report(r.fit_weights))),
+                    let done = match out {
+                        Ok(p) => report(p, r.fit_weights).await,
+                        Err(e) => Err(Status::from(e)),
+                    };
+                    let _ = tx.send(done.map(|d| pb::PerplexityEvent {
+                        event: Some(pb::perplexity_event::Event::Done(d)),
                     }));
                 }
                 () = tx.closed() => {}
@@ -304,4 +308,12 @@ fn perplexity_docs(documents: Vec<String>, fit_weights: bool) -> Result<Vec<Stri
         ));
     }
     Ok(docs)
+}
+
+/// The report of a measured text (fitting the weights is CPU work of up to seconds: off the async
+/// workers).
+async fn report(p: crate::perplexity::Perplexity, fit: bool) -> Result<pb::PerplexityResponse, Status> {
+    tokio::task::spawn_blocking(move || p.report(fit))
+        .await
+        .map_err(|e| Status::internal(format!("the perplexity report failed: {e}")))
 }

@@ -7,14 +7,15 @@
 //! `gemm` packs the weight into panels and runs its microkernel over 6-column strips: at 16 rows and
 //! 25M parameters, where the weights come from memory rather than cache, a step cost ~3× its
 //! isolated products. Here the rows of `W` are split over the kernel pool and each thread streams
-//! its rows of `W` once, in blocks of 4 rows against 3 rows of `x` at a time (12 accumulators in
-//! registers: each chunk of `W` loaded serves 3 rows, each chunk of `x` 4; `x` stays in cache).
-//! Where the CPU has AVX2 and FMA (checked once at run time) the loops are compiled for them, with
-//! fused multiply-adds.
+//! its rows of `W` once, in blocks of 4 rows of `W` against several rows of `x` with the accumulators
+//! in registers (`x` stays in cache). The instruction set is detected once at run time: AVX-512
+//! (16 lanes, 4 × 4 blocks), AVX2 + FMA (8 lanes, 4 × 3 blocks), or portable code (8 lanes, 4 × 1).
 //!
-//! **A row's result does not depend on its batch mates**: every dot product is summed the same way
-//! (8 lanes over whole chunks in order, then the lanes in order, then the tail), whatever block it
-//! falls in, so a batched decode step gives bit-identical logits to the same sequence stepped alone.
+//! **A row's result does not depend on its batch mates**: on a given kernel every dot product is
+//! summed the same way (the lanes over whole chunks in order, then the lanes in order, then the tail),
+//! whatever block it falls in, so a decode step of up to [`MAX_ROWS`] sequences gives bit-identical
+//! logits to the same sequence stepped alone. The x86 block types are reached only through
+//! [`run_task`], which picks them after detection (their `block`s call `target_feature` code).
 
 use candle_core::{CpuStorage, Layout, Shape, Tensor};
 use rayon::prelude::*;

@@ -248,6 +248,17 @@ fn config_with_weights(
     let Some(nodes) = doc.get_mut("nodes").and_then(|n| n.as_array_of_tables_mut()) else {
         bail!("no [[nodes]] entries");
     };
+    // The report must come from this config's cluster: the same members, by name.
+    let mut names: Vec<&str> = nodes.iter().filter_map(|t| t.get("name")?.as_str()).collect();
+    let mut want = members.clone();
+    names.sort_unstable();
+    want.sort_unstable();
+    if names != want {
+        bail!(
+            "the config's members {names:?} are not the measured cluster's {want:?} \
+             (--weights-out rewrites --config: give the config of the cluster measured)"
+        );
+    }
     for (name, w) in members.iter().zip(&best.weights) {
         let Some(node) = nodes
             .iter_mut()
@@ -255,7 +266,9 @@ fn config_with_weights(
         else {
             bail!("no [[nodes]] entry named {name:?}");
         };
-        node["weight"] = toml_edit::value((w * 1e4).round() / 1e4);
+        // Six decimals, and never 0 (the config refuses weights that are not > 0; EM can drive a
+        // dominated member's weight to nothing).
+        node["weight"] = toml_edit::value(((w * 1e6).round() / 1e6).max(1e-6));
     }
     for node in nodes.iter_mut() {
         let dir = node.get("model_dir").and_then(|d| d.as_str()).map(PathBuf::from);
@@ -321,7 +334,18 @@ mod tests {
         assert_eq!(v["nodes"][0]["weight"].as_float(), Some(0.25));
         assert_eq!(v["nodes"][0]["model_dir"].as_str(), Some("models/a"));
         assert_eq!(v["chared"]["entropy_beta"].as_float(), Some(0.0));
-        // A member the config does not name.
+        // A weight EM drove to 0 is written as the smallest the config takes.
+        r.held_out[0].weights = vec![0.0, 1.0];
+        let v: toml::Table = toml::from_str(&config_with_weights(config, &r, Path::new("t.txt"), None)?)?;
+        assert_eq!(v["nodes"][0]["weight"].as_float(), Some(1e-6));
+        // A report of another cluster: a member the config does not name, or one it lacks.
+        r.rows.truncate(1);
+        r.held_out[0].weights.truncate(1);
+        r.held_out[1].weights.truncate(1);
+        let e = config_with_weights(config, &r, Path::new("t.txt"), None).expect_err("b is not measured");
+        assert!(e.to_string().contains("not the measured cluster"), "{e}");
+        r.rows.push(bits("b", 1.2, &[], 0.0));
+        r.held_out[0].weights = vec![0.5, 0.5];
         r.rows[1].name = "c".into();
         let e = config_with_weights(config, &r, Path::new("t.txt"), None).expect_err("no c");
         assert!(e.to_string().contains("\"c\""), "{e}");
