@@ -235,7 +235,11 @@ impl Perplexity {
         let mut best = (start.clone(), 0.0, nats(&start, 0.0));
         for step in BETA_GRID.skip(1) {
             let beta = f64::from(step) / 10.0;
-            let mut w = start.clone();
+            // From the EM weights, none below 1e-3: a multiplicative step never moves a weight off 0,
+            // and a member EM drops may still help where it is sure.
+            let floor: Vec<f64> = start.iter().map(|w| w.max(1e-3)).collect();
+            let total: f64 = floor.iter().sum();
+            let mut w: Vec<f64> = floor.iter().map(|x| x / total).collect();
             let mut cur = nats(&w, beta);
             let mut eta = 1.0;
             let mut pi = vec![0.0; k];
