@@ -222,31 +222,49 @@ impl Perplexity {
         if k < 2 || idx.is_empty() {
             return (start, 0.0);
         }
-        let nats = |w: &[f64], beta: f64| -> f64 {
+        // exp(−β·H) of every member at every character, computed once per β (the same factors as
+        // [`Perplexity::context_weights`]).
+        let gates = |beta: f64| -> Vec<f64> {
+            idx.iter()
+                .flat_map(|&i| self.members.iter().map(move |m| (-beta * m.entropy[i]).exp()))
+                .collect()
+        };
+        let weigh = |w: &[f64], g: &[f64], t: usize, pi: &mut [f64]| {
+            for (j, p) in pi.iter_mut().enumerate() {
+                *p = w[j] * g[t * k + j];
+            }
+            let total: f64 = pi.iter().sum();
+            if total > 0.0 {
+                pi.iter_mut().for_each(|p| *p /= total);
+            }
+        };
+        let nats = |w: &[f64], g: &[f64]| -> f64 {
             let mut pi = vec![0.0; k];
             idx.iter()
-                .map(|&i| {
-                    self.context_weights(w, beta, i, &mut pi);
+                .enumerate()
+                .map(|(t, &i)| {
+                    weigh(w, g, t, &mut pi);
                     let p: f64 = (0..k).map(|j| pi[j] * self.members[j].probs[i]).sum();
                     -p.max(FLOOR).ln()
                 })
                 .sum()
         };
-        let mut best = (start.clone(), 0.0, nats(&start, 0.0));
+        let mut best = (start.clone(), 0.0, nats(&start, &gates(0.0)));
         for step in BETA_GRID.skip(1) {
             let beta = f64::from(step) / 10.0;
+            let g = gates(beta);
             // From the EM weights, none below 1e-3: a multiplicative step never moves a weight off 0,
             // and a member EM drops may still help where it is sure.
             let floor: Vec<f64> = start.iter().map(|w| w.max(1e-3)).collect();
             let total: f64 = floor.iter().sum();
             let mut w: Vec<f64> = floor.iter().map(|x| x / total).collect();
-            let mut cur = nats(&w, beta);
+            let mut cur = nats(&w, &g);
             let mut eta = 1.0;
             let mut pi = vec![0.0; k];
             for _ in 0..200 {
                 let (mut r_sum, mut pi_sum) = (vec![0.0; k], vec![0.0; k]);
-                for &i in &idx {
-                    self.context_weights(&w, beta, i, &mut pi);
+                for (t, &i) in idx.iter().enumerate() {
+                    weigh(&w, &g, t, &mut pi);
                     let p: f64 = (0..k).map(|j| pi[j] * self.members[j].probs[i]).sum();
                     if p <= 0.0 {
                         continue;
@@ -267,7 +285,7 @@ impl Perplexity {
                     .collect();
                 let total: f64 = next.iter().sum();
                 next.iter_mut().for_each(|x| *x /= total);
-                let n = nats(&next, beta);
+                let n = nats(&next, &g);
                 if n < cur {
                     let moved = next
                         .iter()
