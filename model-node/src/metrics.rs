@@ -45,6 +45,7 @@ pub struct NodeMetrics {
     forward_passes: IntCounter,
     decode_steps: IntCounter,
     decode_rows: IntCounter,
+    merged_score_rows: IntCounter,
     sessions: IntGauge,
     kv_bytes: IntGauge,
     queue_depth: IntGauge,
@@ -154,6 +155,10 @@ impl NodeMetrics {
                 "ensemble_node_decode_rows_total",
                 "Sequences advanced by the batched decode passes (rows / steps = mean batch size).",
             ),
+            merged_score_rows: counter(
+                "ensemble_node_decode_merged_score_rows_total",
+                "Scored candidates' positions computed inside batched decode passes, beside the decode rows.",
+            ),
             sessions: gauge("ensemble_node_sessions", "Sessions held now."),
             kv_bytes: gauge("ensemble_node_kv_cache_bytes", "KV-cache bytes held now."),
             queue_depth: gauge("ensemble_node_queue_depth", "Calls waiting for the engine now."),
@@ -201,6 +206,7 @@ impl NodeMetrics {
         for (c, total) in [
             (&self.decode_steps, &t.batched_steps),
             (&self.decode_rows, &t.batched_rows),
+            (&self.merged_score_rows, &t.merged_score_rows),
         ] {
             c.inc_by(total.load(Ordering::Relaxed).saturating_sub(c.get()));
         }

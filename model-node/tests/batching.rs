@@ -2,8 +2,9 @@
 //! and give what the same calls give one by one — the same tokens, text, finish reason and every
 //! token's log-probability, bit for bit (in steps of up to 32 sequences a row's products, attention
 //! and norms never depend on its batch mates) — on every architecture;
-//! the passes are counted exactly; a proposal that can never fit the KV budget is refused at once
-//! with `RESOURCE_EXHAUSTED`.
+//! the passes are counted exactly; scores that arrive while proposals run share their passes and
+//! give what they give alone, bit for bit; a proposal that can never fit the KV budget is refused at
+//! once with `RESOURCE_EXHAUSTED`.
 
 mod common;
 
@@ -136,6 +137,98 @@ where
         out.push(h.await??);
     }
     Ok(out)
+}
+
+/// Six scores of three candidates each (words, a partial word, a candidate of one token).
+fn score_requests() -> Vec<pb::ScoreRequest> {
+    (0..6u32)
+        .map(|i| pb::ScoreRequest {
+            context: raw(
+                &format!("Tale {i}: a small boat"),
+                if i % 2 == 0 { " went" } else { "" },
+                "",
+            ),
+            candidates: vec![" down the river".into(), format!(" and {i} fish"), "s".into()],
+            string_prefix: false,
+            ends_answer: vec![],
+        })
+        .collect()
+}
+
+/// Every candidate's score and token count, as bits.
+fn score_bits(r: &pb::ScoreResponse) -> Vec<(u64, u32)> {
+    r.scores
+        .iter()
+        .map(|s| (s.sum_logprob.to_bits(), s.token_count))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn scores_during_proposals_share_their_passes_and_match_scores_alone() -> anyhow::Result<()> {
+    let root = common::temp_dir("score-merge");
+    for (i, (arch, kind)) in [
+        ("llama", "byte_level"),
+        ("gemma2", "byte_level"),
+        ("qwen2", "sentencepiece"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let dir = model_dir(&root.join(arch), arch, kind, 60 + i as u64)?;
+        let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let maddr = metrics.local_addr()?;
+        let opts = model_node::server::ServeOptions {
+            grace: std::time::Duration::from_secs(5),
+            metrics: Some(metrics),
+            ..Default::default()
+        };
+        let mut node = TestNode::start_with(model_args(&dir), limits(), opts).await?;
+        let mut c = node.client().await?;
+        let mut alone = Vec::new();
+        for r in score_requests() {
+            alone.push(score_bits(&c.score_candidates(r).await?.into_inner()));
+        }
+        let m = scrape(maddr).await?;
+        let before = sample(&m, "ensemble_node_decode_merged_score_rows_total", &[]).unwrap_or(0.0);
+        assert_eq!(
+            before, 0.0,
+            "{arch}: no proposal ran, so no score shared a decode pass"
+        );
+
+        // The same scores again and again while 8 long proposals decode, until some shared a pass.
+        let mut merged = 0.0;
+        for _round in 0..5 {
+            let addr = node.addr;
+            let calls = requests().into_iter().take(8).map(move |mut r| {
+                r.max_new_tokens = 48;
+                r.stop.clear();
+                async move {
+                    let mut c =
+                        pb::model_node_client::ModelNodeClient::connect(format!("http://{addr}")).await?;
+                    anyhow::Ok(c.propose_segment(r).await?.into_inner())
+                }
+            });
+            let proposals = tokio::spawn(futures_join(calls));
+            while !proposals.is_finished() {
+                for (k, r) in score_requests().into_iter().enumerate() {
+                    let got = score_bits(&c.score_candidates(r).await?.into_inner());
+                    assert_eq!(got, alone[k], "{arch}: score request {k} differs beside decodes");
+                }
+            }
+            proposals.await??;
+            let m = scrape(maddr).await?;
+            merged = sample(&m, "ensemble_node_decode_merged_score_rows_total", &[]).unwrap_or(0.0);
+            if merged > 0.0 {
+                break;
+            }
+        }
+        assert!(
+            merged > 0.0,
+            "{arch}: no score shared a decode pass in five rounds"
+        );
+        node.stop().await?;
+    }
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

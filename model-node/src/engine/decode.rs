@@ -1,28 +1,17 @@
-//! Proposals as resumable decodes, and the engine thread's scheduler that steps all of them together
-//! (continuous batching).
+//! Proposals as resumable decodes, stepped by the scheduler ([`super::sched`]).
 //!
 //! A [`Decode`] holds one `ProposeSegment` between tokens: its session, its KV cache, the logits of
-//! its next position and what it has produced. The scheduler ([`serve`]) loops: it admits the calls
-//! that arrived (a proposal is resolved and prefilled, then joins the running set; other calls run at
-//! once, between two steps), then advances every running decode by one token in **one** forward pass
-//! ([`Transformer::forward_ragged`]): the weights are read once for all sequences, attention runs per
-//! sequence on its own cache. Sequences join and leave between steps, a cancelled call leaves at the
-//! next step, and every running sequence advances at every step, so none starves.
-//!
-//! Admission is bounded twice: by the queue (`RESOURCE_EXHAUSTED` when full) and by the KV budget
-//! (a proposal whose context + new tokens can never fit is refused at once; one that fits the budget
-//! but not beside the running ones waits, in arrival order, until they finish).
+//! its next position and what it has produced. [`Engine::start_decode`] resolves and prefills it,
+//! [`Engine::pick`] chooses its next token, [`Engine::feed`] runs one token of every running decode
+//! (and the rows of waiting scores) in one batched pass, [`Engine::finish_decode`] ends it.
 
-use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use tokio::sync::mpsc;
-
-use super::ops::{Finish, Proposal, ProposeParams, log_sum_exp};
+use super::ops::{Finish, Proposal, ProposeParams, ScorePlan, log_sum_exp};
 use super::session::{Session, Usage};
 use super::text::text_of;
-use super::{ContextSpec, Engine, Envelope, Job, Reply};
+use super::{ContextSpec, Engine};
 use crate::error::{Error, Result};
 use crate::model::KvCache;
 use crate::sampling::Sampler;
@@ -58,7 +47,7 @@ pub(super) struct Decode {
     /// re-covers the backed-off end of the context (it re-spells context text, so it is not new).
     limit: usize,
     /// KV bytes this decode may grow to (context + new tokens).
-    reserved: usize,
+    pub(super) reserved: usize,
 }
 
 /// What [`Engine::start_decode`] made of a proposal.
@@ -70,11 +59,28 @@ pub(super) enum Start {
 }
 
 /// What a decode does after picking a token.
-enum Next {
+pub(super) enum Next {
     /// Run this token through the model and pick again.
     Feed(u32),
     /// Finished.
     Done(Finish),
+}
+
+impl Decode {
+    /// The cache its next token follows.
+    pub(super) fn kv(&self) -> &KvCache {
+        &self.kv
+    }
+
+    /// Its RTD λ.
+    pub(super) fn rtd_lambda(&self) -> Option<f64> {
+        self.rtd_lambda
+    }
+
+    /// Takes a step's results: the next position's logits and deferral logits, the extended cache.
+    pub(super) fn advance(&mut self, logits: Vec<f32>, kv: KvCache, deferral: Option<Vec<f32>>) {
+        (self.logits, self.kv, self.deferral) = (logits, kv, deferral);
+    }
 }
 
 /// σ(x) in f32.
@@ -205,7 +211,7 @@ impl Engine {
     }
 
     /// Picks the next token from the decode's logits.
-    fn pick(&self, d: &mut Decode) -> Next {
+    pub(super) fn pick(&self, d: &mut Decode) -> Next {
         if d.step >= d.limit {
             return Next::Done(Finish::Length);
         }
@@ -289,43 +295,36 @@ impl Engine {
         Next::Feed(tok)
     }
 
-    /// Runs one token of each decode through the model in one batched pass.
-    fn feed(&mut self, decodes: &mut [&mut Decode], tokens: &[u32]) -> Result<()> {
-        let t0 = Instant::now();
-        let caches: Vec<&KvCache> = decodes.iter().map(|d| &d.kv).collect();
-        let lambdas: Vec<Option<f64>> = decodes.iter().map(|d| d.rtd_lambda).collect();
-        self.model
-            .set_rtd_lambdas(lambdas.iter().any(Option::is_some).then_some(lambdas));
-        let step = self.model.forward_ragged(tokens, &caches);
-        self.model.set_rtd_lambdas(None);
-        let step = step?;
-        let rows = step.logits.to_vec2::<f32>()?;
-        let mut deferral = match &step.deferral {
-            Some(z) => z.to_vec2::<f32>()?.into_iter().map(Some).collect(),
-            None => vec![None; rows.len()],
-        };
-        let ms = t0.elapsed().as_secs_f64() * 1e3;
-        for (((d, row), kv), z) in decodes
-            .iter_mut()
-            .zip(rows)
-            .zip(step.caches)
-            .zip(deferral.drain(..))
-        {
-            (d.logits, d.kv, d.deferral) = (row, kv, z);
+    /// Runs one token of each decode through the model in one batched pass, with the candidates'
+    /// rows of `scores` (each with its λ) when given; returns those rows and the pass's ms.
+    pub(super) fn feed(
+        &mut self,
+        decodes: &mut [&mut Decode],
+        tokens: &[u32],
+        scores: &[(&ScorePlan, Option<f64>)],
+    ) -> Result<(Vec<Vec<f32>>, f64)> {
+        let (rows, ms) = self.chunk_pass(decodes, tokens, scores)?;
+        for d in decodes.iter_mut() {
             d.usage.computed_positions += 1;
             d.usage.forward_passes += 1;
             d.usage.forward_ms += ms;
         }
-        self.totals.batched_steps.fetch_add(1, Ordering::Relaxed);
-        self.totals
-            .batched_rows
-            .fetch_add(tokens.len() as u64, Ordering::Relaxed);
-        Ok(())
+        if !decodes.is_empty() {
+            self.totals.batched_steps.fetch_add(1, Ordering::Relaxed);
+            self.totals
+                .batched_rows
+                .fetch_add(tokens.len() as u64, Ordering::Relaxed);
+            let merged: usize = scores.iter().map(|(p, _)| p.rows()).sum();
+            self.totals
+                .merged_score_rows
+                .fetch_add(merged as u64, Ordering::Relaxed);
+        }
+        Ok((rows, ms))
     }
 
     /// Ends a decode: its draft's KV entries stay cached (appending the same text later is free), the
     /// session goes back, the counters move.
-    fn finish_decode(&mut self, mut d: Decode, finish: Finish) -> (Proposal, Usage) {
+    pub(super) fn finish_decode(&mut self, mut d: Decode, finish: Finish) -> (Proposal, Usage) {
         // The cache covers every token but the last sampled one.
         let covered = d.kv.len().min(d.seq.len());
         d.session.cache.insert(d.seq[..covered].to_vec(), d.kv, None);
@@ -348,7 +347,7 @@ impl Engine {
     }
 
     /// Drops a decode that failed or whose client left; the session goes back.
-    fn abandon(&mut self, d: Decode) {
+    pub(super) fn abandon(&mut self, d: Decode) {
         self.sessions.put(d.session);
     }
 
@@ -371,164 +370,11 @@ impl Engine {
             match self.pick(&mut d) {
                 Next::Done(finish) => return Ok(self.finish_decode(d, finish)),
                 Next::Feed(tok) => {
-                    if let Err(e) = self.feed(&mut [&mut d], &[tok]) {
+                    if let Err(e) = self.feed(&mut [&mut d], &[tok], &[]) {
                         self.abandon(d);
                         return Err(e);
                     }
                 }
-            }
-        }
-    }
-}
-
-/// A running proposal and who waits for it.
-struct Running {
-    decode: Decode,
-    call: Envelope,
-    started: Instant,
-    queue_ms: f64,
-}
-
-/// The engine thread: admits calls between steps and steps every running proposal together, until
-/// every handle is gone and the running ones are done.
-pub(super) fn serve(mut engine: Engine, mut rx: mpsc::UnboundedReceiver<Envelope>) {
-    let mut running: Vec<Running> = Vec::new();
-    let mut waiting: VecDeque<Waiting> = VecDeque::new();
-    let mut open = true;
-    loop {
-        // Take what arrived: block only when there is nothing else to do.
-        let idle = running.is_empty() && waiting.is_empty();
-        if idle && !open {
-            break;
-        }
-        if idle {
-            match rx.blocking_recv() {
-                Some(call) => arrive(&mut engine, &mut waiting, call),
-                None => break,
-            }
-        }
-        loop {
-            match rx.try_recv() {
-                Ok(call) => arrive(&mut engine, &mut waiting, call),
-                Err(mpsc::error::TryRecvError::Empty) => break,
-                Err(mpsc::error::TryRecvError::Disconnected) => {
-                    open = false;
-                    break;
-                }
-            }
-        }
-        admit(&mut engine, &mut running, &mut waiting);
-        if !running.is_empty() {
-            step(&mut engine, &mut running);
-        }
-    }
-}
-
-/// Takes an arrived call: a close runs at once (it never waits behind work), the rest queue.
-fn arrive(engine: &mut Engine, waiting: &mut VecDeque<Waiting>, call: Envelope) {
-    if let Job::Close(_) = &call.job {
-        let result = engine.run(call.job, 0.0, &|| false);
-        let _ = call.reply.send(result);
-    } else {
-        waiting.push_back(Waiting { call, needs: None });
-    }
-}
-
-/// A call not started yet, and the KV bytes it needs once known (a proposal that had to wait).
-struct Waiting {
-    call: Envelope,
-    needs: Option<usize>,
-}
-
-/// Starts what can start, in arrival order: other calls run at once; a proposal joins the running
-/// set if the KV budget has room beside the running ones (else it and everything after it wait; its
-/// need is remembered, so it is not resolved again until it fits).
-fn admit(engine: &mut Engine, running: &mut Vec<Running>, waiting: &mut VecDeque<Waiting>) {
-    while let Some(w) = waiting.pop_front() {
-        if w.call.reply.is_closed() {
-            engine.totals.queued.fetch_sub(1, Ordering::Relaxed);
-            continue; // the client went away while queued
-        }
-        let held: usize = running.iter().map(|r| r.decode.reserved).sum();
-        if w.needs
-            .is_some_and(|n| held > 0 && held + n > engine.limits.kv_budget_bytes)
-        {
-            waiting.push_front(w);
-            return;
-        }
-        let call = w.call;
-        let queue_ms = call.enqueued.elapsed().as_secs_f64() * 1e3;
-        let started = Instant::now();
-        match call.job.clone() {
-            Job::Propose(ctx, params) => match engine.start_decode(ctx, params, held) {
-                Ok(Start::Run(decode)) => {
-                    engine.totals.queued.fetch_sub(1, Ordering::Relaxed);
-                    running.push(Running {
-                        decode: *decode,
-                        call,
-                        started,
-                        queue_ms,
-                    });
-                }
-                Ok(Start::Wait(needs)) => {
-                    waiting.push_front(Waiting {
-                        call,
-                        needs: Some(needs),
-                    });
-                    return;
-                }
-                Err(e) => {
-                    engine.totals.queued.fetch_sub(1, Ordering::Relaxed);
-                    engine.after_call();
-                    let _ = call.reply.send(Err(e));
-                }
-            },
-            job => {
-                engine.totals.queued.fetch_sub(1, Ordering::Relaxed);
-                let reply = &call.reply;
-                let result = engine.run(job, queue_ms, &|| reply.is_closed());
-                let _ = call.reply.send(result);
-            }
-        }
-    }
-}
-
-/// One token for every running proposal: pick, then one batched pass for those that go on.
-fn step(engine: &mut Engine, running: &mut Vec<Running>) {
-    let mut going = Vec::with_capacity(running.len());
-    let mut tokens = Vec::with_capacity(running.len());
-    for mut r in std::mem::take(running) {
-        if r.call.reply.is_closed() {
-            engine.abandon(r.decode);
-            engine.after_call();
-            continue; // the client left: the sequence leaves at once
-        }
-        match engine.pick(&mut r.decode) {
-            Next::Done(finish) => {
-                let (mut p, mut usage) = engine.finish_decode(r.decode, finish);
-                (usage.queue_ms, usage.compute_ms) = (r.queue_ms, r.started.elapsed().as_secs_f64() * 1e3);
-                p.usage = usage;
-                engine.after_call();
-                let _ = r.call.reply.send(Ok(Reply::Proposal(p)));
-            }
-            Next::Feed(tok) => {
-                tokens.push(tok);
-                going.push(r);
-            }
-        }
-    }
-    if going.is_empty() {
-        return;
-    }
-    let mut decodes: Vec<&mut Decode> = going.iter_mut().map(|r| &mut r.decode).collect();
-    match engine.feed(&mut decodes, &tokens) {
-        Ok(()) => *running = going,
-        Err(e) => {
-            let msg = e.to_string();
-            for r in going {
-                engine.abandon(r.decode);
-                engine.after_call();
-                let _ = r.call.reply.send(Err(Error::Internal(msg.clone())));
             }
         }
     }

@@ -6,12 +6,14 @@
 //! - [`session`]: sessions, per-session prefix KV caches, LRU eviction, work counters.
 //! - [`ops`]: resolving a context into a session; scoring on it.
 //! - [`nextchar`]: the next-character distribution, and the distributions along a continuation.
-//! - [`decode`]: proposals as resumable decodes and the scheduler that steps them together in one
-//!   batched forward pass (continuous batching).
+//! - [`decode`]: proposals as resumable decodes, stepped one token at a time.
+//! - [`sched`]: the engine thread's scheduler (continuous batching): every step runs the running
+//!   decodes and the waiting scores' candidate rows in one batched forward pass.
 
 pub mod decode;
 pub mod nextchar;
 pub mod ops;
+pub mod sched;
 pub mod session;
 pub mod text;
 
@@ -141,6 +143,8 @@ pub struct Totals {
     pub batched_steps: AtomicU64,
     /// Sequences advanced by those passes (their mean batch size is rows / steps).
     pub batched_rows: AtomicU64,
+    /// Scored candidates' positions computed inside those passes, beside the decode rows.
+    pub merged_score_rows: AtomicU64,
 }
 
 struct Envelope {
@@ -255,7 +259,7 @@ impl Engine {
             .map_err(|e| Error::ModelDir(format!("cannot start the engine's kernel threads: {e}")))?;
         let thread = std::thread::Builder::new()
             .name("engine".into())
-            .spawn(move || pool.install(move || decode::serve(engine, rx)))
+            .spawn(move || pool.install(move || sched::serve(engine, rx)))
             .map_err(|e| Error::ModelDir(format!("cannot start the engine thread: {e}")))?;
         Ok((handle, thread))
     }
@@ -341,13 +345,18 @@ impl Engine {
             ..Usage::default()
         };
         let result = f(self, &mut session, &mut usage);
+        self.count_work(&usage);
+        self.sessions.put(session);
+        result.map(|r| (r, usage))
+    }
+
+    /// Adds a call's positions and passes to the totals.
+    fn count_work(&self, usage: &Usage) {
         self.totals
             .computed_positions
             .fetch_add(usage.computed_positions as u64, Ordering::Relaxed);
         self.totals
             .forward_passes
             .fetch_add(usage.forward_passes as u64, Ordering::Relaxed);
-        self.sessions.put(session);
-        result.map(|r| (r, usage))
     }
 }

@@ -10,7 +10,7 @@ use super::session::{PrefixCache, Session, Usage};
 use super::{ContextBody, ContextSpec, Engine};
 use crate::chars::{CharOptions, CharState, NextTokenModel};
 use crate::error::{Error, Result};
-use crate::model::Transformer;
+use crate::model::{Chunk, Transformer};
 use crate::sampling::SamplingParams;
 
 /// Settings of a proposal.
@@ -88,6 +88,65 @@ pub struct Scores {
     pub scores: Vec<CandidateScore>,
     /// Work done.
     pub usage: Usage,
+}
+
+/// A score between its preparation ([`Engine::score_plan`]) and its candidates' batched rows.
+pub(super) struct ScorePlan {
+    /// Scores so far (the candidates scored on their own are final).
+    out: Vec<CandidateScore>,
+    /// The batched candidates: index, tokens after the healed prefix, the first token's
+    /// log-probability (from the context's logits).
+    batch: Vec<(usize, Vec<u32>, f64)>,
+    /// log P(healed-away text), subtracted from every candidate.
+    heal_lp: f64,
+    /// The context's cache up to the healed prefix (read by the candidates' rows, never written).
+    kv: crate::model::KvCache,
+}
+
+impl ScorePlan {
+    /// Positions the candidates' pass computes: every token of a batched candidate but its first.
+    pub(super) fn rows(&self) -> usize {
+        self.batch.iter().map(|(_, t, _)| t.len() - 1).sum()
+    }
+
+    /// The candidates' chunks of a [`Transformer::forward_chunks`] step, in order.
+    pub(super) fn chunks(&self) -> impl Iterator<Item = Chunk<'_>> {
+        self.batch
+            .iter()
+            .filter(|(_, t, _)| t.len() > 1)
+            .map(|(_, t, _)| Chunk {
+                tokens: &t[..t.len() - 1],
+                cache: &self.kv,
+                keep: false,
+            })
+    }
+
+    /// The scores, from the logits of the rows of [`ScorePlan::chunks`] (in order).
+    pub(super) fn finish(self, rows: &[Vec<f32>]) -> Scores {
+        let mut out = self.out;
+        let mut rows = rows.iter();
+        for (i, toks, first) in self.batch {
+            let rest: f64 = toks[1..]
+                .iter()
+                .zip(rows.by_ref())
+                .map(|(&t, row)| f64::from(log_prob(row, t)))
+                .sum();
+            out[i].sum_logprob = first + rest - self.heal_lp;
+            out[i].token_count = toks.len();
+        }
+        Scores {
+            scores: out,
+            usage: Usage::default(),
+        }
+    }
+}
+
+/// log softmax(`row`)[`t`], in f32.
+fn log_prob(row: &[f32], t: u32) -> f32 {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f32 = row.iter().map(|&x| (x - max).exp()).sum();
+    row.get(t as usize)
+        .map_or(f32::NEG_INFINITY, |&x| x - max - sum.ln())
 }
 
 /// [`NextTokenModel`] over a session's prefix cache: each call is one forward pass of the positions
@@ -204,14 +263,36 @@ impl Engine {
         s.prompt.text.is_empty() && s.answer.is_empty()
     }
 
-    /// Scores every candidate as a continuation of the answer. Candidates whose tokenization keeps the
-    /// context's healed prefix share one batched pass; the rare others are scored on their own.
+    /// Scores every candidate as a continuation of the answer: [`Engine::score_plan`], the
+    /// candidates' rows in one pass of their own ([`Engine::chunk_pass`]), [`ScorePlan::finish`].
+    /// The scheduler instead runs the rows inside a decode step when they fit.
     pub(super) fn score(
         &mut self,
         s: &mut Session,
         candidates: &[String],
         usage: &mut Usage,
     ) -> Result<Scores> {
+        let plan = self.score_plan(s, candidates, usage)?;
+        if plan.rows() == 0 {
+            return Ok(plan.finish(&[]));
+        }
+        let (rows, ms) = self.chunk_pass(&mut [], &[], &[(&plan, None)])?;
+        usage.forward_ms += ms;
+        usage.forward_passes += 1;
+        usage.computed_positions += plan.rows();
+        Ok(plan.finish(&rows))
+    }
+
+    /// Everything of a score before the candidates' own positions run: the context's logits (the
+    /// first token of every candidate), the healing correction, the candidates' tokens. Candidates
+    /// whose tokenization keeps the context's healed prefix are left for one batched pass over the
+    /// shared context cache; the rare others are scored here, on their own.
+    pub(super) fn score_plan(
+        &mut self,
+        s: &mut Session,
+        candidates: &[String],
+        usage: &mut Usage,
+    ) -> Result<ScorePlan> {
         let heal = self.codec.heal(&s.tokens, Self::text_empty(s));
         let plen = heal.prefix_len;
         let prefix = s.tokens[..plen].to_vec();
@@ -235,53 +316,72 @@ impl Engine {
             };
             candidates.len()
         ];
-        let mut batch: Vec<(usize, Vec<u32>)> = Vec::new();
+        let mut batch: Vec<(usize, Vec<u32>, f64)> = Vec::new();
         for (i, cand) in candidates.iter().enumerate() {
             let full = self.with_candidate(s, cand)?;
             out[i].char_count = cand.chars().count();
             if full.len() > plen && full[..plen] == prefix[..] {
-                batch.push((i, full[plen..].to_vec()));
+                let toks = full[plen..].to_vec();
+                let first = f64::from(ctx_lp[toks[0] as usize]);
+                batch.push((i, toks, first));
             } else {
                 out[i] = self.score_alone(s, &prefix, &full, heal_lp, usage)?;
                 out[i].char_count = cand.chars().count();
             }
         }
-        let longest = batch.iter().map(|(_, t)| t.len()).max().unwrap_or(0);
-        let gathered: Vec<Vec<f32>> = if longest > 1 {
-            let width = longest - 1;
-            let mut input = Vec::with_capacity(batch.len() * width);
-            for (_, t) in &batch {
-                input.extend_from_slice(&t[..t.len() - 1]);
-                input.extend(std::iter::repeat_n(0u32, width - (t.len() - 1)));
-            }
-            let mut targets = Vec::with_capacity(batch.len() * width);
-            for (_, t) in &batch {
-                targets.extend_from_slice(&t[1..]);
-                targets.extend(std::iter::repeat_n(0u32, width - (t.len() - 1)));
-            }
-            let dev = self.model.device();
-            let input = Tensor::from_vec(input, (batch.len(), width), dev)?;
-            let t0 = std::time::Instant::now();
-            let (logits, _) = self.model.forward(&input, &kv, true)?;
-            usage.forward_ms += t0.elapsed().as_secs_f64() * 1e3;
-            let lp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-            let idx = Tensor::from_vec(targets, (batch.len(), width, 1), dev)?;
-            usage.forward_passes += 1;
-            usage.computed_positions += batch.iter().map(|(_, t)| t.len() - 1).sum::<usize>();
-            lp.gather(&idx, D::Minus1)?.squeeze(D::Minus1)?.to_vec2::<f32>()?
-        } else {
-            vec![vec![]; batch.len()]
-        };
-        for ((i, toks), row) in batch.iter().zip(gathered) {
-            let first = f64::from(ctx_lp[toks[0] as usize]);
-            let rest: f64 = row.iter().take(toks.len() - 1).map(|&x| f64::from(x)).sum();
-            out[*i].sum_logprob = first + rest - heal_lp;
-            out[*i].token_count = toks.len();
-        }
-        Ok(Scores {
-            scores: out,
-            usage: Usage::default(),
+        Ok(ScorePlan {
+            out,
+            batch,
+            heal_lp,
+            kv,
         })
+    }
+
+    /// One forward pass of decode rows (`tokens[i]` after `decodes[i]`'s cache, kept) and the
+    /// candidates' rows of score plans (each with its RTD λ), all in one
+    /// [`Transformer::forward_chunks`] step. The decodes get their logits, deferral logits and
+    /// extended caches; returns each plan's rows of logits in order, and the pass's milliseconds.
+    pub(super) fn chunk_pass(
+        &mut self,
+        decodes: &mut [&mut super::decode::Decode],
+        tokens: &[u32],
+        plans: &[(&ScorePlan, Option<f64>)],
+    ) -> Result<(Vec<Vec<f32>>, f64)> {
+        let t0 = std::time::Instant::now();
+        let mut chunks = Vec::with_capacity(decodes.len() + plans.len());
+        let mut lambdas = Vec::with_capacity(decodes.len());
+        for (d, t) in decodes.iter().zip(tokens) {
+            chunks.push(Chunk {
+                tokens: std::slice::from_ref(t),
+                cache: d.kv(),
+                keep: true,
+            });
+            lambdas.push(d.rtd_lambda());
+        }
+        for (plan, lambda) in plans {
+            for c in plan.chunks() {
+                lambdas.extend(std::iter::repeat_n(*lambda, c.tokens.len()));
+                chunks.push(c);
+            }
+        }
+        self.model
+            .set_rtd_lambdas(lambdas.iter().any(Option::is_some).then_some(lambdas));
+        let step = self.model.forward_chunks(&chunks);
+        self.model.set_rtd_lambdas(None);
+        let step = step?;
+        let mut rows = step.logits.to_vec2::<f32>()?.into_iter();
+        let mut deferral = match &step.deferral {
+            Some(z) => z.to_vec2::<f32>()?.into_iter().map(Some).collect(),
+            None => vec![None; decodes.len()],
+        }
+        .into_iter();
+        for (d, kv) in decodes.iter_mut().zip(step.caches) {
+            let (Some(row), Some(z)) = (rows.next(), deferral.next()) else {
+                return Err(Error::Internal("a step returned fewer rows than it ran".into()));
+            };
+            d.advance(row, kv, z);
+        }
+        Ok((rows.collect(), t0.elapsed().as_secs_f64() * 1e3))
     }
 
     /// A candidate whose tokens change the context's own tokenization: log P(tail + candidate) minus

@@ -6,7 +6,8 @@
 //! - `kv`: [`KvCache`], storage preallocated per layer, appended in place, views forked freely.
 //! - `matvec`: the products of a decode step (up to 32 rows) on every kernel thread, each weight read
 //!   once, a row's result independent of its batch mates (AVX-512 / AVX2 kernels picked at run time).
-//! - `ragged`: the CPU decode-attention kernel of a batched step (every row over its own cache).
+//! - `ragged`: the CPU attention kernel of a batched step (every row over its own cache and its own
+//!   sequence's new rows: decode rows and scored candidates in one pass).
 //! - [`weights`]: where weights come from ([`WeightSource`]: safetensors or GGUF) and [`Linear`], a
 //!   projection dense or GGML-quantized.
 //! - [`gguf`]: GGUF files: llama.cpp's names and metadata read into the same forward pass, and
@@ -22,5 +23,9 @@ pub mod transformer;
 pub mod weights;
 
 pub use config::{Arch, ArchConfig, SUPPORTED};
-pub use transformer::{KvCache, RaggedStep, Transformer};
+pub use transformer::{Chunk, KvCache, RaggedStep, Transformer};
 pub use weights::{Linear, WeightSource};
+
+/// Rows up to which a step's dense f32 products on the CPU give every row the same bits whatever
+/// else is in the step (the engine merges work from several calls into one pass up to this).
+pub const BATCH_INVARIANT_ROWS: usize = matvec::MAX_ROWS;

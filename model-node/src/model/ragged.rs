@@ -1,5 +1,6 @@
-//! Decode attention over many sequences at once on the CPU: one kernel call per layer for every row
-//! of a [`super::Transformer::forward_ragged`] step, each row attending over its own cache.
+//! Attention over many sequences at once on the CPU: one kernel call per layer for every row of a
+//! [`super::Transformer::forward_chunks`] step (decode rows, scored candidates), each row attending
+//! over its own cache and its own sequence's new rows.
 //!
 //! candle's general path costs ~15 small ops per sequence and layer (narrow, write, two matmuls,
 //! softmax, reshapes), ~3–5 µs each: on sub-million-parameter models those ops, not the weights,
@@ -107,49 +108,106 @@ fn f32_slice<'a>(storage: &'a Storage, layout: &Layout) -> CResult<&'a [f32]> {
     }
 }
 
-/// One decode step's attention for layer `li`: row `j` of `q` `(n, heads, 1, head_dim)` sits at
-/// position `caches[j].len()` (its storage claimed by `for_append`); its key and value (rows of
-/// `k`, `v`, `(n, kv_heads, 1, head_dim)`) are written there, then it attends over positions
-/// `..=len` of its own cache (the sliding window applied). Returns `(n, 1, heads * head_dim)` f32.
-pub(super) fn decode_attention(
+/// One sequence's rows in a [`chunk_attention`] step: `rows` new positions right after `cache.len`.
+/// When `write`, their keys and values are written into the cache's storage (claimed by
+/// `for_append`); otherwise the cache is only read (a candidate scored over a shared context).
+pub(super) struct SeqRows<'a> {
+    pub cache: &'a KvCache,
+    pub rows: usize,
+    pub write: bool,
+}
+
+/// One step's attention for layer `li` over several sequences, each contributing one or more new
+/// positions (decode rows, scored candidates): the rows of `q` `(n, heads, 1, head_dim)` are the
+/// sequences' rows in order; row `i` of a sequence sits at position `cache.len + i` and attends
+/// over the cached positions and its own sequence's new rows up to itself (causal, the sliding
+/// window applied), the new keys and values read from `k`, `v` `(n, kv_heads, 1, head_dim)`.
+/// Every row sums its positions in order, so a row's output does not depend on the rest of the
+/// step. Returns `(n, 1, heads * head_dim)` f32.
+pub(super) fn chunk_attention(
     spec: &AttnSpec,
     li: usize,
     (q, k, v): (&Tensor, &Tensor, &Tensor),
-    caches: &[KvCache],
+    seqs: &[SeqRows],
 ) -> CResult<Tensor> {
-    let n = caches.len();
+    let n: usize = seqs.iter().map(|s| s.rows).sum();
     let (h, kvh, hd) = (spec.heads, spec.kv_heads, spec.head_dim);
     let (k, v) = (k.contiguous()?, v.contiguous()?);
-    let mut stores = Vec::with_capacity(n);
-    for (j, c) in caches.iter().enumerate() {
-        let Some((kb, vb)) = c.layers.get(li) else {
-            candle_core::bail!("KV cache has no layer {li}");
+    // The cached storage of each sequence (none for an empty cache) and where its rows start.
+    let mut stores = Vec::with_capacity(seqs.len());
+    let mut first = 0;
+    for s in seqs {
+        let layer = if s.cache.len == 0 && !s.write {
+            None
+        } else {
+            let Some((kb, vb)) = s.cache.layers.get(li) else {
+                candle_core::bail!("KV cache has no layer {li}");
+            };
+            if s.write {
+                for i in 0..s.rows {
+                    let at = KvWrite {
+                        row: first + i,
+                        pos: s.cache.len + i,
+                    };
+                    kb.inplace_op2(&k, &at)?;
+                    vb.inplace_op2(&v, &at)?;
+                }
+            }
+            Some((kb, vb, kb.dim(2)?))
         };
-        kb.inplace_op2(&k, &KvWrite { row: j, pos: c.len })?;
-        vb.inplace_op2(&v, &KvWrite { row: j, pos: c.len })?;
-        stores.push((kb, vb, kb.dim(2)?, c.len + 1));
+        stores.push((layer, s.cache.len, first));
+        first += s.rows;
+    }
+    let mut row_seq = Vec::with_capacity(n);
+    for (j, s) in seqs.iter().enumerate() {
+        row_seq.extend((0..s.rows).map(|i| (j, i)));
     }
     let q = q.contiguous()?;
     let (qs, ql) = q.storage_and_layout();
     let qv = f32_slice(&qs, ql)?;
-    let mut guards = Vec::with_capacity(n);
-    for (kb, vb, cap, len) in &stores {
-        guards.push((kb.storage_and_layout(), vb.storage_and_layout(), *cap, *len));
+    let (ks, kl) = k.storage_and_layout();
+    let kn = f32_slice(&ks, kl)?;
+    let (vs, vl) = v.storage_and_layout();
+    let vn = f32_slice(&vs, vl)?;
+    let mut guards = Vec::with_capacity(stores.len());
+    for (layer, len, first) in &stores {
+        let g = layer
+            .as_ref()
+            .map(|(kb, vb, cap)| (kb.storage_and_layout(), vb.storage_and_layout(), *cap));
+        guards.push((g, *len, *first));
     }
-    let mut rows = Vec::with_capacity(n);
-    for ((ks, kl), (vs, vl), cap, len) in &guards {
-        rows.push((f32_slice(ks, kl)?, f32_slice(vs, vl)?, *cap, *len));
+    let mut cached = Vec::with_capacity(guards.len());
+    for (g, len, first) in &guards {
+        let slices = match g {
+            Some(((ks, kl), (vs, vl), cap)) => (f32_slice(ks, kl)?, f32_slice(vs, vl)?, *cap),
+            None => (&[][..], &[][..], 0),
+        };
+        cached.push((slices, *len, *first));
     }
     let rep = h / kvh;
     let mut out = vec![0f32; n * h * hd];
+    let span = |r: usize| {
+        let (j, i) = row_seq[r];
+        let pos = cached[j].1 + i;
+        (pos, spec.window.map_or(0, |w| (pos + 1).saturating_sub(w)))
+    };
     let head = |idx: usize, y: &mut [f32], scores: &mut Vec<f32>| {
-        let (j, hi) = (idx / h, idx % h);
-        let (kc, vc, cap, len) = rows[j];
-        let start = spec.window.map_or(0, |w| len.saturating_sub(w));
-        let qh = &qv[(j * h + hi) * hd..(j * h + hi + 1) * hd];
-        let base = (hi / rep) * cap * hd;
-        let keys = kc[base + start * hd..base + len * hd].chunks_exact(hd);
-        let values = vc[base + start * hd..base + len * hd].chunks_exact(hd);
+        let (r, hi) = (idx / h, idx % h);
+        let ((kc, vc, cap), len, first) = cached[row_seq[r].0];
+        let (pos, start) = span(r);
+        let g = hi / rep;
+        let qh = &qv[(r * h + hi) * hd..(r * h + hi + 1) * hd];
+        // Cached positions `start..len`, then the sequence's new positions up to `pos`.
+        let base = g * cap * hd;
+        let old = start.min(len);
+        let new_rows = first + start.max(len) - len..=first + pos - len;
+        let at = |rr: usize| (rr * kvh + g) * hd..(rr * kvh + g + 1) * hd;
+        let keys = kc[base + old * hd..base + len * hd]
+            .chunks_exact(hd)
+            .chain(new_rows.clone().map(|rr| &kn[at(rr)]));
+        let values = vc[base + old * hd..base + len * hd]
+            .chunks_exact(hd)
+            .chain(new_rows.map(|rr| &vn[at(rr)]));
         scores.clear();
         let mut max = f32::NEG_INFINITY;
         scores.extend(keys.map(|kt| {
@@ -176,7 +234,12 @@ pub(super) fn decode_attention(
             *yd /= sum;
         }
     };
-    let work: usize = rows.iter().map(|r| r.3).sum::<usize>() * h * hd;
+    let work: usize = (0..n)
+        .map(span)
+        .map(|(pos, start)| pos + 1 - start)
+        .sum::<usize>()
+        * h
+        * hd;
     if work >= PARALLEL_WORK {
         out.par_chunks_mut(hd)
             .enumerate()
@@ -187,7 +250,7 @@ pub(super) fn decode_attention(
             head(idx, y, &mut scores);
         }
     }
-    drop(rows);
+    drop(cached);
     drop(guards);
     Tensor::from_vec(out, (n, 1, h * hd), q.device())
 }

@@ -81,7 +81,19 @@ pub struct Transformer {
     rtd_lambdas: std::sync::Mutex<Option<Vec<Option<f64>>>>,
 }
 
-/// What one [`Transformer::forward_ragged`] step returns.
+/// One sequence's part of a [`Transformer::forward_chunks`] step.
+#[derive(Debug, Clone, Copy)]
+pub struct Chunk<'a> {
+    /// The new tokens, right after `cache`.
+    pub tokens: &'a [u32],
+    /// The sequence's cache (batch 1).
+    pub cache: &'a KvCache,
+    /// Keep the new positions: the step returns the extended cache (a decode). Otherwise the rows
+    /// are only computed (a scored candidate) and the cache is returned as it was.
+    pub keep: bool,
+}
+
+/// What one [`Transformer::forward_chunks`] (or `forward_ragged`) step returns.
 #[derive(Debug)]
 pub struct RaggedStep {
     /// f32 logits `(n, vocab)`.
@@ -390,49 +402,105 @@ impl Transformer {
     }
 
     /// One decode step of several sequences at once: `tokens[i]` follows `caches[i]` (each of batch 1,
-    /// of any length). The embedding, projections, MLPs and LM head run once over all the rows (one
-    /// matmul per weight instead of one per sequence); attention runs per sequence against its own
-    /// cache, so nothing is padded. Returns f32 logits `(n, vocab)`, the deferral logits `(n, H)` when
-    /// heads are set ([`Transformer::set_deferral`]; one small matmul on the same hidden states), and
-    /// the extended caches.
+    /// of any length), kept in the returned caches. [`Transformer::forward_chunks`] with one-token
+    /// chunks.
     pub fn forward_ragged(&self, tokens: &[u32], caches: &[&KvCache]) -> CResult<RaggedStep> {
-        let n = tokens.len();
-        if n == 0 || caches.len() != n {
-            candle_core::bail!("forward_ragged: {n} tokens for {} caches", caches.len());
+        if tokens.is_empty() || caches.len() != tokens.len() {
+            candle_core::bail!(
+                "forward_ragged: {} tokens for {} caches",
+                tokens.len(),
+                caches.len()
+            );
+        }
+        let chunks: Vec<Chunk> = tokens
+            .iter()
+            .zip(caches)
+            .map(|(t, c)| Chunk {
+                tokens: std::slice::from_ref(t),
+                cache: c,
+                keep: true,
+            })
+            .collect();
+        self.forward_chunks(&chunks)
+    }
+
+    /// One step over several sequences, each running one or more new tokens after its own cache
+    /// (batch 1, any length): decode rows and scored candidates together. The embedding,
+    /// projections, MLPs and LM head run once over all the rows (one product per weight); attention
+    /// runs per sequence against its own cache and its own new rows (causal), so nothing is padded.
+    /// Returns f32 logits `(rows, vocab)` (every row, in chunk order), the deferral logits
+    /// `(rows, H)` when heads are set ([`Transformer::set_deferral`]), and per chunk its cache:
+    /// extended when `keep`, else the input cache (read, never written, on the CPU kernel's path).
+    pub fn forward_chunks(&self, chunks: &[Chunk]) -> CResult<RaggedStep> {
+        let n: usize = chunks.iter().map(|c| c.tokens.len()).sum();
+        if n == 0 || chunks.iter().any(|c| c.tokens.is_empty()) {
+            candle_core::bail!("forward_chunks: every chunk needs a token");
         }
         let shape = self.kv_shape();
-        let mut outs = Vec::with_capacity(n);
-        for c in caches {
-            self.check_positions(c.len + 1)?;
-            outs.push(c.for_append(1, 1, &shape, &self.device)?);
+        let kernel = ragged::supported(&self.device, self.dtype);
+        let mut outs = Vec::with_capacity(chunks.len());
+        let mut positions = Vec::with_capacity(n);
+        let mut input = Vec::with_capacity(n);
+        for c in chunks {
+            let s = c.tokens.len();
+            self.check_positions(c.cache.len + s)?;
+            // Off the kernel's path, candle's attention writes the rows into claimed storage.
+            outs.push(if c.keep || !kernel {
+                c.cache.for_append(1, s, &shape, &self.device)?
+            } else {
+                c.cache.clone()
+            });
+            positions.extend((c.cache.len..c.cache.len + s).map(|p| p as u32));
+            input.extend_from_slice(c.tokens);
         }
-        let positions: Vec<u32> = caches.iter().map(|c| c.len as u32).collect();
         let positions = Tensor::new(positions.as_slice(), &self.device)?;
         let half = self.cos.dim(1)?;
         let cos = self.cos.index_select(&positions, 0)?.reshape((n, 1, half))?;
         let sin = self.sin.index_select(&positions, 0)?.reshape((n, 1, half))?;
-        let input = Tensor::new(tokens, &self.device)?.reshape((n, 1))?;
-        let kernel = ragged::supported(&self.device, self.dtype);
+        let input = Tensor::new(input.as_slice(), &self.device)?.reshape((n, 1))?;
         let x = self.layers_forward(&input, &mut |li, layer, hn| {
             let (q, k, v) = self.project(layer, hn, &cos, &sin)?;
             if kernel {
-                return ragged::decode_attention(&self.attn_spec(layer), li, (&q, &k, &v), &outs);
+                let seqs: Vec<ragged::SeqRows> = chunks
+                    .iter()
+                    .zip(&outs)
+                    .map(|(c, out)| ragged::SeqRows {
+                        cache: out,
+                        rows: c.tokens.len(),
+                        write: c.keep,
+                    })
+                    .collect();
+                return ragged::chunk_attention(&self.attn_spec(layer), li, (&q, &k, &v), &seqs);
             }
-            let mut ys = Vec::with_capacity(n);
-            for (j, out) in outs.iter().enumerate() {
-                let row = |t: &Tensor| t.narrow(0, j, 1);
-                ys.push(self.attend(layer, li, (&row(&q)?, &row(&k)?, &row(&v)?), out, out.len)?);
+            let mut ys = Vec::with_capacity(chunks.len());
+            let mut first = 0;
+            for (c, out) in chunks.iter().zip(&outs) {
+                let s = c.tokens.len();
+                // Rows (s, heads, 1, head_dim) as one sequence (1, heads, s, head_dim).
+                let seq = |t: &Tensor| t.narrow(0, first, s)?.transpose(0, 2);
+                let y = self.attend(layer, li, (&seq(&q)?, &seq(&k)?, &seq(&v)?), out, out.len)?;
+                ys.push(y.reshape((s, 1, self.cfg.num_heads * self.cfg.head_dim))?);
+                first += s;
             }
             Tensor::cat(&ys, 0)
         })?;
-        for out in &mut outs {
-            out.len += 1;
-        }
+        let caches = chunks
+            .iter()
+            .zip(outs)
+            .map(|(c, mut out)| {
+                if c.keep {
+                    out.len += c.tokens.len();
+                    out
+                } else {
+                    c.cache.clone()
+                }
+            })
+            .collect();
         let normed = self.norm.forward(&x)?;
         Ok(RaggedStep {
             logits: self.lm_logits(&normed)?.squeeze(1)?,
             deferral: self.deferral_logits(&normed.squeeze(1)?)?,
-            caches: outs,
+            caches,
         })
     }
 
