@@ -129,8 +129,7 @@ impl ModelFiles {
             Tokenizer::from_file(&tok_path)
                 .map_err(|e| Error::ModelDir(format!("{}: not a valid tokenizer: {e}", tok_path.display())))?
         } else if let Some(g) = gguf_file {
-            use candle_core::quantized::tokenizer::TokenizerFromGguf as _;
-            Tokenizer::from_gguf(&g.content).map_err(|e| {
+            crate::model::gguf::tokenizer_from_metadata(&g.content).map_err(|e| {
                 Error::ModelDir(format!(
                     "{}: no tokenizer.json beside it, and its own tokenizer cannot be used ({e}): put \
                      the model's tokenizer.json in {}",

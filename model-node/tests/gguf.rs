@@ -232,3 +232,106 @@ async fn a_node_serves_a_quantized_gguf_model() -> anyhow::Result<()> {
     assert_eq!(q8.0, "q8", "the model id is the directory's name");
     Ok(())
 }
+
+/// The real tokenizers and text in `../shared/real` (absent: the test says so and checks only the
+/// fixture).
+fn real() -> Option<std::path::PathBuf> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/real");
+    p.join("tokenizers").is_dir().then_some(p)
+}
+
+/// A GGUF file read without a `tokenizer.json` beside it takes its tokenizer from its metadata:
+/// SentencePiece ones (llama.cpp's `llama` model, which candle does not read) are rebuilt as
+/// HuggingFace's converter does. The tokens of real text, with and without BOS, are those of the
+/// original `tokenizer.json`: the real Llama 2 and Phi-3 tokenizers through the metadata the
+/// converter writes, and a SentencePiece fixture model converted and loaded as a node would.
+/// (Special-token text inside the input is left out: whether it is matched before or after
+/// normalization is a per-token flag of `tokenizer.json` that GGUF metadata does not carry, and the
+/// real files differ on it.)
+#[test]
+fn a_gguf_file_alone_tokenizes_as_its_tokenizer_json() -> anyhow::Result<()> {
+    let mut texts: Vec<String> = vec![
+        "Once upon a time, there was a little girl named Lily.".into(),
+        "  two spaces,\nnew lines\tand tabs; ünïcödé, 日本語 and an emoji 🙂!".into(),
+        "digits 1234567, [brackets] <angles> and \"quotes\"".into(),
+        String::new(),
+    ];
+    let mut checked = Vec::new();
+    if let Some(real) = real() {
+        let text = std::fs::read_to_string(real.join("text/tinystories-valid-a.txt"))?;
+        texts.extend(text.lines().take(200).map(str::to_owned));
+        for name in ["llama2", "phi3"] {
+            let path = real.join("tokenizers").join(name).join("tokenizer.json");
+            let json = std::fs::read_to_string(&path)?;
+            let original = tokenizers::Tokenizer::from_file(&path).map_err(anyhow::Error::msg)?;
+            let len = |special| {
+                original
+                    .encode("x", special)
+                    .map(|e| e.len())
+                    .map_err(anyhow::Error::msg)
+            };
+            let add_bos = len(true)? > len(false)?;
+            let meta =
+                model_node::model::gguf::tokenizer_metadata(&json, add_bos, original.get_vocab_size(true));
+            let content = gguf_file::Content {
+                magic: gguf_file::VersionedMagic::GgufV3,
+                metadata: meta.into_iter().collect(),
+                tensor_infos: Default::default(),
+                tensor_data_offset: 0,
+            };
+            let read =
+                model_node::model::gguf::tokenizer_from_metadata(&content).map_err(anyhow::Error::msg)?;
+            same_tokens(name, &original, &read, &texts, &[false, true])?;
+            checked.push(name);
+        }
+    } else {
+        eprintln!("../shared/real is absent: only the fixture is checked");
+    }
+    let root = common::temp_dir("gguf-tokenizer");
+    let src = common::model_dir(&root, "llama", "sentencepiece", 5)?;
+    let out = root.join("gguf");
+    convert(&src, &out, GgmlDType::F32)?;
+    let alone = root.join("alone");
+    std::fs::create_dir_all(&alone)?;
+    std::fs::rename(out.join("model.gguf"), alone.join("model.gguf"))?;
+    let files = ModelFiles::open(&alone)?;
+    let before = ModelFiles::open(&src)?;
+    // The node encodes without special tokens and adds BOS itself, as `add_bos` says.
+    same_tokens("fixture", &before.tokenizer, &files.tokenizer, &texts, &[false])?;
+    assert_eq!(
+        (files.add_bos, &files.bos, &files.eos_ids),
+        (before.add_bos, &before.bos, &before.eos_ids)
+    );
+    checked.push("fixture");
+    eprintln!("checked: {checked:?} over {} texts", texts.len());
+    Ok(())
+}
+
+/// The same ids for every text (with and without special tokens, as `specials` asks), and the
+/// same decoded text.
+fn same_tokens(
+    name: &str,
+    a: &tokenizers::Tokenizer,
+    b: &tokenizers::Tokenizer,
+    texts: &[String],
+    specials: &[bool],
+) -> anyhow::Result<()> {
+    for t in texts {
+        for &special in specials {
+            let x = a.encode(t.as_str(), special).map_err(anyhow::Error::msg)?;
+            let y = b.encode(t.as_str(), special).map_err(anyhow::Error::msg)?;
+            assert_eq!(
+                x.get_ids(),
+                y.get_ids(),
+                "{name}: {t:?} (special tokens: {special})"
+            );
+        }
+        let ids = a.encode(t.as_str(), false).map_err(anyhow::Error::msg)?;
+        assert_eq!(
+            a.decode(ids.get_ids(), true).map_err(anyhow::Error::msg)?,
+            b.decode(ids.get_ids(), true).map_err(anyhow::Error::msg)?,
+            "{name}: decoding {t:?}"
+        );
+    }
+    Ok(())
+}

@@ -12,6 +12,7 @@
 //! permutation, metadata, the tokenizer as `tokenizer.ggml.*` where llama.cpp has a model for it:
 //! `gguf_vocab`), every matrix in the GGML type asked for, and copies the tokenizer files beside it.
 
+pub use super::gguf_vocab::{metadata as tokenizer_metadata, tokenizer as tokenizer_from_metadata};
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::File;

@@ -1,9 +1,15 @@
-//! The tokenizer as GGUF metadata (`tokenizer.ggml.*`), written by `model-node convert` so that
-//! llama.cpp can load the files too: a byte-level BPE `tokenizer.json` becomes llama.cpp's `gpt2`
-//! model (tokens, merges), a SentencePiece-style one (`▁` for spaces, byte fallback) its `llama`
-//! model (tokens, scores that replay the merges in order, byte tokens marked). Other tokenizers
-//! (character-level without merges, WordPiece, Unigram) get no tokenizer metadata: the node reads
-//! `tokenizer.json` beside the file anyway.
+//! The tokenizer as GGUF metadata (`tokenizer.ggml.*`), both ways.
+//!
+//! - [`metadata`], written by `model-node convert` so that llama.cpp can load the files too: a
+//!   byte-level BPE `tokenizer.json` becomes llama.cpp's `gpt2` model (tokens, merges), a
+//!   SentencePiece-style one (`▁` for spaces, byte fallback) its `llama` model (tokens, scores that
+//!   replay the merges in order, byte tokens marked). Other tokenizers (character-level without
+//!   merges, WordPiece, Unigram) get no tokenizer metadata: the node reads `tokenizer.json` beside
+//!   the file anyway.
+//! - [`tokenizer`], read when no `tokenizer.json` lies beside a GGUF file (as published GGUF files
+//!   usually come): `gpt2` through candle's reader; `llama` (SentencePiece), which candle does not
+//!   read, as HuggingFace's own converter does it: a byte-fallback BPE whose merges are every split
+//!   of a token into two tokens, ranked by the joined token's score.
 
 use candle_core::quantized::gguf_file::Value;
 use serde_json::Value as Json;
@@ -158,6 +164,137 @@ pub fn metadata(tokenizer_json: &str, add_bos: bool, rows: usize) -> Vec<(String
         out.push(("tokenizer.ggml.unknown_token_id".into(), Value::U32(u as u32)));
     }
     out
+}
+
+/// A metadata value as integers (token types, ids).
+fn ints(v: &Value) -> Option<i64> {
+    match v {
+        Value::U8(x) => Some(i64::from(*x)),
+        Value::I8(x) => Some(i64::from(*x)),
+        Value::U16(x) => Some(i64::from(*x)),
+        Value::I16(x) => Some(i64::from(*x)),
+        Value::U32(x) => Some(i64::from(*x)),
+        Value::I32(x) => Some(i64::from(*x)),
+        Value::U64(x) => i64::try_from(*x).ok(),
+        Value::I64(x) => Some(*x),
+        _ => None,
+    }
+}
+
+/// The tokenizer a GGUF file's `tokenizer.ggml.*` metadata describes; an error names what is
+/// missing or unsupported.
+pub fn tokenizer(
+    content: &candle_core::quantized::gguf_file::Content,
+) -> Result<tokenizers::Tokenizer, String> {
+    let meta = &content.metadata;
+    let kind = meta
+        .get("tokenizer.ggml.model")
+        .and_then(|v| v.to_string().ok())
+        .ok_or("no tokenizer.ggml.model in its metadata")?;
+    if kind != "llama" {
+        use candle_core::quantized::tokenizer::TokenizerFromGguf as _;
+        return tokenizers::Tokenizer::from_gguf(content).map_err(|e| e.to_string());
+    }
+    let strings = |key: &str| -> Result<Vec<String>, String> {
+        meta.get(key)
+            .and_then(|v| v.to_vec().ok())
+            .ok_or_else(|| format!("no {key} in its metadata"))?
+            .iter()
+            .map(|v| {
+                v.to_string()
+                    .cloned()
+                    .map_err(|_| format!("{key} holds a non-string"))
+            })
+            .collect()
+    };
+    let tokens = strings("tokenizer.ggml.tokens")?;
+    let list = |key: &str| meta.get(key).and_then(|v| v.to_vec().ok());
+    let types: Vec<i64> = list("tokenizer.ggml.token_type")
+        .map(|l| l.iter().map(|v| ints(v).unwrap_or(i64::from(NORMAL))).collect())
+        .unwrap_or_else(|| vec![i64::from(NORMAL); tokens.len()]);
+    // Without scores, earlier tokens merge first (HuggingFace's rule too).
+    let scores: Vec<f32> = list("tokenizer.ggml.scores")
+        .map(|l| l.iter().map(|v| v.to_f32().unwrap_or(0.0)).collect())
+        .unwrap_or_else(|| (0..tokens.len()).map(|i| -(i as f32)).collect());
+    if types.len() != tokens.len() || scores.len() != tokens.len() {
+        return Err("tokenizer.ggml.tokens, token_type and scores differ in length".into());
+    }
+    let flag = |key: &str, default: bool| meta.get(key).and_then(|v| v.to_bool().ok()).unwrap_or(default);
+    let id = |key: &str| meta.get(key).and_then(ints).and_then(|i| usize::try_from(i).ok());
+    let index: std::collections::HashMap<&str, usize> =
+        tokens.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
+    // Every split of a normal token into two tokens, ranked by the joined token's score (then by
+    // the token's id and the parts' ids).
+    let mut merges: Vec<(f32, usize, usize, usize)> = Vec::new();
+    for (i, t) in tokens.iter().enumerate() {
+        if types[i] != i64::from(NORMAL) {
+            continue;
+        }
+        for (at, _) in t.char_indices().skip(1) {
+            if let (Some(&l), Some(&r)) = (index.get(&t[..at]), index.get(&t[at..])) {
+                merges.push((scores[i], i, l, r));
+            }
+        }
+    }
+    merges.sort_by(|a, b| b.0.total_cmp(&a.0).then((a.1, a.2, a.3).cmp(&(b.1, b.2, b.3))));
+    let unk = id("tokenizer.ggml.unknown_token_id")
+        .or_else(|| types.iter().position(|&t| t == i64::from(UNKNOWN)))
+        .and_then(|i| tokens.get(i));
+    let bos = id("tokenizer.ggml.bos_token_id").unwrap_or(1);
+    let space_prefix = flag("tokenizer.ggml.add_space_prefix", true);
+    let special: Vec<Json> = types
+        .iter()
+        .enumerate()
+        .filter(|&(_, &t)| t == i64::from(UNKNOWN) || t == i64::from(CONTROL) || t == 4)
+        .map(|(i, &t)| {
+            serde_json::json!({"id": i, "content": tokens[i], "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": false, "special": t != 4})
+        })
+        .collect();
+    let mut normalizers =
+        vec![serde_json::json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"})];
+    let mut decoders = vec![
+        serde_json::json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
+        serde_json::json!({"type": "ByteFallback"}),
+        serde_json::json!({"type": "Fuse"}),
+    ];
+    if space_prefix {
+        normalizers.insert(0, serde_json::json!({"type": "Prepend", "prepend": "\u{2581}"}));
+        decoders.push(serde_json::json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+    }
+    let post = match tokens.get(bos) {
+        Some(b) if flag("tokenizer.ggml.add_bos_token", true) => serde_json::json!({
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                     {"SpecialToken": {"id": b, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {b.as_str(): {"id": b, "ids": [bos], "tokens": [b]}}
+        }),
+        _ => Json::Null,
+    };
+    let vocab: serde_json::Map<String, Json> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), Json::from(i)))
+        .collect();
+    let json = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": special,
+        "normalizer": {"type": "Sequence", "normalizers": normalizers},
+        "pre_tokenizer": null,
+        "post_processor": post,
+        "decoder": {"type": "Sequence", "decoders": decoders},
+        "model": {
+            "type": "BPE", "dropout": null, "unk_token": unk,
+            "continuing_subword_prefix": null, "end_of_word_suffix": null,
+            "fuse_unk": true, "byte_fallback": types.contains(&i64::from(BYTE)),
+            "vocab": vocab,
+            "merges": merges.iter().map(|&(_, _, l, r)| [&tokens[l], &tokens[r]]).collect::<Vec<_>>(),
+        }
+    });
+    json.to_string()
+        .parse::<tokenizers::Tokenizer>()
+        .map_err(|e| format!("its SentencePiece vocabulary does not make a tokenizer: {e}"))
 }
 
 #[cfg(test)]
