@@ -1,7 +1,8 @@
 """Decode speed of model-node and llama.cpp (llama-cpp-python) on the same GGUF files: batch 1,
 greedy from BOS, 2 threads each, medians of interleaved rounds; cores used = CPU time / wall time
 during decoding; prefill of ~1,000 characters of real text (the node's time includes its first
-token). Run by tests/bench/llamacpp.sh."""
+token). Run by tests/bench/llamacpp.sh; with BENCH_DEVICE=cuda:0 (and BENCH_BIN, a CUDA build) both
+engines run on the GPU: the node on that device, llama.cpp with every layer offloaded."""
 
 import json
 import os
@@ -18,7 +19,9 @@ import numpy as np
 
 ROUNDS, TOKENS = (int(a) for a in (sys.argv[1:3] if len(sys.argv) > 2 else (5, 200)))
 ROOT = Path(__file__).resolve().parents[2]
-BIN = ROOT / "target" / "release" / "model-node"
+BIN = Path(os.environ.get("BENCH_BIN", ROOT / "target" / "release" / "model-node"))
+DEVICE = os.environ.get("BENCH_DEVICE", "cpu")
+GPU_LAYERS = 0 if DEVICE == "cpu" else -1
 WORK = ROOT / "target" / "llamacpp-bench"
 REAL = ROOT.parent / "shared" / "real" / "models" / "stories260K"
 TEXT = ROOT.parent / "shared" / "real" / "text" / "tinystories-valid-a.txt"
@@ -87,7 +90,7 @@ def ours(gguf):
     cores used by the whole process (CPU time / wall time, loading included)."""
     t0, c0 = time.monotonic(), os.times()
     p = subprocess.run([BIN, "generate", "--model-dir", gguf, "--raw", "--prompt", "", "--threads",
-                        str(THREADS), "--max-new-tokens", str(TOKENS), "--temperature", "0"],
+                        str(THREADS), "--device", DEVICE, "--max-new-tokens", str(TOKENS), "--temperature", "0"],
                        capture_output=True, text=True, check=True, env={**os.environ, "NO_COLOR": "1"})
     m = re.search(r"tokens=(\d+) .*ms=([\d.]+)", p.stderr)
     tokens, ms = int(m.group(1)), float(m.group(2))
@@ -98,7 +101,7 @@ def ours(gguf):
 def ours_prefill(gguf):
     """Milliseconds to read PROMPT and produce one token (the node's own measure)."""
     p = subprocess.run([BIN, "generate", "--model-dir", gguf, "--raw", "--prompt", PROMPT, "--threads",
-                        str(THREADS), "--max-new-tokens", "1", "--temperature", "0"],
+                        str(THREADS), "--device", DEVICE, "--max-new-tokens", "1", "--temperature", "0"],
                        capture_output=True, text=True, check=True)
     return float(re.search(r"ms=([\d.]+)", p.stderr).group(1))
 
@@ -139,7 +142,7 @@ def main():
         for ty in ("f32", "q8_0"):
             gguf = convert(src, ty)
             llm = Llama(model_path=str(gguf), n_threads=THREADS, n_threads_batch=THREADS, n_ctx=1024,
-                        n_batch=512, verbose=False, seed=0)
+                        n_batch=512, n_gpu_layers=GPU_LAYERS, verbose=False, seed=0)
             a, b, cores_a, cores_b, pa, pb = [], [], [], [], [], []
             for _ in range(ROUNDS):
                 tps, c = ours(gguf)
@@ -156,7 +159,8 @@ def main():
             rows.append((label, ty, ma, mb, statistics.median(cores_a), statistics.median(cores_b),
                          statistics.median(pa), statistics.median(pb), n_prompt))
             print(f"{label} {ty}: model-node {ma:,.0f} tok/s, llama.cpp {mb:,.0f} tok/s", flush=True)
-    print(f"\nbatch 1, greedy from BOS, {TOKENS} tokens, {THREADS} threads, median of {ROUNDS} interleaved rounds\n")
+    print(f"\nbatch 1, greedy from BOS, {TOKENS} tokens, {THREADS} threads, device {DEVICE}, "
+          f"median of {ROUNDS} interleaved rounds\n")
     print("| model | GGUF type | model-node tok/s | llama.cpp tok/s | ratio | cores used (node / llama.cpp) "
           "| prefill ms, node / llama.cpp (prompt tokens) | prefill ratio |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
