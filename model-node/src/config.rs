@@ -57,11 +57,11 @@ pub struct ConvertArgs {
     /// The output directory: model.gguf and the tokenizer files.
     #[arg(long)]
     pub out: PathBuf,
-    /// GGML type of the matrices: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k … q6_k (norms and
-    /// biases stay f32; a matrix whose rows are not whole blocks of the type falls back to q8_0, f16
-    /// or f32).
+    /// GGML type of the matrices: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k … q6_k, or
+    /// llama.cpp's mixes q4_k_m and q5_k_m (norms and biases stay f32; a matrix whose rows are not
+    /// whole blocks of the type falls back to q8_0, f16 or f32).
     #[arg(long = "type", default_value = "q8_0", value_parser = crate::model::gguf::parse_type)]
-    pub ty: candle_core::quantized::GgmlDType,
+    pub ty: crate::model::gguf::Quant,
 }
 
 /// `model-node health`.

@@ -14,6 +14,18 @@ use model_node::model::gguf::convert;
 use model_node::model::{KvCache, Transformer};
 use model_node::modeldir::{ModelFiles, WeightFiles};
 
+/// A llama fixture wide enough for k-quants, whose rows must be whole blocks of 256 (hidden 256, MLP
+/// 512, two layers).
+fn wide_model(root: &Path) -> anyhow::Result<std::path::PathBuf> {
+    let src = common::model_dir(root, "llama", "byte_level", 11)?;
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json"))?)?;
+    cfg["hidden_size"] = 256.into();
+    cfg["intermediate_size"] = 512.into();
+    common::write_model(&src, &cfg, 11)?;
+    Ok(src)
+}
+
 /// A fixed token sequence inside every fixture vocabulary.
 const TOKENS: [u32; 12] = [5, 17, 3, 40, 22, 9, 31, 12, 7, 28, 14, 6];
 
@@ -85,13 +97,7 @@ fn f32_gguf_gives_the_safetensors_logits_for_every_architecture() -> anyhow::Res
 #[test]
 fn quantized_gguf_stays_within_tolerance() -> anyhow::Result<()> {
     let root = common::temp_dir("gguf-quant");
-    // k-quants need rows of 256: a wider model (hidden 256, MLP 512).
-    let src = common::model_dir(&root, "llama", "byte_level", 11)?;
-    let mut cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(src.join("config.json"))?)?;
-    cfg["hidden_size"] = 256.into();
-    cfg["intermediate_size"] = 512.into();
-    common::write_model(&src, &cfg, 11)?;
+    let src = wide_model(&root)?;
     let (_, st) = load(&src)?;
     let reference = logits(&st)?;
     let scale = reference.iter().flatten().map(|x| x.abs()).fold(0.0f32, f32::max);
@@ -131,6 +137,54 @@ fn quantized_gguf_stays_within_tolerance() -> anyhow::Result<()> {
         );
     }
     eprintln!("{}", report.join("\n"));
+    Ok(())
+}
+
+/// llama.cpp's `Q4_K_M` and `Q5_K_M` mixes: the output head and the second (last) layer's value and
+/// MLP down projections at Q6_K, the rest at the base k-quant; `general.file_type` says which mix;
+/// the logits stay within the base type's tolerance.
+#[test]
+fn k_quant_mixes_follow_llama_cpp() -> anyhow::Result<()> {
+    use model_node::model::gguf::Quant;
+    let root = common::temp_dir("gguf-mix");
+    let src = wide_model(&root)?;
+    let (_, st) = load(&src)?;
+    let reference = logits(&st)?;
+    let scale = reference.iter().flatten().map(|x| x.abs()).fold(0.0f32, f32::max);
+    for (mix, base, file_type, tol) in [
+        (Quant::Q4KM, GgmlDType::Q4K, 15, 0.15),
+        (Quant::Q5KM, GgmlDType::Q5K, 17, 8e-2),
+    ] {
+        let out = root.join(format!("{mix:?}"));
+        let c = convert(&src, &out, mix)?;
+        let count = |t: GgmlDType| c.types.get(&format!("{t:?}")).copied().unwrap_or(0);
+        assert_eq!(
+            (count(GgmlDType::Q6K), count(base)),
+            (3, 13),
+            "{mix:?}: {:?}",
+            c.types
+        );
+        let mut f = std::fs::File::open(&c.file)?;
+        let content = gguf_file::Content::read(&mut f)?;
+        let types: Vec<(String, GgmlDType)> =
+            ["output.weight", "blk.1.attn_v.weight", "blk.1.ffn_down.weight"]
+                .iter()
+                .map(|n| (n.to_string(), content.tensor_infos[*n].ggml_dtype))
+                .collect();
+        assert!(
+            types.iter().all(|(_, t)| *t == GgmlDType::Q6K),
+            "{mix:?}: {types:?}"
+        );
+        assert_eq!(content.tensor_infos["blk.0.attn_v.weight"].ggml_dtype, base);
+        assert_eq!(content.metadata["general.file_type"].to_u32()?, file_type);
+        let (_, q) = load(&out)?;
+        let rel = max_diff(&reference, &logits(&q)?) / scale;
+        eprintln!("{mix:?}: {rel:.2e} relative");
+        assert!(
+            rel <= tol,
+            "{mix:?}: logits differ by {rel} of their range (tolerance {tol})"
+        );
+    }
     Ok(())
 }
 

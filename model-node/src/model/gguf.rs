@@ -409,9 +409,84 @@ impl WeightSource for GgufWeights<'_> {
     }
 }
 
-/// GGML types `convert` writes, by their llama.cpp names.
-pub fn parse_type(s: &str) -> std::result::Result<GgmlDType, String> {
-    Ok(match s.to_ascii_lowercase().as_str() {
+/// What [`convert`] writes the matrices as: one GGML type, or one of llama.cpp's k-quant mixes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quant {
+    /// Every matrix in this type.
+    Type(GgmlDType),
+    /// llama.cpp's `Q4_K_M`: Q4_K, with Q6_K for the output head and for the value projections and
+    /// MLP down projections of the layers that matter most (the first and last eighth and every third
+    /// between), Q5_K for fused QKV projections.
+    Q4KM,
+    /// llama.cpp's `Q5_K_M`: the same rule over Q5_K (fused QKV projections Q6_K).
+    Q5KM,
+}
+
+impl From<GgmlDType> for Quant {
+    fn from(t: GgmlDType) -> Self {
+        Quant::Type(t)
+    }
+}
+
+/// llama.cpp's `use_more_bits`: the layers whose value and MLP down projections a `_M` mix keeps
+/// at Q6_K.
+fn more_bits(layer: usize, layers: usize) -> bool {
+    let first = layers / 8;
+    layer < first || layer >= 7 * layers / 8 || (layer - first) % 3 == 2
+}
+
+impl Quant {
+    /// The type of the matrix with GGUF name `name` (before the block-size fallback), in a model of
+    /// `layers` layers whose output head is `tied` to the embedding.
+    fn of(self, name: &str, layers: usize, tied: bool) -> GgmlDType {
+        let (base, qkv) = match self {
+            Quant::Type(t) => return t,
+            Quant::Q4KM => (GgmlDType::Q4K, GgmlDType::Q5K),
+            Quant::Q5KM => (GgmlDType::Q5K, GgmlDType::Q6K),
+        };
+        if name == "output.weight" || (tied && name == "token_embd.weight") {
+            return GgmlDType::Q6K;
+        }
+        let layer = name
+            .strip_prefix("blk.")
+            .and_then(|r| r.split('.').next())
+            .and_then(|i| i.parse::<usize>().ok());
+        match layer {
+            Some(i) if name.ends_with(".attn_v.weight") || name.ends_with(".ffn_down.weight") => {
+                if more_bits(i, layers) {
+                    GgmlDType::Q6K
+                } else {
+                    base
+                }
+            }
+            Some(_) if name.ends_with(".attn_qkv.weight") => qkv,
+            _ => base,
+        }
+    }
+
+    /// llama.cpp's `general.file_type` (`LLAMA_FTYPE_*`) for the file, when it has one.
+    fn file_type(self) -> Option<u32> {
+        Some(match self {
+            Quant::Type(GgmlDType::F32) => 0,
+            Quant::Type(GgmlDType::F16) => 1,
+            Quant::Type(GgmlDType::Q4_0) => 2,
+            Quant::Type(GgmlDType::Q4_1) => 3,
+            Quant::Type(GgmlDType::Q8_0) => 7,
+            Quant::Type(GgmlDType::Q5_0) => 8,
+            Quant::Type(GgmlDType::Q5_1) => 9,
+            Quant::Type(GgmlDType::Q2K) => 10,
+            Quant::Q4KM => 15,
+            Quant::Q5KM => 17,
+            Quant::Type(GgmlDType::Q6K) => 18,
+            Quant::Type(GgmlDType::BF16) => 32,
+            Quant::Type(_) => return None,
+        })
+    }
+}
+
+/// GGML types and mixes `convert` writes, by their llama.cpp names.
+pub fn parse_type(s: &str) -> std::result::Result<Quant, String> {
+    Ok(Quant::Type(match s.to_ascii_lowercase().as_str() {
         "f32" => GgmlDType::F32,
         "f16" => GgmlDType::F16,
         "bf16" => GgmlDType::BF16,
@@ -425,12 +500,15 @@ pub fn parse_type(s: &str) -> std::result::Result<GgmlDType, String> {
         "q4_k" => GgmlDType::Q4K,
         "q5_k" => GgmlDType::Q5K,
         "q6_k" => GgmlDType::Q6K,
+        "q4_k_m" => return Ok(Quant::Q4KM),
+        "q5_k_m" => return Ok(Quant::Q5KM),
         other => {
             return Err(format!(
-                "{other:?}: expected f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k or q6_k"
+                "{other:?}: expected f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k, \
+                 q6_k, q4_k_m or q5_k_m"
             ));
         }
-    })
+    }))
 }
 
 /// What [`convert`] wrote.
@@ -452,9 +530,11 @@ fn matrix_type(want: GgmlDType, cols: usize) -> GgmlDType {
         .unwrap_or(GgmlDType::F32)
 }
 
-/// Writes the HuggingFace directory `src` as `out/model.gguf`, every matrix as `ty` (norms and biases
-/// F32), with llama.cpp's names, permutation and metadata, and copies the tokenizer files beside it.
-pub fn convert(src: &Path, out: &Path, ty: GgmlDType) -> Result<Converted> {
+/// Writes the HuggingFace directory `src` as `out/model.gguf`, every matrix as `ty` says (norms and
+/// biases F32), with llama.cpp's names, permutation and metadata, and copies the tokenizer files
+/// beside it.
+pub fn convert(src: &Path, out: &Path, ty: impl Into<Quant>) -> Result<Converted> {
+    let ty: Quant = ty.into();
     use crate::modeldir::ModelFiles;
     let files = ModelFiles::open(src)?;
     let cfg = files.config.clone();
@@ -539,7 +619,7 @@ pub fn convert(src: &Path, out: &Path, ty: GgmlDType) -> Result<Converted> {
             t = t.index_select(&idx, 0).map_err(fail)?;
         }
         let qt = if t.rank() == 2 {
-            matrix_type(ty, t.dim(1).map_err(fail)?)
+            matrix_type(ty.of(&gname, cfg.num_layers, tied), t.dim(1).map_err(fail)?)
         } else {
             GgmlDType::F32
         };
@@ -582,6 +662,9 @@ pub fn convert(src: &Path, out: &Path, ty: GgmlDType) -> Result<Converted> {
         ),
         (a("rope.freq_base"), Value::F32(cfg.rope_theta as f32)),
     ];
+    if let Some(ft) = ty.file_type() {
+        meta.push(("general.file_type".into(), Value::U32(ft)));
+    }
     if let RopeScaling::Linear { factor } = cfg.rope_scaling {
         meta.push((a("rope.scaling.type"), Value::String("linear".into())));
         meta.push((a("rope.scaling.factor"), Value::F32(factor)));
@@ -639,6 +722,32 @@ pub fn convert(src: &Path, out: &Path, ty: GgmlDType) -> Result<Converted> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_m_mixes_keep_llama_cpps_layers_at_q6_k() {
+        // llama.cpp's use_more_bits over 32 layers: the first and last four, and every third between.
+        let more: Vec<usize> = (0..32).filter(|&i| super::more_bits(i, 32)).collect();
+        assert_eq!(more, [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]);
+        let q = super::Quant::Q4KM;
+        assert_eq!(q.of("output.weight", 32, false), GgmlDType::Q6K);
+        assert_eq!(q.of("token_embd.weight", 32, false), GgmlDType::Q4K);
+        assert_eq!(
+            q.of("token_embd.weight", 32, true),
+            GgmlDType::Q6K,
+            "tied: the head"
+        );
+        assert_eq!(q.of("blk.6.attn_v.weight", 32, false), GgmlDType::Q6K);
+        assert_eq!(q.of("blk.7.ffn_down.weight", 32, false), GgmlDType::Q4K);
+        assert_eq!(q.of("blk.7.attn_qkv.weight", 32, false), GgmlDType::Q5K);
+        assert_eq!(q.of("blk.7.ffn_up.weight", 32, false), GgmlDType::Q4K);
+        assert_eq!(
+            super::Quant::Q5KM.of("blk.3.ffn_gate.weight", 32, false),
+            GgmlDType::Q5K
+        );
+        assert_eq!(super::parse_type("Q4_K_M"), Ok(super::Quant::Q4KM));
+        assert!(super::parse_type("q4_k_s").is_err());
+    }
+
     use super::*;
 
     #[test]
