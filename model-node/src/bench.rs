@@ -4,8 +4,11 @@
 //! 2. next-character costs per tokenizer: the once-per-forward O(V) pass (trie prefix sums) and the
 //!    per-character walk (commit one character + top-k distribution, no forward pass);
 //! 3. the serving tables of [`serving`]: concurrent streams (continuous batching; with `--plot`, also
-//!    as an SVG chart), decode cost against context length, and `NextCharDistribution` on real text.
+//!    as an SVG chart), decode cost against context length, and `NextCharDistribution` on real text;
+//! 4. with `--random-llama` and streams, [`mixed`]: scores in a loop beside 16 streams (the share of
+//!    their rows that ran inside decode passes).
 
+pub mod mixed;
 pub mod serving;
 
 use std::path::Path;
@@ -62,6 +65,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 &streams,
                 args.stream_tokens,
             )?);
+            mixed::scores_table(&model, &limits(), 16, args.stream_tokens)?;
         }
         serving::kv_table(&model, &limits())?;
         let _ = std::fs::remove_dir_all(&root);

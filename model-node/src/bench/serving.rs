@@ -20,7 +20,7 @@ use crate::config::{LimitArgs, ModelArgs};
 use crate::error::{Error, Result};
 use crate::model::KvCache;
 
-fn err(e: impl std::fmt::Display) -> Error {
+pub(super) fn err(e: impl std::fmt::Display) -> Error {
     Error::Server(e.to_string())
 }
 
@@ -32,6 +32,8 @@ pub struct Served {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     /// What Info says.
     pub info: pb::InfoResponse,
+    /// The engine's counters.
+    pub totals: std::sync::Arc<crate::engine::Totals>,
 }
 
 impl Served {
@@ -39,6 +41,7 @@ impl Served {
     pub fn start(model: &ModelArgs, limits: &LimitArgs) -> Result<Self> {
         let loaded = crate::node::load(model, limits)?;
         let info = loaded.info.clone();
+        let totals = loaded.engine.totals().clone();
         let rt = tokio::runtime::Runtime::new().map_err(err)?;
         let listener = rt
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
@@ -59,6 +62,7 @@ impl Served {
             url,
             stop: Some(tx),
             info,
+            totals,
         })
     }
 
@@ -83,7 +87,7 @@ impl Drop for Served {
     }
 }
 
-fn raw_context(session: &str, prompt: &str, answer: &str) -> Option<pb::Context> {
+pub(super) fn raw_context(session: &str, prompt: &str, answer: &str) -> Option<pb::Context> {
     Some(pb::Context {
         rtd_lambda: None,
         session_id: session.into(),

@@ -241,6 +241,11 @@ impl Engine {
         &self.limits
     }
 
+    /// The shared counters (the handle's, once spawned).
+    pub fn totals(&self) -> &Arc<Totals> {
+        &self.totals
+    }
+
     /// Starts the engine thread; the thread ends when every handle is dropped.
     pub fn spawn(self) -> Result<(EngineHandle, std::thread::JoinHandle<()>)> {
         let capacity = self.limits.queue_capacity.max(1);
