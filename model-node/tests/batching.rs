@@ -74,14 +74,7 @@ async fn concurrent_proposals_are_batched_and_identical_to_one_by_one() -> anyho
     .enumerate()
     {
         let dir = model_dir(&root.join(arch), arch, kind, 40 + i as u64)?;
-        let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let maddr = metrics.local_addr()?;
-        let opts = model_node::server::ServeOptions {
-            grace: std::time::Duration::from_secs(5),
-            metrics: Some(metrics),
-            ..Default::default()
-        };
-        let mut node = TestNode::start_with(model_args(&dir), limits(), opts).await?;
+        let (mut node, maddr) = TestNode::start_with_metrics(model_args(&dir), limits()).await?;
         let mut c = node.client().await?;
 
         // One by one: every decode step is a batch of one.
@@ -175,14 +168,7 @@ async fn scores_during_proposals_share_their_passes_and_match_scores_alone() -> 
     .enumerate()
     {
         let dir = model_dir(&root.join(arch), arch, kind, 60 + i as u64)?;
-        let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let maddr = metrics.local_addr()?;
-        let opts = model_node::server::ServeOptions {
-            grace: std::time::Duration::from_secs(5),
-            metrics: Some(metrics),
-            ..Default::default()
-        };
-        let mut node = TestNode::start_with(model_args(&dir), limits(), opts).await?;
+        let (mut node, maddr) = TestNode::start_with_metrics(model_args(&dir), limits()).await?;
         let mut c = node.client().await?;
         let mut alone = Vec::new();
         for r in score_requests() {

@@ -23,14 +23,7 @@ async fn scrape(addr: std::net::SocketAddr) -> anyhow::Result<String> {
 async fn metrics_count_rpcs_codes_and_work_exactly() -> anyhow::Result<()> {
     let root = common::temp_dir("metrics");
     let dir = model_dir(&root, "llama", "byte_level", 7)?;
-    let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let maddr = metrics.local_addr()?;
-    let opts = model_node::server::ServeOptions {
-        grace: std::time::Duration::from_secs(5),
-        metrics: Some(metrics),
-        ..Default::default()
-    };
-    let mut node = TestNode::start_with(model_args(&dir), limits(), opts).await?;
+    let (mut node, maddr) = TestNode::start_with_metrics(model_args(&dir), limits()).await?;
     let mut c = node.client().await?;
 
     let before = scrape(maddr).await?;

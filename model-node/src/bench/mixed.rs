@@ -12,7 +12,7 @@ use ensemble_proto::v1 as pb;
 use tonic::transport::Channel;
 
 use super::median;
-use super::serving::{Served, err, raw_context};
+use super::serving::{Served, err, raw_context, stream_request};
 use crate::config::{LimitArgs, ModelArgs};
 use crate::error::{Error, Result};
 
@@ -33,14 +33,11 @@ async fn streams(channels: Vec<Channel>, tokens: usize) -> Result<usize> {
     let calls = channels.into_iter().enumerate().map(|(i, ch)| {
         tokio::spawn(async move {
             let mut c = pb::model_node_client::ModelNodeClient::new(ch);
-            let req = pb::ProposeRequest {
-                context: raw_context("", &format!("Story {i}: the cat"), ""),
-                max_new_tokens: tokens as u32,
-                stop: vec![],
-                sampling: Some(pb::Sampling::default()),
-                defer_threshold: None,
-            };
-            let r = c.propose_segment(req).await.map_err(err)?.into_inner();
+            let r = c
+                .propose_segment(stream_request(i, tokens))
+                .await
+                .map_err(err)?
+                .into_inner();
             Ok::<_, Error>(r.token_logprobs.len())
         })
     });

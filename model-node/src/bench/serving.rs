@@ -100,6 +100,17 @@ pub(super) fn raw_context(session: &str, prompt: &str, answer: &str) -> Option<p
     })
 }
 
+/// Stream `i` of the streams tables: a greedy proposal of `tokens` tokens after its own story start.
+pub(super) fn stream_request(i: usize, tokens: usize) -> pb::ProposeRequest {
+    pb::ProposeRequest {
+        context: raw_context("", &format!("Story {i}: the cat"), ""),
+        max_new_tokens: tokens as u32,
+        stop: vec![],
+        sampling: Some(pb::Sampling::default()),
+        defer_threshold: None,
+    }
+}
+
 /// Writes a random-weight Llama of ~25M parameters (hidden 512, 8 layers, 8 heads, MLP 1408, 2,048
 /// positions) over the byte-level fixture tokenizer under `root`.
 pub fn random_llama(root: &Path) -> Result<PathBuf> {
@@ -168,15 +179,12 @@ pub fn streams_table(
             let calls = channels.into_iter().enumerate().map(|(i, ch)| {
                 tokio::spawn(async move {
                     let mut c = pb::model_node_client::ModelNodeClient::new(ch);
-                    let req = pb::ProposeRequest {
-                        context: raw_context("", &format!("Story {i}: the cat"), ""),
-                        max_new_tokens: tokens as u32,
-                        stop: vec![],
-                        sampling: Some(pb::Sampling::default()),
-                        defer_threshold: None,
-                    };
                     let t = Instant::now();
-                    let r = c.propose_segment(req).await.map_err(err)?.into_inner();
+                    let r = c
+                        .propose_segment(stream_request(i, tokens))
+                        .await
+                        .map_err(err)?
+                        .into_inner();
                     let k = r.token_logprobs.len().max(1);
                     Ok::<_, Error>((k, t.elapsed().as_secs_f64() * 1e3 / k as f64))
                 })

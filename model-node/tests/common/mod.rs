@@ -71,6 +71,22 @@ impl TestNode {
         Self::start_loaded(model_node::node::load(&args, &limits)?, opts).await
     }
 
+    /// Serves the model with its metrics and health HTTP listener too; returns the node and that
+    /// listener's address.
+    pub async fn start_with_metrics(
+        args: ModelArgs,
+        limits: LimitArgs,
+    ) -> anyhow::Result<(Self, SocketAddr)> {
+        let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let maddr = metrics.local_addr()?;
+        let opts = model_node::server::ServeOptions {
+            grace: Duration::from_secs(5),
+            metrics: Some(metrics),
+            ..Default::default()
+        };
+        Ok((Self::start_with(args, limits, opts).await?, maddr))
+    }
+
     /// Serves an already loaded node (e.g. one with a deferral head).
     pub async fn start_loaded(
         loaded: model_node::node::Loaded,
