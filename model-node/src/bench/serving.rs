@@ -309,7 +309,8 @@ where
     root.present()
 }
 
-/// ms per decoded token after a context of 16 and of ~1,000 positions (bare model, batch of one).
+/// ms per decoded token after a context of 16 and of ~1,000 positions (bare model, batch of one), and
+/// ms per batched decode step of 1, 4, 16 and 32 sequences (bare model).
 pub fn kv_table(model: &ModelArgs, limits: &LimitArgs) -> Result<()> {
     let loaded = crate::node::load(model, limits)?;
     let m = loaded.engine.model();
@@ -333,6 +334,32 @@ pub fn kv_table(model: &ModelArgs, limits: &LimitArgs) -> Result<()> {
         }
         let ms = t0.elapsed().as_secs_f64() * 1e3 / steps as f64;
         println!("| {ctx} | {ms:.3} | {} |", kv.capacity());
+    }
+    println!();
+    println!(
+        "batched decode step, bare model, {} (sequences of 64 positions, {steps} steps; the engine's step without sessions, sampling or gRPC)",
+        loaded.info.model_id
+    );
+    println!();
+    println!("| sequences | ms/step | ms/step per sequence | x one sequence's step |");
+    println!("|---:|---:|---:|---:|");
+    let mut single = None;
+    for rows in [1usize, 4, 16, 32] {
+        let mut kvs = Vec::with_capacity(rows);
+        for r in 0..rows {
+            let tokens: Vec<u32> = (0..64u32).map(|i| 3 + (i * 7 + r as u32) % 200).collect();
+            let input = Tensor::new(tokens.as_slice(), m.device())?.unsqueeze(0)?;
+            kvs.push(m.forward(&input, &KvCache::default(), false)?.1);
+        }
+        let t0 = Instant::now();
+        for i in 0..steps {
+            let next: Vec<u32> = (0..rows).map(|r| 5 + (i + r) as u32 % 100).collect();
+            let refs: Vec<&KvCache> = kvs.iter().collect();
+            kvs = m.forward_ragged(&next, &refs)?.caches;
+        }
+        let ms = t0.elapsed().as_secs_f64() * 1e3 / steps as f64;
+        let one = *single.get_or_insert(ms);
+        println!("| {rows} | {ms:.3} | {:.3} | {:.2} |", ms / rows as f64, ms / one);
     }
     println!();
     Ok(())

@@ -118,7 +118,7 @@ mod x86 {
                         // The same columns `A` rows on: the next block's weights, on their way
                         // from memory while this block's products run (a hint: never faults).
                         _mm_prefetch::<_MM_HINT_T0>(
-                            ws[a].as_ptr().wrapping_add(i * $lanes + A * cols) as *const i8,
+                            ws[a].as_ptr().wrapping_add(i * $lanes + A * cols) as *const i8
                         );
                         // SAFETY: as above.
                         let wv = unsafe { $load(ws[a].as_ptr().add(i * $lanes)) };

@@ -197,17 +197,27 @@ impl Transformer {
                     )?),
                 )
             } else {
-                (
-                    Qkv::Split {
-                        q: w.linear(&format!("{attn}.q_proj"), h, q_out, cfg.qkv_bias)?,
-                        k: w.linear(&format!("{attn}.k_proj"), h, kv_out, cfg.qkv_bias)?,
-                        v: w.linear(&format!("{attn}.v_proj"), h, kv_out, cfg.qkv_bias)?,
-                    },
-                    GateUp::Split {
-                        gate: w.linear(&format!("{mlp}.gate_proj"), h, cfg.intermediate_size, false)?,
-                        up: w.linear(&format!("{mlp}.up_proj"), h, cfg.intermediate_size, false)?,
-                    },
-                )
+                // Stored apart, run stacked where dense: one product per step for the three input
+                // projections and one for gate and up (fewer dispatches over the kernel pool and
+                // fewer small tensors; every output row is computed as alone).
+                let (q, k, v) = (
+                    w.linear(&format!("{attn}.q_proj"), h, q_out, cfg.qkv_bias)?,
+                    w.linear(&format!("{attn}.k_proj"), h, kv_out, cfg.qkv_bias)?,
+                    w.linear(&format!("{attn}.v_proj"), h, kv_out, cfg.qkv_bias)?,
+                );
+                let qkv = match Linear::stacked(&[&q, &k, &v])? {
+                    Some(fused) => Qkv::Fused(fused),
+                    None => Qkv::Split { q, k, v },
+                };
+                let (gate, up) = (
+                    w.linear(&format!("{mlp}.gate_proj"), h, cfg.intermediate_size, false)?,
+                    w.linear(&format!("{mlp}.up_proj"), h, cfg.intermediate_size, false)?,
+                );
+                let gate_up = match Linear::stacked(&[&gate, &up])? {
+                    Some(fused) => GateUp::Fused(fused),
+                    None => GateUp::Split { gate, up },
+                };
+                (qkv, gate_up)
             };
             let o = w.linear(&format!("{attn}.o_proj"), q_out, h, gemma && cfg.qkv_bias)?;
             let down = w.linear(&format!("{mlp}.down_proj"), cfg.intermediate_size, h, false)?;

@@ -107,6 +107,37 @@ impl Linear {
         }
     }
 
+    /// Several dense projections of the same input as one (their weights stacked by output row, and
+    /// their biases when every one has one): one product instead of several at each step, each
+    /// output row computed as before. `None` when any is quantized or they differ in dtype, device
+    /// or bias.
+    pub fn stacked(parts: &[&Linear]) -> CResult<Option<Self>> {
+        let dense: Option<Vec<&candle_nn::Linear>> = parts
+            .iter()
+            .map(|l| match l {
+                Self::Dense(d) => Some(d),
+                Self::Quant { .. } => None,
+            })
+            .collect();
+        let Some(dense) = dense else { return Ok(None) };
+        let Some(first) = dense.first() else { return Ok(None) };
+        let (dtype, device) = (first.weight().dtype(), first.weight().device());
+        if dense
+            .iter()
+            .any(|d| d.weight().dtype() != dtype || !d.weight().device().same_device(device))
+        {
+            return Ok(None);
+        }
+        let weights: Vec<&Tensor> = dense.iter().map(|d| d.weight()).collect();
+        let biases: Option<Vec<&Tensor>> = dense.iter().map(|d| d.bias()).collect();
+        let bias = match biases {
+            Some(b) => Some(Tensor::cat(&b, 0)?),
+            None if dense.iter().all(|d| d.bias().is_none()) => None,
+            None => return Ok(None),
+        };
+        Ok(Some(Self::dense(Tensor::cat(&weights, 0)?, bias)))
+    }
+
     /// Whether the weights are GGML-quantized.
     pub fn is_quantized(&self) -> bool {
         matches!(self, Self::Quant { .. })
