@@ -120,7 +120,9 @@ impl Linear {
             })
             .collect();
         let Some(dense) = dense else { return Ok(None) };
-        let Some(first) = dense.first() else { return Ok(None) };
+        let Some(first) = dense.first() else {
+            return Ok(None);
+        };
         let (dtype, device) = (first.weight().dtype(), first.weight().device());
         if dense
             .iter()
