@@ -112,6 +112,15 @@ pub fn load_serving(
         None => None,
     };
     let mut model = files.load_model(&device, dtype, max_context)?;
+    if model.is_quantized() {
+        model.warm_up().map_err(|e| {
+            Error::ModelDir(format!(
+                "{}: the first forward pass failed: {}",
+                args.model_dir.display(),
+                crate::error::candle_message(&e)
+            ))
+        })?;
+    }
     if let Some((path, head)) = &head {
         let (g, b) = head.tensors(&device)?;
         model.set_deferral(&g, &b).map_err(|e| {
