@@ -7,7 +7,7 @@
 //! `gemm` packs the weight into panels and runs its microkernel over 6-column strips: at 16 rows and
 //! 25M parameters, where the weights come from memory rather than cache, a step cost ~3× its
 //! isolated products. Here the rows of `W` are split over the kernel pool and each thread streams
-//! its rows of `W` once, in blocks of 4 rows of `W` against several rows of `x` with the accumulators
+//! its rows of `W` once, in blocks of a few rows of `W` against several rows of `x` with the accumulators
 //! in registers (`x` stays in cache). The instruction set is detected once at run time: AVX-512
 //! (16 lanes, 6 × 4 blocks), AVX2 + FMA (8 lanes, 4 × 3 blocks), or portable code (8 lanes, 4 × 1).
 //! While a block's products run, the x86 kernels prefetch the same columns of the next block's rows
