@@ -25,7 +25,7 @@ use crate::error::{Error, Result};
 use crate::model::KvCache;
 use crate::vocab::Vocab;
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
@@ -42,7 +42,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             &limits(),
             &streams,
             args.stream_tokens,
+            args.repeat,
         )?);
+        serving::step_table(&args.model, &limits())?;
     }
     if let Some(path) = &args.text {
         let text =
@@ -64,10 +66,12 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 &limits(),
                 &streams,
                 args.stream_tokens,
+                args.repeat,
             )?);
             mixed::scores_table(&model, &limits(), 16, args.stream_tokens)?;
         }
         serving::kv_table(&model, &limits())?;
+        serving::step_table(&model, &limits())?;
         let _ = std::fs::remove_dir_all(&root);
     }
     if let Some(path) = &args.plot {

@@ -152,68 +152,85 @@ pub struct StreamsTable {
     pub rows: Vec<StreamsRow>,
 }
 
-/// Aggregate tokens/s and per-stream ms/token for each number of concurrent streams: prints the table
-/// and returns it.
+/// Aggregate tokens/s and per-stream ms/token for each number of concurrent streams, after one
+/// untimed round at the most streams (a serving node is warm: its allocator's pools grown, its
+/// threads started): each row is the run of median aggregate among `repeat`. Prints the table and
+/// returns it.
 pub fn streams_table(
     model: &ModelArgs,
     limits: &LimitArgs,
     streams: &[usize],
     tokens: usize,
+    repeat: usize,
 ) -> Result<StreamsTable> {
     let mut limits = limits.clone();
-    limits.queue = limits.queue.max(streams.iter().copied().max().unwrap_or(1) * 2);
+    let most = streams.iter().copied().max().unwrap_or(1);
+    limits.queue = limits.queue.max(most * 2);
     let node = Served::start(model, &limits)?;
+    let repeat = repeat.max(1);
     println!(
-        "concurrent ProposeSegment streams, {} ({} params, {} kernel threads), {tokens} tokens each, greedy, through gRPC",
+        "concurrent ProposeSegment streams, {} ({} params, {} kernel threads), {tokens} tokens each, greedy, through gRPC, median of {repeat} after a warm-up round",
         node.info.model_id, node.info.parameters, node.info.kernel_threads
     );
     println!();
     println!("| streams | aggregate tokens/s | per-stream ms/token | x single-stream aggregate |");
     println!("|---:|---:|---:|---:|");
+    round(&node, most, tokens)?;
     let mut single = None;
     let mut rows = Vec::with_capacity(streams.len());
     for &n in streams {
-        let channels = (0..n).map(|_| node.channel()).collect::<Result<Vec<_>>>()?;
-        let t0 = Instant::now();
-        let results: Vec<(usize, f64)> = node.rt.block_on(async {
-            let calls = channels.into_iter().enumerate().map(|(i, ch)| {
-                tokio::spawn(async move {
-                    let mut c = pb::model_node_client::ModelNodeClient::new(ch);
-                    let t = Instant::now();
-                    let r = c
-                        .propose_segment(stream_request(i, tokens))
-                        .await
-                        .map_err(err)?
-                        .into_inner();
-                    let k = r.token_logprobs.len().max(1);
-                    Ok::<_, Error>((k, t.elapsed().as_secs_f64() * 1e3 / k as f64))
-                })
-            });
-            let mut out = Vec::new();
-            for h in calls.collect::<Vec<_>>() {
-                out.push(h.await.map_err(err)??);
-            }
-            Ok::<_, Error>(out)
-        })?;
-        let wall = t0.elapsed().as_secs_f64();
-        let total: usize = results.iter().map(|r| r.0).sum();
-        let aggregate = total as f64 / wall;
-        let per_stream = results.iter().map(|r| r.1).sum::<f64>() / results.len().max(1) as f64;
-        let base = *single.get_or_insert(aggregate);
+        let mut runs = (0..repeat)
+            .map(|_| round(&node, n, tokens))
+            .collect::<Result<Vec<_>>>()?;
+        runs.sort_by(|a, b| a.tokens_per_s.total_cmp(&b.tokens_per_s));
+        let row = runs[runs.len() / 2];
+        let base = *single.get_or_insert(row.tokens_per_s);
         println!(
-            "| {n} | {aggregate:.1} | {per_stream:.2} | {:.2} |",
-            aggregate / base
+            "| {n} | {:.1} | {:.2} | {:.2} |",
+            row.tokens_per_s,
+            row.ms_per_token,
+            row.tokens_per_s / base
         );
-        rows.push(StreamsRow {
-            streams: n,
-            tokens_per_s: aggregate,
-            ms_per_token: per_stream,
-        });
+        rows.push(row);
     }
     println!();
     Ok(StreamsTable {
         model: node.info.model_id.clone(),
         rows,
+    })
+}
+
+/// One timed round: `n` greedy `ProposeSegment` calls of `tokens` tokens at once, each on its own
+/// connection (opened before the clock starts).
+fn round(node: &Served, n: usize, tokens: usize) -> Result<StreamsRow> {
+    let channels = (0..n).map(|_| node.channel()).collect::<Result<Vec<_>>>()?;
+    let t0 = Instant::now();
+    let results: Vec<(usize, f64)> = node.rt.block_on(async {
+        let calls = channels.into_iter().enumerate().map(|(i, ch)| {
+            tokio::spawn(async move {
+                let mut c = pb::model_node_client::ModelNodeClient::new(ch);
+                let t = Instant::now();
+                let r = c
+                    .propose_segment(stream_request(i, tokens))
+                    .await
+                    .map_err(err)?
+                    .into_inner();
+                let k = r.token_logprobs.len().max(1);
+                Ok::<_, Error>((k, t.elapsed().as_secs_f64() * 1e3 / k as f64))
+            })
+        });
+        let mut out = Vec::new();
+        for h in calls.collect::<Vec<_>>() {
+            out.push(h.await.map_err(err)??);
+        }
+        Ok::<_, Error>(out)
+    })?;
+    let wall = t0.elapsed().as_secs_f64();
+    let total: usize = results.iter().map(|r| r.0).sum();
+    Ok(StreamsRow {
+        streams: n,
+        tokens_per_s: total as f64 / wall,
+        ms_per_token: results.iter().map(|r| r.1).sum::<f64>() / results.len().max(1) as f64,
     })
 }
 
@@ -336,8 +353,19 @@ pub fn kv_table(model: &ModelArgs, limits: &LimitArgs) -> Result<()> {
         println!("| {ctx} | {ms:.3} | {} |", kv.capacity());
     }
     println!();
+    Ok(())
+}
+
+/// A bare batched decode step (no sessions, sampling or gRPC) at 1, 4, 16 and 32 sequences of 64
+/// positions: separates the model's cost from the engine's in the streams table.
+pub fn step_table(model: &ModelArgs, limits: &LimitArgs) -> Result<()> {
+    let loaded = crate::node::load(model, limits)?;
+    let m = loaded.engine.model();
+    let steps = 32;
+    // Token ids from 3 up, within the vocabulary (babyllama's has 105).
+    let vocab = m.config().vocab_size.max(4) as u32 - 3;
     println!(
-        "batched decode step, bare model, {} (sequences of 64 positions, {steps} steps; the engine's step without sessions, sampling or gRPC)",
+        "batched decode step, bare model, {} (sequences of 64 positions, {steps} steps, median of 3; the engine's step without sessions, sampling or gRPC)",
         loaded.info.model_id
     );
     println!();
@@ -345,19 +373,23 @@ pub fn kv_table(model: &ModelArgs, limits: &LimitArgs) -> Result<()> {
     println!("|---:|---:|---:|---:|");
     let mut single = None;
     for rows in [1usize, 4, 16, 32] {
-        let mut kvs = Vec::with_capacity(rows);
-        for r in 0..rows {
-            let tokens: Vec<u32> = (0..64u32).map(|i| 3 + (i * 7 + r as u32) % 200).collect();
-            let input = Tensor::new(tokens.as_slice(), m.device())?.unsqueeze(0)?;
-            kvs.push(m.forward(&input, &KvCache::default(), false)?.1);
+        let mut times = Vec::with_capacity(3);
+        for _ in 0..3 {
+            let mut kvs = Vec::with_capacity(rows);
+            for r in 0..rows {
+                let tokens: Vec<u32> = (0..64u32).map(|i| 3 + (i * 7 + r as u32) % vocab).collect();
+                let input = Tensor::new(tokens.as_slice(), m.device())?.unsqueeze(0)?;
+                kvs.push(m.forward(&input, &KvCache::default(), false)?.1);
+            }
+            let t0 = Instant::now();
+            for i in 0..steps {
+                let next: Vec<u32> = (0..rows).map(|r| 3 + (i + r) as u32 % vocab).collect();
+                let refs: Vec<&KvCache> = kvs.iter().collect();
+                kvs = m.forward_ragged(&next, &refs)?.caches;
+            }
+            times.push(t0.elapsed().as_secs_f64() * 1e3 / steps as f64);
         }
-        let t0 = Instant::now();
-        for i in 0..steps {
-            let next: Vec<u32> = (0..rows).map(|r| 5 + (i + r) as u32 % 100).collect();
-            let refs: Vec<&KvCache> = kvs.iter().collect();
-            kvs = m.forward_ragged(&next, &refs)?.caches;
-        }
-        let ms = t0.elapsed().as_secs_f64() * 1e3 / steps as f64;
+        let ms = super::median(times);
         let one = *single.get_or_insert(ms);
         println!("| {rows} | {ms:.3} | {:.3} | {:.2} |", ms / rows as f64, ms / one);
     }
