@@ -16,8 +16,8 @@
 //! to ~4.5 ms, on the 2-core AVX-512 machine).
 //!
 //! **A row's result does not depend on its batch mates**: on a given kernel every dot product is
-//! summed the same way (the lanes over whole chunks in order, then the lanes in order, then the tail),
-//! whatever block it falls in, so a decode step of up to [`MAX_ROWS`] sequences gives bit-identical
+//! summed the same way (the lanes over whole chunks in order, then the lanes in a fixed order, then
+//! the tail), whatever block it falls in, so a decode step of up to [`MAX_ROWS`] sequences gives bit-identical
 //! logits to the same sequence stepped alone. The x86 block types are reached only through
 //! [`run_task`], which picks them after detection (their `block`s call `target_feature` code).
 
@@ -96,7 +96,7 @@ mod x86 {
     /// One block's products with `$lanes`-wide registers: accumulate over whole chunks, store the
     /// lanes and add them in order, then the tail.
     macro_rules! simd_block {
-        ($name:ident, $features:literal, $isa:literal, $vec:ty, $lanes:literal, $zero:ident, $load:ident, $fma:ident, $store:ident) => {
+        ($name:ident, $features:literal, $isa:literal, $vec:ty, $lanes:literal, $zero:ident, $load:ident, $fma:ident, $hsum:ident) => {
             #[doc = concat!("The products of one block on ", $isa, ".")]
             ///
             /// # Safety
@@ -130,10 +130,8 @@ mod x86 {
                 let mut out = [[0f32; B]; A];
                 for a in 0..A {
                     for b in 0..B {
-                        let mut lanes = [0f32; $lanes];
-                        // SAFETY: `lanes` holds one register's floats.
-                        unsafe { $store(lanes.as_mut_ptr(), acc[a][b]) };
-                        let mut sum = lanes.iter().sum::<f32>();
+                        // SAFETY: same CPU features as this function.
+                        let mut sum = unsafe { $hsum(acc[a][b]) };
                         for k in chunks * $lanes..cols {
                             sum = ws[a][k].mul_add(xs[b][k], sum);
                         }
@@ -145,6 +143,33 @@ mod x86 {
         };
     }
 
+    /// The lanes of an AVX2 register summed as a fixed tree (halves, then pairs, then the last
+    /// two: `((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7))`), in registers: with short rows (hidden 128)
+    /// a store and eight dependent scalar adds per product took as long as the products.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn hsum_avx2(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps::<0b01>(t, t)))
+    }
+
+    /// The lanes of an AVX-512 register summed in order.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    #[inline]
+    unsafe fn hsum_avx512(v: __m512) -> f32 {
+        let mut lanes = [0f32; 16];
+        // SAFETY: `lanes` holds one register's floats.
+        unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), v) };
+        lanes.iter().sum::<f32>()
+    }
+
     simd_block!(
         block_avx2,
         "avx2,fma",
@@ -154,7 +179,7 @@ mod x86 {
         _mm256_setzero_ps,
         _mm256_loadu_ps,
         _mm256_fmadd_ps,
-        _mm256_storeu_ps
+        hsum_avx2
     );
     simd_block!(
         block_avx512,
@@ -165,7 +190,7 @@ mod x86 {
         _mm512_setzero_ps,
         _mm512_loadu_ps,
         _mm512_fmadd_ps,
-        _mm512_storeu_ps
+        hsum_avx512
     );
 
     fn same_lengths(ws: &[&[f32]], xs: &[&[f32]]) -> bool {
