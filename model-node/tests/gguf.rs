@@ -140,6 +140,53 @@ fn quantized_gguf_stays_within_tolerance() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A prefill of more rows than a decode step takes (48 > 32: on CPUs without VNNI the weights are
+/// dequantized for it) stays within the type's tolerance of the safetensors logits, and its last
+/// position agrees as closely with the same sequence stepped one token at a time (quantized products).
+#[test]
+fn a_long_prefill_on_a_quantized_model_agrees_with_decode_steps() -> anyhow::Result<()> {
+    let root = common::temp_dir("gguf-prefill");
+    let src = wide_model(&root)?;
+    let (_, st) = load(&src)?;
+    let tokens: Vec<u32> = (0..48u32)
+        .map(|i| TOKENS[(i as usize * 5) % TOKENS.len()] + i % 3)
+        .collect();
+    let all = |m: &Transformer| -> anyhow::Result<Vec<Vec<f32>>> {
+        let ids = Tensor::new(tokens.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+        Ok(m.forward(&ids, &KvCache::default(), true)?
+            .0
+            .squeeze(0)?
+            .to_vec2::<f32>()?)
+    };
+    let reference = all(&st)?;
+    let scale = reference.iter().flatten().map(|x| x.abs()).fold(0.0f32, f32::max);
+    for (ty, tol) in [(GgmlDType::Q8_0, 2e-2), (GgmlDType::Q4K, 0.15)] {
+        let out = root.join(format!("{ty:?}"));
+        convert(&src, &out, ty)?;
+        let (_, q) = load(&out)?;
+        let prefill = all(&q)?;
+        let rel = max_diff(&reference, &prefill) / scale;
+        assert!(
+            rel <= tol,
+            "{ty:?}: a 48-row prefill differs by {rel} of the range (tolerance {tol})"
+        );
+        let ids = Tensor::new(&tokens[..8], &Device::Cpu)?.unsqueeze(0)?;
+        let (_, mut kv) = q.forward(&ids, &KvCache::default(), false)?;
+        let mut last = Vec::new();
+        for &t in &tokens[8..] {
+            let step = q.forward_ragged(&[t], &[&kv])?;
+            last = step.logits.squeeze(0)?.to_vec1::<f32>()?;
+            kv = step.caches.into_iter().next().unwrap_or_default();
+        }
+        let stepped = max_diff(&[last], &prefill[47..]) / scale;
+        assert!(
+            stepped <= tol,
+            "{ty:?}: stepped and prefilled last logits differ by {stepped} of the range (tolerance {tol})"
+        );
+    }
+    Ok(())
+}
+
 /// llama.cpp's `Q4_K_M` and `Q5_K_M` mixes: the output head and the second (last) layer's value and
 /// MLP down projections at Q6_K, the rest at the base k-quant; `general.file_type` says which mix;
 /// the logits stay within the base type's tolerance.
