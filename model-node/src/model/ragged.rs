@@ -152,6 +152,122 @@ pub(super) struct SeqRows<'a> {
     pub write: bool,
 }
 
+/// A sequence's cached `((keys, values, capacity), len, first row)` in a step.
+type Cached<'a> = ((&'a [f32], &'a [f32], usize), usize, usize);
+
+/// What every (row, head) of a [`chunk_attention`] step reads: the step's queries and new keys and
+/// values, each sequence's cached slices `((keys, values, capacity), len, first row)`, and each
+/// row's `(sequence, index within it)`.
+struct Heads<'a> {
+    spec: AttnSpec,
+    qv: &'a [f32],
+    kn: &'a [f32],
+    vn: &'a [f32],
+    cached: Vec<Cached<'a>>,
+    row_seq: Vec<(usize, usize)>,
+}
+
+/// Whether the CPU has AVX2 and FMA, detected once.
+fn avx2() -> bool {
+    static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVX2.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
+/// [`Heads::head`] compiled for AVX2: the same operations (plain multiplies and adds, no fused
+/// ones) on 8 lanes instead of the baseline's 4, so the bits are those of the baseline build.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA ([`avx2`]).
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn head_avx2(heads: &Heads, idx: usize, y: &mut [f32], scores: &mut Vec<f32>) {
+    heads.head(idx, y, scores);
+}
+
+impl Heads<'_> {
+    /// Row `r`'s position and the first position its window sees.
+    fn span(&self, r: usize) -> (usize, usize) {
+        let (j, i) = self.row_seq[r];
+        let pos = self.cached[j].1 + i;
+        (pos, self.spec.window.map_or(0, |w| (pos + 1).saturating_sub(w)))
+    }
+
+    /// (row, head) `idx`'s output into `y`, on the widest vectors the CPU has.
+    fn run(&self, avx2: bool, idx: usize, y: &mut [f32], scores: &mut Vec<f32>) {
+        #[cfg(target_arch = "x86_64")]
+        if avx2 {
+            // SAFETY: `avx2` is `avx2()`: the CPU has AVX2 and FMA.
+            #[allow(unsafe_code)]
+            unsafe {
+                head_avx2(self, idx, y, scores)
+            };
+            return;
+        }
+        let _ = avx2;
+        self.head(idx, y, scores);
+    }
+
+    /// Scores, soft-capping, softmax and the value sum of (row, head) `idx` over its cached
+    /// positions and its sequence's new rows up to itself.
+    #[inline(always)]
+    fn head(&self, idx: usize, y: &mut [f32], scores: &mut Vec<f32>) {
+        let (h, kvh, hd, spec) = (self.spec.heads, self.spec.kv_heads, self.spec.head_dim, self.spec);
+        let (r, hi) = (idx / h, idx % h);
+        let ((kc, vc, cap), len, first) = self.cached[self.row_seq[r].0];
+        let (pos, start) = self.span(r);
+        let g = hi / (h / kvh);
+        let qh = &self.qv[(r * h + hi) * hd..(r * h + hi + 1) * hd];
+        // Cached positions `start..len`, then the sequence's new positions up to `pos`.
+        let base = g * cap * hd;
+        let old = start.min(len);
+        let new_rows = first + start.max(len) - len..=first + pos - len;
+        let at = |rr: usize| (rr * kvh + g) * hd..(rr * kvh + g + 1) * hd;
+        // Two plain loops (the cache's slice, then the new rows) rather than one chained iterator:
+        // with short heads (16 dims) the iterator's bookkeeping cost as much as the products.
+        let old_keys = &kc[base + old * hd..base + len * hd];
+        let old_values = &vc[base + old * hd..base + len * hd];
+        scores.clear();
+        scores.reserve(old_keys.len() / hd + new_rows.clone().count());
+        for kt in old_keys.chunks_exact(hd) {
+            scores.push(dot(qh, kt) * spec.scale);
+        }
+        for rr in new_rows.clone() {
+            scores.push(dot(qh, &self.kn[at(rr)]) * spec.scale);
+        }
+        if let Some(cap) = spec.softcap {
+            for s in scores.iter_mut() {
+                *s = (*s / cap).tanh() * cap;
+            }
+        }
+        let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+        for s in scores.iter_mut() {
+            *s = exp_le0(*s - max);
+        }
+        let sum = scores.iter().fold(0f32, |acc, s| acc + s);
+        y.fill(0.0);
+        let (p_old, p_new) = scores.split_at(old_keys.len() / hd);
+        for (vt, p) in old_values.chunks_exact(hd).zip(p_old) {
+            axpy(y, *p, vt);
+        }
+        for (rr, p) in new_rows.zip(p_new) {
+            axpy(y, *p, &self.vn[at(rr)]);
+        }
+        for yd in y.iter_mut() {
+            *yd /= sum;
+        }
+    }
+}
+
 /// One step's attention for layer `li` over several sequences, each contributing one or more new
 /// positions (decode rows, scored candidates): the rows of `q` `(n, heads, 1, head_dim)` are the
 /// sequences' rows in order; row `i` of a sequence sits at position `cache.len + i` and attends
@@ -166,7 +282,7 @@ pub(super) fn chunk_attention(
     seqs: &[SeqRows],
 ) -> CResult<Tensor> {
     let n: usize = seqs.iter().map(|s| s.rows).sum();
-    let (h, kvh, hd) = (spec.heads, spec.kv_heads, spec.head_dim);
+    let (h, hd) = (spec.heads, spec.head_dim);
     let (k, v) = (k.contiguous()?, v.contiguous()?);
     // The cached storage of each sequence (none for an empty cache) and where its rows start.
     let mut stores = Vec::with_capacity(seqs.len());
@@ -219,60 +335,18 @@ pub(super) fn chunk_attention(
         };
         cached.push((slices, *len, *first));
     }
-    let rep = h / kvh;
+    let heads = Heads {
+        spec: *spec,
+        qv,
+        kn,
+        vn,
+        cached,
+        row_seq,
+    };
+    let avx2 = avx2();
     let mut out = vec![0f32; n * h * hd];
-    let span = |r: usize| {
-        let (j, i) = row_seq[r];
-        let pos = cached[j].1 + i;
-        (pos, spec.window.map_or(0, |w| (pos + 1).saturating_sub(w)))
-    };
-    let head = |idx: usize, y: &mut [f32], scores: &mut Vec<f32>| {
-        let (r, hi) = (idx / h, idx % h);
-        let ((kc, vc, cap), len, first) = cached[row_seq[r].0];
-        let (pos, start) = span(r);
-        let g = hi / rep;
-        let qh = &qv[(r * h + hi) * hd..(r * h + hi + 1) * hd];
-        // Cached positions `start..len`, then the sequence's new positions up to `pos`.
-        let base = g * cap * hd;
-        let old = start.min(len);
-        let new_rows = first + start.max(len) - len..=first + pos - len;
-        let at = |rr: usize| (rr * kvh + g) * hd..(rr * kvh + g + 1) * hd;
-        // Two plain loops (the cache's slice, then the new rows) rather than one chained iterator:
-        // with short heads (16 dims) the iterator's bookkeeping cost as much as the products.
-        let old_keys = &kc[base + old * hd..base + len * hd];
-        let old_values = &vc[base + old * hd..base + len * hd];
-        scores.clear();
-        scores.reserve(old_keys.len() / hd + new_rows.clone().count());
-        for kt in old_keys.chunks_exact(hd) {
-            scores.push(dot(qh, kt) * spec.scale);
-        }
-        for rr in new_rows.clone() {
-            scores.push(dot(qh, &kn[at(rr)]) * spec.scale);
-        }
-        if let Some(cap) = spec.softcap {
-            for s in scores.iter_mut() {
-                *s = (*s / cap).tanh() * cap;
-            }
-        }
-        let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-        for s in scores.iter_mut() {
-            *s = exp_le0(*s - max);
-        }
-        let sum = scores.iter().fold(0f32, |acc, s| acc + s);
-        y.fill(0.0);
-        let (p_old, p_new) = scores.split_at(old_keys.len() / hd);
-        for (vt, p) in old_values.chunks_exact(hd).zip(p_old) {
-            axpy(y, *p, vt);
-        }
-        for (rr, p) in new_rows.zip(p_new) {
-            axpy(y, *p, &vn[at(rr)]);
-        }
-        for yd in y.iter_mut() {
-            *yd /= sum;
-        }
-    };
     let work: usize = (0..n)
-        .map(span)
+        .map(|r| heads.span(r))
         .map(|(pos, start)| pos + 1 - start)
         .sum::<usize>()
         * h
@@ -280,14 +354,14 @@ pub(super) fn chunk_attention(
     if work >= PARALLEL_WORK {
         out.par_chunks_mut(hd)
             .enumerate()
-            .for_each_init(Vec::new, |scores, (idx, y)| head(idx, y, scores));
+            .for_each_init(Vec::new, |scores, (idx, y)| heads.run(avx2, idx, y, scores));
     } else {
         let mut scores = Vec::new();
         for (idx, y) in out.chunks_mut(hd).enumerate() {
-            head(idx, y, &mut scores);
+            heads.run(avx2, idx, y, &mut scores);
         }
     }
-    drop(cached);
+    drop(heads);
     drop(guards);
     Tensor::from_vec(out, (n, 1, h * hd), q.device())
 }
