@@ -44,7 +44,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             args.stream_tokens,
             args.repeat,
         )?);
-        serving::step_table(&args.model, &limits())?;
+        serving::step_table(&crate::node::load(&args.model, &limits())?)?;
     }
     if let Some(path) = &args.text {
         let text =
@@ -70,8 +70,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             )?);
             mixed::scores_table(&model, &limits(), 16, args.stream_tokens)?;
         }
-        serving::kv_table(&model, &limits())?;
-        serving::step_table(&model, &limits())?;
+        let loaded = crate::node::load(&model, &limits())?;
+        serving::kv_table(&loaded)?;
+        serving::step_table(&loaded)?;
         let _ = std::fs::remove_dir_all(&root);
     }
     if let Some(path) = &args.plot {

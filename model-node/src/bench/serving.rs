@@ -328,8 +328,7 @@ where
 
 /// ms per decoded token after a context of 16 and of ~1,000 positions (bare model, batch of one), and
 /// ms per batched decode step of 1, 4, 16 and 32 sequences (bare model).
-pub fn kv_table(model: &ModelArgs, limits: &LimitArgs) -> Result<()> {
-    let loaded = crate::node::load(model, limits)?;
+pub fn kv_table(loaded: &crate::node::Loaded) -> Result<()> {
     let m = loaded.engine.model();
     let steps = 32;
     let long = 1000.min(m.max_positions().saturating_sub(steps + 1));
@@ -358,8 +357,7 @@ pub fn kv_table(model: &ModelArgs, limits: &LimitArgs) -> Result<()> {
 
 /// A bare batched decode step (no sessions, sampling or gRPC) at 1, 4, 16 and 32 sequences of 64
 /// positions: separates the model's cost from the engine's in the streams table.
-pub fn step_table(model: &ModelArgs, limits: &LimitArgs) -> Result<()> {
-    let loaded = crate::node::load(model, limits)?;
+pub fn step_table(loaded: &crate::node::Loaded) -> Result<()> {
     let m = loaded.engine.model();
     let steps = 32;
     // Token ids from 3 up, within the vocabulary (babyllama's has 105).

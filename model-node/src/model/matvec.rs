@@ -7,8 +7,8 @@
 //! `gemm` packs the weight into panels and runs its microkernel over 6-column strips: at 16 rows and
 //! 25M parameters, where the weights come from memory rather than cache, a step cost ~3× its
 //! isolated products. Here the rows of `W` are split over the kernel pool and each thread streams
-//! its rows of `W` once, in blocks of a few rows of `W` against several rows of `x` with the accumulators
-//! in registers (`x` stays in cache). The instruction set is detected once at run time: AVX-512
+//! its rows of `W` once, in blocks of a few rows of `W` against several rows of `x` with the
+//! accumulators in registers (`x` stays in cache). The instruction set is detected once at run time: AVX-512
 //! (16 lanes, 6 × 4 blocks), AVX2 + FMA (8 lanes, 4 × 3 blocks), or portable code (8 lanes, 4 × 1).
 //! While a block's products run, the x86 kernels prefetch the same columns of the next block's rows
 //! of `W`: the weights come from memory, and the hardware prefetcher alone left the loads waiting
@@ -17,8 +17,8 @@
 //!
 //! **A row's result does not depend on its batch mates**: on a given kernel every dot product is
 //! summed the same way (the lanes over whole chunks in order, then the lanes in a fixed order, then
-//! the tail), whatever block it falls in, so a decode step of up to [`MAX_ROWS`] sequences gives bit-identical
-//! logits to the same sequence stepped alone. The x86 block types are reached only through
+//! the tail), whatever block it falls in, so a decode step of up to [`MAX_ROWS`] sequences gives
+//! bit-identical logits to the same sequence stepped alone. The x86 block types are reached only through
 //! [`run_task`], which picks them after detection (their `block`s call `target_feature` code).
 
 use candle_core::{CpuStorage, Layout, Shape, Tensor};
@@ -93,8 +93,8 @@ mod x86 {
     /// AVX-512: 16 lanes per product, blocks of 6 by 4 (24 accumulators of the 32 registers).
     pub(super) struct Avx512;
 
-    /// One block's products with `$lanes`-wide registers: accumulate over whole chunks, store the
-    /// lanes and add them in order, then the tail.
+    /// One block's products with `$lanes`-wide registers: accumulate over whole chunks, sum each
+    /// accumulator's lanes (`$hsum`, a fixed order), then the tail.
     macro_rules! simd_block {
         ($name:ident, $features:literal, $isa:literal, $vec:ty, $lanes:literal, $zero:ident, $load:ident, $fma:ident, $hsum:ident) => {
             #[doc = concat!("The products of one block on ", $isa, ".")]
@@ -298,6 +298,12 @@ unsafe fn task_avx512(w: &[f32], x: &[f32], cols: usize, n: usize, first: usize,
 #[target_feature(enable = "avx2,fma")]
 unsafe fn task_avx2(w: &[f32], x: &[f32], cols: usize, n: usize, first: usize, yt: &mut [f32]) {
     task::<x86::Avx2, 4, 3>(w, x, cols, n, first, yt);
+}
+
+/// Whether the CPU has AVX2 and FMA (AVX-512 implies them), as detected for this kernel: other
+/// kernels pick their x86 code by the same test.
+pub(super) fn avx2_fma() -> bool {
+    Isa::detect() != Isa::Portable
 }
 
 /// The instruction set the kernel is compiled for, detected once.

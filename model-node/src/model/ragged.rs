@@ -43,11 +43,13 @@ pub(super) fn supported(device: &candle_core::Device, dtype: DType) -> bool {
     device.is_cpu() && dtype == DType::F32
 }
 
-/// Writes row `row` of a `(n, kv_heads, 1, head_dim)` source at position `pos` of a
-/// `(1, kv_heads, capacity, head_dim)` cache storage, in place.
+/// Writes rows `row..row + count` of a `(n, kv_heads, 1, head_dim)` source at positions
+/// `pos..pos + count` of a `(1, kv_heads, capacity, head_dim)` cache storage, in place: one op for
+/// all of a sequence's new rows (a 481-token prefill is one op per layer, not 481).
 struct KvWrite {
     row: usize,
     pos: usize,
+    count: usize,
 }
 
 impl candle_core::InplaceOp2 for KvWrite {
@@ -64,17 +66,22 @@ impl candle_core::InplaceOp2 for KvWrite {
         if !dl.is_contiguous() || !sl.is_contiguous() || skvh != kvh || shd != hd || one != 1 {
             candle_core::bail!("kv-write: layouts {dl:?} and {sl:?} do not match");
         }
-        if self.row >= n || self.pos >= cap {
+        if self.row + self.count > n || self.pos + self.count > cap {
             candle_core::bail!(
-                "kv-write: row {} of {n}, position {} of {cap}",
+                "kv-write: rows {}..{} of {n}, positions {}..{} of {cap}",
                 self.row,
-                self.pos
+                self.row + self.count,
+                self.pos,
+                self.pos + self.count
             );
         }
-        let (d0, s0) = (dl.start_offset(), sl.start_offset() + self.row * kvh * hd);
-        for h in 0..kvh {
-            let at = d0 + (h * cap + self.pos) * hd;
-            d[at..at + hd].copy_from_slice(&s[s0 + h * hd..s0 + (h + 1) * hd]);
+        let d0 = dl.start_offset();
+        for i in 0..self.count {
+            let s0 = sl.start_offset() + (self.row + i) * kvh * hd;
+            for h in 0..kvh {
+                let at = d0 + (h * cap + self.pos + i) * hd;
+                d[at..at + hd].copy_from_slice(&s[s0 + h * hd..s0 + (h + 1) * hd]);
+            }
         }
         Ok(())
     }
@@ -167,26 +174,11 @@ struct Heads<'a> {
     row_seq: Vec<(usize, usize)>,
 }
 
-/// Whether the CPU has AVX2 and FMA, detected once.
-fn avx2() -> bool {
-    static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *AVX2.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
-    })
-}
-
 /// [`Heads::head`] compiled for AVX2: the same operations (plain multiplies and adds, no fused
 /// ones) on 8 lanes instead of the baseline's 4, so the bits are those of the baseline build.
 ///
 /// # Safety
-/// The CPU must have AVX2 and FMA ([`avx2`]).
+/// The CPU must have AVX2 and FMA ([`super::matvec::avx2_fma`]).
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 #[target_feature(enable = "avx2,fma")]
@@ -206,7 +198,7 @@ impl Heads<'_> {
     fn run(&self, avx2: bool, idx: usize, y: &mut [f32], scores: &mut Vec<f32>) {
         #[cfg(target_arch = "x86_64")]
         if avx2 {
-            // SAFETY: `avx2` is `avx2()`: the CPU has AVX2 and FMA.
+            // SAFETY: `avx2` is `matvec::avx2_fma()`: the CPU has AVX2 and FMA.
             #[allow(unsafe_code)]
             unsafe {
                 head_avx2(self, idx, y, scores)
@@ -295,14 +287,13 @@ pub(super) fn chunk_attention(
                 candle_core::bail!("KV cache has no layer {li}");
             };
             if s.write {
-                for i in 0..s.rows {
-                    let at = KvWrite {
-                        row: first + i,
-                        pos: s.cache.len + i,
-                    };
-                    kb.inplace_op2(&k, &at)?;
-                    vb.inplace_op2(&v, &at)?;
-                }
+                let at = KvWrite {
+                    row: first,
+                    pos: s.cache.len,
+                    count: s.rows,
+                };
+                kb.inplace_op2(&k, &at)?;
+                vb.inplace_op2(&v, &at)?;
             }
             Some((kb, vb, kb.dim(2)?))
         };
@@ -343,7 +334,7 @@ pub(super) fn chunk_attention(
         cached,
         row_seq,
     };
-    let avx2 = avx2();
+    let avx2 = super::matvec::avx2_fma();
     let mut out = vec![0f32; n * h * hd];
     let work: usize = (0..n)
         .map(|r| heads.span(r))

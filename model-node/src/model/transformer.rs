@@ -61,6 +61,24 @@ struct Layer {
     sliding_window: Option<usize>,
 }
 
+impl Layer {
+    /// Every projection of the layer.
+    fn projections(&self) -> impl Iterator<Item = &Linear> {
+        let qkv: Vec<&Linear> = match &self.qkv {
+            Qkv::Split { q, k, v } => vec![q, k, v],
+            Qkv::Fused(w) => vec![w],
+        };
+        let gate_up: Vec<&Linear> = match &self.gate_up {
+            GateUp::Split { gate, up } => vec![gate, up],
+            GateUp::Fused(w) => vec![w],
+        };
+        qkv.into_iter()
+            .chain([&self.o])
+            .chain(gate_up)
+            .chain([&self.down])
+    }
+}
+
 /// The model: weights plus the rotary tables. Stateless between calls; all state is in [`KvCache`].
 pub struct Transformer {
     cfg: ArchConfig,
@@ -281,14 +299,10 @@ impl Transformer {
     /// Whether any projection holds GGML-quantized weights.
     pub fn is_quantized(&self) -> bool {
         self.lm_head.is_quantized()
-            || self.layers.iter().any(|l| {
-                l.o.is_quantized()
-                    || l.down.is_quantized()
-                    || match &l.qkv {
-                        Qkv::Split { q, .. } => q.is_quantized(),
-                        Qkv::Fused(w) => w.is_quantized(),
-                    }
-            })
+            || self
+                .layers
+                .iter()
+                .any(|l| l.projections().any(Linear::is_quantized))
     }
 
     /// One position through the model, its result dropped: candle repacks quantized weights for its
@@ -422,34 +436,24 @@ impl Transformer {
         let (b, s) = tokens.dims2()?;
         let offset = cache.len;
         self.check_positions(offset + s)?;
-        let mut out = cache.for_append(b, s, &self.kv_shape(), &self.device)?;
-        let cos = self.cos.narrow(0, offset, s)?;
-        let sin = self.sin.narrow(0, offset, s)?;
-        // Batch 1 on the CPU kernel's path (a prefill): the positions as rows of one sequence, as in
-        // a `forward_chunks` step. The kernel computes only the causal triangle and allocates no
+        // Batch 1 on the CPU kernel's path (a prefill): the positions as the rows of one sequence, as
+        // in a `forward_chunks` step. The kernel computes only the causal triangle and allocates no
         // `(s, s)` scores or mask: a 481-token prefill spent ~10% of its samples in `expf` over the
         // masked half and ~25% in page faults on those buffers (stories260K).
         if b == 1 && s > 1 && ragged::supported(&self.device, self.dtype) {
-            let half = cos.dim(1)?;
-            let (cos, sin) = (cos.reshape((s, 1, half))?, sin.reshape((s, 1, half))?);
-            let (h, hd) = (self.cfg.num_heads, self.cfg.head_dim);
-            let x = self.layers_forward(tokens, &mut |li, layer, hn| {
-                let rows = hn.reshape((s, 1, self.cfg.hidden_size))?;
-                let (q, k, v) = self.project(layer, &rows, &cos, &sin)?;
-                let seq = [ragged::SeqRows {
-                    cache: &out,
-                    rows: s,
-                    write: true,
-                }];
-                ragged::chunk_attention(&self.attn_spec(layer), li, (&q, &k, &v), &seq)?.reshape((
-                    1,
-                    s,
-                    h * hd,
-                ))
-            })?;
-            out.len = offset + s;
-            return Ok((self.logits(&x, all_logits)?, out));
+            let ids = tokens.squeeze(0)?.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+            let chunk = Chunk {
+                tokens: &ids,
+                cache,
+                keep: true,
+            };
+            let (x, mut caches) = self.chunks_hidden(std::slice::from_ref(&chunk))?;
+            let x = x.reshape((1, s, self.cfg.hidden_size))?;
+            return Ok((self.logits(&x, all_logits)?, caches.pop().unwrap_or_default()));
         }
+        let mut out = cache.for_append(b, s, &self.kv_shape(), &self.device)?;
+        let cos = self.cos.narrow(0, offset, s)?;
+        let sin = self.sin.narrow(0, offset, s)?;
         let x = self.layers_forward(tokens, &mut |li, layer, hn| {
             let (q, k, v) = self.project(layer, hn, &cos, &sin)?;
             self.attend(layer, li, (&q, &k, &v), &out, offset)
@@ -489,6 +493,18 @@ impl Transformer {
     /// `(rows, H)` when heads are set ([`Transformer::set_deferral`]), and per chunk its cache:
     /// extended when `keep`, else the input cache (read, never written, on the CPU kernel's path).
     pub fn forward_chunks(&self, chunks: &[Chunk]) -> CResult<RaggedStep> {
+        let (x, caches) = self.chunks_hidden(chunks)?;
+        let normed = self.norm.forward(&x)?;
+        Ok(RaggedStep {
+            logits: self.lm_logits(&normed)?.squeeze(1)?,
+            deferral: self.deferral_logits(&normed.squeeze(1)?)?,
+            caches,
+        })
+    }
+
+    /// The layers of a [`Transformer::forward_chunks`] step: the last hidden states `(rows, 1,
+    /// hidden)` (before the final norm) and per chunk its cache, as `forward_chunks` returns it.
+    fn chunks_hidden(&self, chunks: &[Chunk]) -> CResult<(Tensor, Vec<KvCache>)> {
         let n: usize = chunks.iter().map(|c| c.tokens.len()).sum();
         if n == 0 || chunks.iter().any(|c| c.tokens.is_empty()) {
             candle_core::bail!("forward_chunks: every chunk needs a token");
@@ -553,12 +569,7 @@ impl Transformer {
                 }
             })
             .collect();
-        let normed = self.norm.forward(&x)?;
-        Ok(RaggedStep {
-            logits: self.lm_logits(&normed)?.squeeze(1)?,
-            deferral: self.deferral_logits(&normed.squeeze(1)?)?,
-            caches,
-        })
+        Ok((x, caches))
     }
 
     /// The deferral logits `(H,)` of the position holding `token` right after `cache` (the last

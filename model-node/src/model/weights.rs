@@ -176,11 +176,13 @@ impl Linear {
     /// 16 × 512 → 1408 as `x·Wᵀ`); beyond, candle's own `x·Wᵀ`, which avoids two transposing copies.
     /// Other devices and dtypes keep candle's path.
     pub fn forward(&self, x: &Tensor) -> CResult<Tensor> {
+        let dims = x.dims().to_vec();
+        let inner = dims.last().copied().unwrap_or(1).max(1);
+        let rows = x.elem_count() / inner;
         let lin = match self {
             Self::Dense(l) => l,
             Self::Quant { w, bias } => {
                 let dtype = x.dtype();
-                let rows = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
                 if let QMatMul::QTensor(q) = w
                     && rows > super::matvec::MAX_ROWS
                     && x.device().is_cpu()
@@ -203,9 +205,6 @@ impl Linear {
             }
         };
         let w = lin.weight();
-        let dims = x.dims().to_vec();
-        let inner = dims.last().copied().unwrap_or(1).max(1);
-        let rows = x.elem_count() / inner;
         let mut shape = dims;
         if let Some(last) = shape.last_mut() {
             *last = w.dim(0)?;
