@@ -6,8 +6,11 @@
 //! 3. the serving tables of [`serving`]: concurrent streams (continuous batching; with `--plot`, also
 //!    as an SVG chart), decode cost against context length, and `NextCharDistribution` on real text;
 //! 4. with `--random-llama` and streams, [`mixed`]: scores in a loop beside 16 streams (the share of
-//!    their rows that ran inside decode passes).
+//!    their rows that ran inside decode passes);
+//! 5. with `--text`, [`char_sessions`]: 1, 4 and 16 concurrent CharED sessions on the real text (on
+//!    the `--model-dir` model, and on the random Llama with `--random-llama`).
 
+pub mod char_sessions;
 pub mod mixed;
 pub mod serving;
 
@@ -19,7 +22,7 @@ use candle_core::Tensor;
 use ensemble_proto::v1 as pb;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
-use crate::chars::{CharOptions, CharState, NextTokenModel};
+use crate::chars::{CharOptions, CharState, NextTokenModel, now};
 use crate::config::{BenchArgs, LimitArgs};
 use crate::error::{Error, Result};
 use crate::model::KvCache;
@@ -51,6 +54,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             std::fs::read_to_string(path).map_err(|e| Error::ModelDir(format!("{}: {e}", path.display())))?;
         serving::chars_table(&args.model, &limits(), &text, args.text_chars)?;
         serving::char_runs_table(&args.model, &limits(), &text, args.text_chars)?;
+        char_sessions::table(&args.model, &limits(), &text, args.text_chars)?;
     }
     if args.random_llama {
         let root = std::env::temp_dir().join(format!("model-node-bench-{}", std::process::id()));
@@ -69,6 +73,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 args.repeat,
             )?);
             mixed::scores_table(&model, &limits(), 16, args.stream_tokens)?;
+        }
+        if let Some(path) = &args.text {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| Error::ModelDir(format!("{}: {e}", path.display())))?;
+            char_sessions::table(&model, &limits(), &text, args.text_chars)?;
         }
         let loaded = crate::node::load(&model, &limits())?;
         serving::kv_table(&loaded)?;
@@ -239,7 +248,7 @@ impl StandIn {
 
 impl NextTokenModel for StandIn {
     type Error = Error;
-    fn next_probs(&mut self, tokens: &[u32]) -> Result<Arc<[f32]>> {
+    async fn next_probs(&mut self, tokens: &[u32]) -> Result<Arc<[f32]>> {
         if tokens.len() < self.canonical.len() && self.canonical.starts_with(tokens) {
             return Ok(self.peaked[tokens.len()].clone());
         }
@@ -291,13 +300,19 @@ fn next_char_costs(dir: &Path, repeat: usize) -> Result<(usize, f64, f64)> {
     let mut walk = Vec::new();
     let mut calls = 0u64;
     for _ in 0..repeat {
-        let mut state = CharState::new(vec![0], Vec::new(), CharOptions::default(), &vocab, &mut model)?;
-        state.distribution(8, &vocab, &mut model)?;
+        let mut state = now(CharState::new(
+            vec![0],
+            Vec::new(),
+            CharOptions::default(),
+            &vocab,
+            &mut model,
+        ))?;
+        now(state.distribution(8, &vocab, &mut model))?;
         let before = state.model_calls();
         for c in text.chars() {
             let t0 = Instant::now();
-            state.commit(&c.to_string(), &vocab, &mut model)?;
-            let d = state.distribution(8, &vocab, &mut model)?;
+            now(state.commit(&c.to_string(), &vocab, &mut model))?;
+            let d = now(state.distribution(8, &vocab, &mut model))?;
             walk.push(t0.elapsed().as_secs_f64() * 1e6);
             std::hint::black_box(d);
         }

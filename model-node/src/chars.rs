@@ -23,12 +23,30 @@ use std::sync::Arc;
 
 use crate::vocab::Vocab;
 
-/// The model as the character walk needs it.
+/// The model as the character walk needs it. The call is `async` so that a walk can wait for its
+/// forward pass while the node's engine gathers other work into the same batched pass (the engine
+/// polls its walks itself, on its own thread); a model that answers at once makes every walk a plain
+/// function, driven by [`now`].
+#[allow(async_fn_in_trait)] // the walks are polled on one thread: no `Send` bound is wanted
 pub trait NextTokenModel {
     /// The error of a model call.
     type Error;
     /// Next-token probabilities (length: the model's vocabulary rows) after the token sequence `tokens`.
-    fn next_probs(&mut self, tokens: &[u32]) -> Result<Arc<[f32]>, Self::Error>;
+    async fn next_probs(&mut self, tokens: &[u32]) -> Result<Arc<[f32]>, Self::Error>;
+}
+
+/// The result of a walk over a model that never waits (one whose `next_probs` does not await
+/// anything else): its future is ready at the first poll.
+///
+/// # Panics
+/// If the future is not ready at once: a model that waits needs an executor (the engine's).
+pub fn now<F: std::future::Future>(fut: F) -> F::Output {
+    let mut fut = std::pin::pin!(fut);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match fut.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(out) => out,
+        std::task::Poll::Pending => panic!("chars::now: the model waited; drive this walk on an executor"),
+    }
 }
 
 /// Pruning and method options.
@@ -275,7 +293,7 @@ impl Ord for Node {
 impl CharState {
     /// The hypotheses for a context whose canonical tokens with the last one backed off are `prefix`
     /// and whose remaining bytes are `remainder`.
-    pub fn new<M: NextTokenModel>(
+    pub async fn new<M: NextTokenModel>(
         prefix: Vec<u32>,
         remainder: Vec<u8>,
         opts: CharOptions,
@@ -288,7 +306,7 @@ impl CharState {
             calls: 0,
             analysis: None,
         };
-        let dist = s.dist(&prefix, vocab, model, &HashMap::new())?;
+        let dist = s.dist(&prefix, vocab, model, &HashMap::new()).await?;
         s.hyps.push(Hyp {
             tokens: prefix,
             rem: vec![],
@@ -296,7 +314,7 @@ impl CharState {
             dist,
         });
         if !remainder.is_empty() {
-            s.commit_bytes(&remainder, vocab, model)?;
+            s.commit_bytes(&remainder, vocab, model).await?;
         }
         Ok(s)
     }
@@ -311,7 +329,7 @@ impl CharState {
         self.calls
     }
 
-    fn dist<M: NextTokenModel>(
+    async fn dist<M: NextTokenModel>(
         &mut self,
         tokens: &[u32],
         vocab: &Vocab,
@@ -321,7 +339,7 @@ impl CharState {
         if let Some(d) = known.get(tokens) {
             return Ok(d.clone());
         }
-        let probs = model.next_probs(tokens)?;
+        let probs = model.next_probs(tokens).await?;
         self.calls += 1;
         let eos = vocab
             .eos_ids()
@@ -372,16 +390,16 @@ impl CharState {
     }
 
     /// Appends committed text.
-    pub fn commit<M: NextTokenModel>(
+    pub async fn commit<M: NextTokenModel>(
         &mut self,
         text: &str,
         vocab: &Vocab,
         model: &mut M,
     ) -> Result<(), M::Error> {
-        self.commit_bytes(text.as_bytes(), vocab, model)
+        self.commit_bytes(text.as_bytes(), vocab, model).await
     }
 
-    fn commit_bytes<M: NextTokenModel>(
+    async fn commit_bytes<M: NextTokenModel>(
         &mut self,
         bytes: &[u8],
         vocab: &Vocab,
@@ -429,7 +447,7 @@ impl CharState {
             {
                 continue; // cannot make the cut: no forward pass
             }
-            let dist = self.dist(&tokens, vocab, model, &known)?;
+            let dist = self.dist(&tokens, vocab, model, &known).await?;
             for k in 1..=rem.len() {
                 for id in exact(vocab, &rem[..k]) {
                     let mut t = tokens.clone();
@@ -456,7 +474,11 @@ impl CharState {
     }
 
     /// Normaliser, EOS mass and look-ahead paths for the current hypotheses.
-    fn analyse<M: NextTokenModel>(&mut self, vocab: &Vocab, model: &mut M) -> Result<Analysis, M::Error> {
+    async fn analyse<M: NextTokenModel>(
+        &mut self,
+        vocab: &Vocab,
+        model: &mut M,
+    ) -> Result<Analysis, M::Error> {
         let mut z = 0.0;
         let mut eos = 0.0;
         // (weight, tokens, pending bytes) of paths whose last token ends inside the next character.
@@ -526,7 +548,7 @@ impl CharState {
             if w <= 0.0 || w < self.opts.min_mass * (z + w + pending) {
                 break; // the heap is ordered: every later candidate is lighter
             }
-            let dist = self.dist(&tokens, vocab, model, &HashMap::new())?;
+            let dist = self.dist(&tokens, vocab, model, &HashMap::new()).await?;
             let mut valid = 0.0;
             for pos in block.clone() {
                 let id = vocab.sorted_id(pos);
@@ -576,14 +598,14 @@ impl CharState {
     }
 
     /// The exact probability that the next character is `c` (0 when no hypothesis is alive).
-    pub fn char_prob<M: NextTokenModel>(
+    pub async fn char_prob<M: NextTokenModel>(
         &mut self,
         c: char,
         vocab: &Vocab,
         model: &mut M,
     ) -> Result<f64, M::Error> {
         if self.analysis.is_none() {
-            let a = self.analyse(vocab, model)?;
+            let a = self.analyse(vocab, model).await?;
             self.analysis = Some(a);
         }
         let Some(a) = &self.analysis else {
@@ -598,14 +620,14 @@ impl CharState {
     }
 
     /// The top-`top_k` next characters, P(EOS) and the residual.
-    pub fn distribution<M: NextTokenModel>(
+    pub async fn distribution<M: NextTokenModel>(
         &mut self,
         top_k: usize,
         vocab: &Vocab,
         model: &mut M,
     ) -> Result<CharDistribution, M::Error> {
         if self.analysis.is_none() {
-            let a = self.analyse(vocab, model)?;
+            let a = self.analyse(vocab, model).await?;
             self.analysis = Some(a);
         }
         let Some(a) = &self.analysis else {
@@ -704,7 +726,7 @@ mod tests {
 
     impl NextTokenModel for Synth {
         type Error = std::convert::Infallible;
-        fn next_probs(&mut self, tokens: &[u32]) -> Result<Arc<[f32]>, Self::Error> {
+        async fn next_probs(&mut self, tokens: &[u32]) -> Result<Arc<[f32]>, Self::Error> {
             let mut h = std::collections::hash_map::DefaultHasher::new();
             (self.seed, tokens).hash(&mut h);
             let mut rng = StdRng::seed_from_u64(h.finish());
@@ -718,7 +740,7 @@ mod tests {
     }
 
     fn probs(m: &mut Synth, t: &[u32]) -> Arc<[f32]> {
-        match m.next_probs(t) {
+        match now(m.next_probs(t)) {
             Ok(p) => p,
             Err(e) => match e {},
         }
@@ -839,10 +861,16 @@ mod tests {
     fn check_against_brute_force(v: &Vocab, seed: u64, remainder: &[u8], commits: &[&str]) {
         let mut m = Synth { n: v.n_rows(), seed };
         let start = vec![1u32];
-        let Ok(mut st) = CharState::new(start.clone(), remainder.to_vec(), exact_opts(), v, &mut m);
+        let Ok(mut st) = now(CharState::new(
+            start.clone(),
+            remainder.to_vec(),
+            exact_opts(),
+            v,
+            &mut m,
+        ));
         let mut committed = remainder.to_vec();
         for step in 0..=commits.len() {
-            let Ok(d) = st.distribution(100_000, v, &mut m);
+            let Ok(d) = now(st.distribution(100_000, v, &mut m));
             let mut want = Vec::new();
             bf_chars(&mut m, v, &start, &committed, &mut Vec::new(), &mut want);
             let eos = bf_eos(&mut m, v, &start, &committed);
@@ -862,7 +890,7 @@ mod tests {
             assert!(d.residual < 1e-9, "{ctx}: residual {}", d.residual);
             assert!(d.chars.windows(2).all(|w| w[0].1 >= w[1].1));
             if let Some(c) = commits.get(step) {
-                let Ok(()) = st.commit(c, v, &mut m);
+                let Ok(()) = now(st.commit(c, v, &mut m));
                 committed.extend_from_slice(c.as_bytes());
             }
         }
@@ -873,7 +901,13 @@ mod tests {
     fn check_prefix_mass(v: &Vocab, seed: u64, remainder: &[u8], text: &str) {
         let mut m = Synth { n: v.n_rows(), seed };
         let start = vec![1u32];
-        let Ok(mut st) = CharState::new(start.clone(), remainder.to_vec(), exact_opts(), v, &mut m);
+        let Ok(mut st) = now(CharState::new(
+            start.clone(),
+            remainder.to_vec(),
+            exact_opts(),
+            v,
+            &mut m,
+        ));
         let mut need = remainder.to_vec();
         let bf = |m: &mut Synth, need: &[u8]| {
             if need.is_empty() {
@@ -889,7 +923,7 @@ mod tests {
             "seed {seed}: base {got_base} vs {base}"
         );
         for c in text.chars() {
-            let Ok(()) = st.commit(&c.to_string(), v, &mut m);
+            let Ok(()) = now(st.commit(&c.to_string(), v, &mut m));
             need.extend_from_slice(c.to_string().as_bytes());
             let want = bf(&mut m, &need);
             let got = st.prefix_mass(v);
@@ -939,11 +973,11 @@ mod tests {
                 n: v.n_rows(),
                 seed: seed as u64,
             };
-            let Ok(mut st) = CharState::new(vec![1], vec![], exact_opts(), &v, &mut m);
+            let Ok(mut st) = now(CharState::new(vec![1], vec![], exact_opts(), &v, &mut m));
             let mut need = Vec::new();
             let mut last = 1.0;
             for c in " the mat".chars() {
-                let Ok(()) = st.commit(&c.to_string(), &v, &mut m);
+                let Ok(()) = now(st.commit(&c.to_string(), &v, &mut m));
                 need.extend_from_slice(c.to_string().as_bytes());
                 let want = bf_prefix(&mut m, &v, &[1], &need);
                 let got = st.prefix_mass(&v);
@@ -1015,10 +1049,10 @@ mod tests {
                     min_mass: 1e-7,
                     ..exact_opts()
                 };
-                let Ok(mut st) = CharState::new(prefix.clone(), rem.clone(), opts, &v, &mut m);
+                let Ok(mut st) = now(CharState::new(prefix.clone(), rem.clone(), opts, &v, &mut m));
                 let mut committed = rem.clone();
                 for step in 0..=commits.len() {
-                    let Ok(d) = st.distribution(6, &v, &mut m);
+                    let Ok(d) = now(st.distribution(6, &v, &mut m));
                     // Ratios between the listed characters and EOS need no normaliser.
                     let eos = bf_eos(&mut m, &v, &prefix, &committed);
                     for (c, p) in &d.chars {
@@ -1039,7 +1073,7 @@ mod tests {
                         }
                     }
                     if let Some(c) = commits.get(step) {
-                        let Ok(()) = st.commit(c, &v, &mut m);
+                        let Ok(()) = now(st.commit(c, &v, &mut m));
                         committed.extend_from_slice(c.as_bytes());
                     }
                 }
@@ -1058,21 +1092,21 @@ mod tests {
             n: v.n_rows(),
             seed: 3,
         };
-        let Ok(mut st) = CharState::new(vec![1], b"he".to_vec(), exact_opts(), &v, &mut m);
+        let Ok(mut st) = now(CharState::new(vec![1], b"he".to_vec(), exact_opts(), &v, &mut m));
         assert_eq!(
             st.model_calls(),
             2,
             "the start, and the path that ends with \"he\""
         );
-        let Ok(()) = st.commit("l", &v, &mut m);
+        let Ok(()) = now(st.commit("l", &v, &mut m));
         assert_eq!(st.model_calls(), 2, "inside \"hello\"/\"help\": no call");
-        let Ok(d) = st.distribution(4, &v, &mut m);
+        let Ok(d) = now(st.distribution(4, &v, &mut m));
         assert_eq!(st.model_calls(), 2);
         let chars: Vec<char> = d.chars.iter().map(|c| c.0).collect();
         assert_eq!(chars.len(), 2);
         assert!(chars.contains(&'l') && chars.contains(&'p'));
         assert!((d.chars.iter().map(|c| c.1).sum::<f64>() - 1.0).abs() < 1e-12);
-        let Ok(()) = st.commit("p", &v, &mut m);
+        let Ok(()) = now(st.commit("p", &v, &mut m));
         assert_eq!(st.model_calls(), 3, "\"help\" ends a token: one call");
         assert_eq!(st.hypotheses(), 1);
     }
@@ -1089,10 +1123,10 @@ mod tests {
             min_mass: 0.0,
             lookahead: false,
         };
-        let Ok(mut st) = CharState::new(vec![1], b"a".to_vec(), opts, &v, &mut m);
+        let Ok(mut st) = now(CharState::new(vec![1], b"a".to_vec(), opts, &v, &mut m));
         assert_eq!(st.model_calls(), 1);
         assert_eq!(st.hypotheses(), 1);
-        let Ok(d) = st.distribution(100, &v, &mut m);
+        let Ok(d) = now(st.distribution(100, &v, &mut m));
         // Only tokens extending "a" count: "ab", "abc", "a ", "a\xC3" (the last is not a character).
         let p = probs(&mut m, &[1]);
         let id = |b: &[u8]| {
@@ -1115,7 +1149,7 @@ mod pruned_tests {
     struct Flat(usize, u64);
     impl NextTokenModel for Flat {
         type Error = std::convert::Infallible;
-        fn next_probs(&mut self, tokens: &[u32]) -> Result<Arc<[f32]>, Self::Error> {
+        async fn next_probs(&mut self, tokens: &[u32]) -> Result<Arc<[f32]>, Self::Error> {
             use rand::{Rng, SeedableRng};
             use std::hash::{Hash, Hasher};
             let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -1141,22 +1175,22 @@ mod pruned_tests {
                 .get_ids()
                 .to_vec();
             let (last, rest) = ids.split_last().ok_or("empty")?;
-            let Ok(mut st) = CharState::new(
+            let Ok(mut st) = now(CharState::new(
                 rest.to_vec(),
                 v.token_bytes(*last).unwrap_or_default().to_vec(),
                 CharOptions::default(),
                 &v,
                 &mut m,
-            );
+            ));
             for c in ["t", " ", "é"] {
-                let Ok(d) = st.distribution(100_000, &v, &mut m);
+                let Ok(d) = now(st.distribution(100_000, &v, &mut m));
                 let total: f64 = d.chars.iter().map(|c| c.1).sum::<f64>() + d.eos;
                 assert!(
                     (total - 1.0).abs() < 1e-6 && d.residual < 1e-6,
                     "seed {seed} before {c:?}: {total} {}",
                     d.residual
                 );
-                let Ok(()) = st.commit(c, &v, &mut m);
+                let Ok(()) = now(st.commit(c, &v, &mut m));
             }
         }
         Ok(())

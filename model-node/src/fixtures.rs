@@ -379,7 +379,10 @@ impl RandomModel {
 
 impl crate::chars::NextTokenModel for RandomModel {
     type Error = std::convert::Infallible;
-    fn next_probs(&mut self, tokens: &[u32]) -> std::result::Result<std::sync::Arc<[f32]>, Self::Error> {
+    async fn next_probs(
+        &mut self,
+        tokens: &[u32],
+    ) -> std::result::Result<std::sync::Arc<[f32]>, Self::Error> {
         Ok(self.probs(tokens))
     }
 }

@@ -46,6 +46,7 @@ pub struct NodeMetrics {
     decode_steps: IntCounter,
     decode_rows: IntCounter,
     merged_score_rows: IntCounter,
+    merged_walk_rows: IntCounter,
     sessions: IntGauge,
     kv_bytes: IntGauge,
     queue_depth: IntGauge,
@@ -159,6 +160,10 @@ impl NodeMetrics {
                 "ensemble_node_decode_merged_score_rows_total",
                 "Scored candidates' positions computed inside batched decode passes, beside the decode rows.",
             ),
+            merged_walk_rows: counter(
+                "ensemble_node_decode_merged_walk_rows_total",
+                "Next-character and string-prefix walks' positions computed inside batched decode passes, beside the decode rows.",
+            ),
             sessions: gauge("ensemble_node_sessions", "Sessions held now."),
             kv_bytes: gauge("ensemble_node_kv_cache_bytes", "KV-cache bytes held now."),
             queue_depth: gauge("ensemble_node_queue_depth", "Calls waiting for the engine now."),
@@ -207,6 +212,7 @@ impl NodeMetrics {
             (&self.decode_steps, &t.batched_steps),
             (&self.decode_rows, &t.batched_rows),
             (&self.merged_score_rows, &t.merged_score_rows),
+            (&self.merged_walk_rows, &t.merged_walk_rows),
         ] {
             c.inc_by(total.load(Ordering::Relaxed).saturating_sub(c.get()));
         }

@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use ensemble_proto::limits::InputLimits;
 use ensemble_proto::v1 as pb;
-use model_node::chars::{CharOptions, CharState, NextTokenModel};
+use model_node::chars::{CharOptions, CharState, NextTokenModel, now};
 use model_node::engine::Job;
 use model_node::vocab::{TokenizerKind, Vocab};
 #[path = "../../tests/fuzz/shared.rs"]
@@ -360,7 +360,7 @@ struct Hashed {
 
 impl NextTokenModel for Hashed {
     type Error = std::convert::Infallible;
-    fn next_probs(&mut self, tokens: &[u32]) -> Result<Arc<[f32]>, Self::Error> {
+    async fn next_probs(&mut self, tokens: &[u32]) -> Result<Arc<[f32]>, Self::Error> {
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
         for &t in tokens {
             h = (h ^ u64::from(t)).wrapping_mul(0x100_0000_01b3);
@@ -416,17 +416,17 @@ fn check_char_marginals((tokens, kind, remainder, commits, (k, lookahead, sharp,
         min_mass: 1e-4,
         lookahead,
     };
-    let Ok(mut state) = CharState::new(vec![], remainder, opts, &vocab, &mut model);
+    let Ok(mut state) = now(CharState::new(vec![], remainder, opts, &vocab, &mut model));
     for c in commits {
         if state.hypotheses() == 0 {
             break;
         }
-        let Ok(()) = state.commit(&c, &vocab, &mut model);
+        let Ok(()) = now(state.commit(&c, &vocab, &mut model));
     }
     if state.hypotheses() == 0 {
         return;
     }
-    let Ok(d) = state.distribution(top_k, &vocab, &mut model);
+    let Ok(d) = now(state.distribution(top_k, &vocab, &mut model));
     let listed: f64 = d.chars.iter().map(|c| c.1).sum();
     assert!(
         d.chars.iter().all(|c| c.1.is_finite() && c.1 >= 0.0),

@@ -2,7 +2,7 @@
 //! note when absent), with random next-token distributions: the full distribution sums to 1, and the
 //! listed characters match a brute-force enumeration of token paths (linear scans, no trie).
 
-use model_node::chars::{CharOptions, CharState};
+use model_node::chars::{CharOptions, CharState, now};
 use model_node::fixtures::{RandomModel, brute_prefix};
 use model_node::vocab::Vocab;
 use std::path::PathBuf;
@@ -78,16 +78,22 @@ fn real_tokenizers_char_marginals_sum_to_one_and_match_brute_force() -> anyhow::
                 scale: 12.0,
             };
             // Default pruning for the sum; (almost) no pruning for the comparison with brute force.
-            let Ok(mut st) = CharState::new(prefix.clone(), rem.clone(), CharOptions::default(), &v, &mut m);
+            let Ok(mut st) = now(CharState::new(
+                prefix.clone(),
+                rem.clone(),
+                CharOptions::default(),
+                &v,
+                &mut m,
+            ));
             let exact = CharOptions {
                 max_hypotheses: 64,
                 min_mass: 1e-12,
                 lookahead: true,
             };
-            let Ok(mut ex) = CharState::new(prefix.clone(), rem.clone(), exact, &v, &mut m);
+            let Ok(mut ex) = now(CharState::new(prefix.clone(), rem.clone(), exact, &v, &mut m));
             let mut committed = rem;
             for step in 0..=commits.len() {
-                let Ok(d) = st.distribution(1_000_000, &v, &mut m);
+                let Ok(d) = now(st.distribution(1_000_000, &v, &mut m));
                 let total: f64 = d.chars.iter().map(|c| c.1).sum::<f64>() + d.eos;
                 let what = format!("{name:?} {text:?} step {step}");
                 assert!(
@@ -96,7 +102,7 @@ fn real_tokenizers_char_marginals_sum_to_one_and_match_brute_force() -> anyhow::
                     d.residual
                 );
                 // Brute force on the two most likely characters: their ratio.
-                let Ok(d) = ex.distribution(2, &v, &mut m);
+                let Ok(d) = now(ex.distribution(2, &v, &mut m));
                 if d.chars.len() >= 2 {
                     let mass = |m: &mut RandomModel, c: char| {
                         let mut need = committed.clone();
@@ -111,7 +117,7 @@ fn real_tokenizers_char_marginals_sum_to_one_and_match_brute_force() -> anyhow::
                     );
                 }
                 if let Some(c) = commits.get(step) {
-                    let Ok(()) = st.commit(c, &v, &mut m);
+                    let Ok(()) = now(st.commit(c, &v, &mut m));
                     if st.hypotheses() == 0 {
                         // Every kept path died (beam pruning): rebuild from the canonical tokenization,
                         // as the engine does.
@@ -125,10 +131,10 @@ fn real_tokenizers_char_marginals_sum_to_one_and_match_brute_force() -> anyhow::
                         let mut p = vec![0u32];
                         p.extend_from_slice(rest);
                         let r = v.token_bytes(*last).unwrap_or_default().to_vec();
-                        let Ok(fresh) = CharState::new(p, r, CharOptions::default(), &v, &mut m);
+                        let Ok(fresh) = now(CharState::new(p, r, CharOptions::default(), &v, &mut m));
                         st = fresh;
                     }
-                    let Ok(()) = ex.commit(c, &v, &mut m);
+                    let Ok(()) = now(ex.commit(c, &v, &mut m));
                     committed.extend_from_slice(c.as_bytes());
                 }
             }

@@ -11,6 +11,7 @@ use std::time::Instant;
 use super::ops::{Finish, Proposal, ProposeParams, ScorePlan, log_sum_exp};
 use super::session::{Session, Usage};
 use super::text::text_of;
+use super::walk::{Answer, Ask};
 use super::{ContextSpec, Engine};
 use crate::error::{Error, Result};
 use crate::model::KvCache;
@@ -296,14 +297,16 @@ impl Engine {
     }
 
     /// Runs one token of each decode through the model in one batched pass, with the candidates'
-    /// rows of `scores` (each with its λ) when given; returns those rows and the pass's ms.
+    /// rows of `scores` and the walks' `asks` (each with its λ) when given; returns those rows, the
+    /// asks' answers and the pass's ms.
     pub(super) fn feed(
         &mut self,
         decodes: &mut [&mut Decode],
         tokens: &[u32],
         scores: &[(&ScorePlan, Option<f64>)],
-    ) -> Result<(Vec<Vec<f32>>, f64)> {
-        let (rows, ms) = self.chunk_pass(decodes, tokens, scores)?;
+        asks: &[(&Ask, Option<f64>)],
+    ) -> Result<(Vec<Vec<f32>>, Vec<Answer>, f64)> {
+        let (rows, answers, ms) = self.chunk_pass(decodes, tokens, scores, asks)?;
         for d in decodes.iter_mut() {
             d.usage.computed_positions += 1;
             d.usage.forward_passes += 1;
@@ -318,8 +321,12 @@ impl Engine {
             self.totals
                 .merged_score_rows
                 .fetch_add(merged as u64, Ordering::Relaxed);
+            let walked: usize = asks.iter().map(|(a, _)| a.tokens.len()).sum();
+            self.totals
+                .merged_walk_rows
+                .fetch_add(walked as u64, Ordering::Relaxed);
         }
-        Ok((rows, ms))
+        Ok((rows, answers, ms))
     }
 
     /// Ends a decode: its draft's KV entries stay cached (appending the same text later is free), the
@@ -370,7 +377,7 @@ impl Engine {
             match self.pick(&mut d) {
                 Next::Done(finish) => return Ok(self.finish_decode(d, finish)),
                 Next::Feed(tok) => {
-                    if let Err(e) = self.feed(&mut [&mut d], &[tok], &[]) {
+                    if let Err(e) = self.feed(&mut [&mut d], &[tok], &[], &[]) {
                         self.abandon(d);
                         return Err(e);
                     }

@@ -7,8 +7,11 @@
 //! - [`ops`]: resolving a context into a session; scoring on it.
 //! - [`nextchar`]: the next-character distribution, and the distributions along a continuation.
 //! - [`decode`]: proposals as resumable decodes, stepped one token at a time.
+//! - [`walk`]: the calls that follow token paths (next-character questions, string-prefix scores)
+//!   as futures the engine thread polls, each forward pass they wait for run by the scheduler.
 //! - [`sched`]: the engine thread's scheduler (continuous batching): every step runs the running
-//!   decodes and the waiting scores' candidate rows in one batched forward pass.
+//!   decodes, the waiting scores' candidate rows and the waiting walks' positions in one batched
+//!   forward pass.
 
 pub mod decode;
 pub mod nextchar;
@@ -16,6 +19,7 @@ pub mod ops;
 pub mod sched;
 pub mod session;
 pub mod text;
+pub mod walk;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -145,6 +149,9 @@ pub struct Totals {
     pub batched_rows: AtomicU64,
     /// Scored candidates' positions computed inside those passes, beside the decode rows.
     pub merged_score_rows: AtomicU64,
+    /// Walks' positions (next-character look-ahead, string-prefix scores) computed inside those
+    /// passes.
+    pub merged_walk_rows: AtomicU64,
 }
 
 struct Envelope {
@@ -200,7 +207,7 @@ impl EngineHandle {
 /// The model, its tokenizer and the sessions; lives on the engine thread.
 pub struct Engine {
     model: Transformer,
-    codec: TextCodec,
+    codec: Arc<TextCodec>,
     /// Tokens a proposal may produce: EOS and every token with text.
     text_ids: Vec<u32>,
     sessions: Sessions,
@@ -218,7 +225,7 @@ impl Engine {
             .collect();
         Self {
             model,
-            codec,
+            codec: Arc::new(codec),
             text_ids,
             sessions,
             limits,
@@ -272,12 +279,20 @@ impl Engine {
     /// Runs one job now, on the calling thread (the `generate` command and benchmarks use this).
     pub fn run(&mut self, job: Job, queue_ms: f64, cancelled: &dyn Fn() -> bool) -> Result<Reply> {
         let start = Instant::now();
+        if walk::is_walk(&job) {
+            // Next-character questions and string-prefix scores: each pass of the walk runs at once,
+            // alone, under the call's λ.
+            let result = self.begin_walk(job).and_then(|w| {
+                let end = self.drive(w);
+                self.end_walk(end, queue_ms, start.elapsed().as_secs_f64() * 1e3)
+            });
+            self.after_call();
+            return result;
+        }
         // RTD: this call's λ applies to its forward passes (a proposal sets its own, per row).
         let lambda = match &job {
-            Job::Score(c, _) | Job::ScorePrefix(c, ..) | Job::NextChar(c, ..) | Job::NextChars(c, _) => {
-                c.rtd_lambda
-            }
-            Job::Propose(..) | Job::Close(_) => None,
+            Job::Score(c, _) => c.rtd_lambda,
+            _ => None,
         };
         self.model.set_rtd_lambdas(lambda.map(|l| vec![Some(l)]));
         let result = match job {
@@ -292,26 +307,7 @@ impl Engine {
                     r.usage = u;
                     Reply::Scores(r)
                 }),
-            Job::ScorePrefix(ctx, c, ends, o) => self
-                .with_session(ctx, |e, s, u| e.score_prefix(s, &c, &ends, &o, u))
-                .map(|(mut r, u)| {
-                    r.usage = u;
-                    Reply::Scores(r)
-                }),
-            Job::NextChars(ctx, p) => {
-                self.with_session(ctx, |e, s, u| e.next_chars(s, &p, u))
-                    .map(|(mut r, u)| {
-                        r.usage = u;
-                        Reply::CharRun(r)
-                    })
-            }
-            Job::NextChar(ctx, k, o) => {
-                self.with_session(ctx, |e, s, u| e.next_char(s, k, &o, u))
-                    .map(|(mut r, u)| {
-                        r.usage = u;
-                        Reply::Chars(r)
-                    })
-            }
+            _ => Err(Error::Internal("a walk reached the plain path".into())),
         };
         self.model.set_rtd_lambdas(None);
         let ms = start.elapsed().as_secs_f64() * 1e3;

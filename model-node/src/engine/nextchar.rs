@@ -8,14 +8,12 @@
 //! leaves the set at position 0 and remembers the states along its text, so the next call resumes
 //! from the longest accepted prefix without recomputing it.
 
-use super::{Engine, NextCharsParams};
+use super::NextCharsParams;
 use std::sync::Arc;
 
-use candle_core::Tensor;
-
-use super::ops::{CachedModel, Memo};
 use super::session::{CharSlot, Session, Usage};
 use super::text::Heal;
+use super::walk::{CachedModel, Memo, Walker};
 use crate::chars::{CharDistribution, CharOptions, CharState};
 use crate::error::{Error, Result};
 
@@ -57,10 +55,10 @@ fn greedy(d: &CharDistribution) -> Option<char> {
     (p > d.eos).then_some(c)
 }
 
-impl Engine {
+impl Walker {
     /// A fresh hypothesis set for the context's prompt with `answer` as the answer: the canonical
     /// tokens with the last one backed off (or, for published CharED, as they are).
-    fn fresh_chars(
+    async fn fresh_chars(
         &self,
         s: &mut Session,
         answer: &str,
@@ -90,7 +88,7 @@ impl Engine {
             };
         }
         let mut m = CachedModel {
-            model: &self.model,
+            asker: &self.asker,
             cache: &mut s.cache,
             usage,
             memo: None,
@@ -102,12 +100,13 @@ impl Engine {
             &self.codec.vocab,
             &mut m,
         )
+        .await
     }
 
     /// The session's hypothesis set brought up to its answer: the kept set continued through the
     /// new text one character at a time (from the longest remembered state the text starts with),
     /// or a fresh one when there is none, the options changed, or the set could not follow.
-    fn char_slot(&mut self, s: &mut Session, opts: &CharOptions, usage: &mut Usage) -> Result<CharSlot> {
+    async fn char_slot(&self, s: &mut Session, opts: &CharOptions, usage: &mut Usage) -> Result<CharSlot> {
         let pending = std::mem::take(&mut s.chars_pending);
         let reuse = opts.lookahead && s.chars.as_ref().is_some_and(|c| char_opts_eq(&c.opts, opts));
         let mut slot = if reuse { s.chars.take() } else { None };
@@ -124,7 +123,7 @@ impl Engine {
             }
             c.ahead_text.clear();
             let mut m = CachedModel {
-                model: &self.model,
+                asker: &self.asker,
                 cache: &mut s.cache,
                 usage,
                 memo: None,
@@ -132,7 +131,8 @@ impl Engine {
             let mut buf = [0u8; 4];
             for ch in rest.chars() {
                 c.state
-                    .commit(ch.encode_utf8(&mut buf), &self.codec.vocab, &mut m)?;
+                    .commit(ch.encode_utf8(&mut buf), &self.codec.vocab, &mut m)
+                    .await?;
                 if c.state.hypotheses() == 0 {
                     break;
                 }
@@ -146,7 +146,7 @@ impl Engine {
             None => {
                 let answer = s.answer.clone();
                 CharSlot {
-                    state: self.fresh_chars(s, &answer, opts, usage)?,
+                    state: self.fresh_chars(s, &answer, opts, usage).await?,
                     opts: opts.clone(),
                     ahead: vec![],
                     ahead_text: String::new(),
@@ -157,21 +157,21 @@ impl Engine {
 
     /// The next-character distribution, continuing the session's hypothesis set when the context only
     /// grew since the last call (no forward pass unless a hypothesis crosses a token boundary).
-    pub(super) fn next_char(
-        &mut self,
+    pub(super) async fn next_char(
+        &self,
         s: &mut Session,
         top_k: usize,
         opts: &CharOptions,
         usage: &mut Usage,
     ) -> Result<CharsOut> {
-        let mut slot = self.char_slot(s, opts, usage)?;
+        let mut slot = self.char_slot(s, opts, usage).await?;
         let mut m = CachedModel {
-            model: &self.model,
+            asker: &self.asker,
             cache: &mut s.cache,
             usage,
             memo: None,
         };
-        let dist = slot.state.distribution(top_k, &self.codec.vocab, &mut m)?;
+        let dist = slot.state.distribution(top_k, &self.codec.vocab, &mut m).await?;
         let hypotheses = slot.state.hypotheses();
         s.chars = Some(slot);
         Ok(CharsOut {
@@ -185,8 +185,8 @@ impl Engine {
     /// node's own greedy characters. Position j's is what [`Engine::next_char`] would answer after
     /// the first j characters were appended one call at a time: the same commits in the same order
     /// (and, where the set cannot follow or for published CharED, the same fresh rebuild).
-    pub(super) fn next_chars(
-        &mut self,
+    pub(super) async fn next_chars(
+        &self,
         s: &mut Session,
         p: &NextCharsParams,
         usage: &mut Usage,
@@ -207,20 +207,20 @@ impl Engine {
                 });
             }
             if opts.lookahead {
-                memo = self.path_probs(s, &tokens, usage)?;
+                memo = self.path_probs(s, &tokens, usage).await?;
             }
         }
         let memo = (!memo.is_empty()).then_some(&memo);
-        let mut slot = self.char_slot(s, opts, usage)?;
+        let mut slot = self.char_slot(s, opts, usage).await?;
         let vocab = &self.codec.vocab;
         let first = {
             let mut m = CachedModel {
-                model: &self.model,
+                asker: &self.asker,
                 cache: &mut s.cache,
                 usage,
                 memo,
             };
-            slot.state.distribution(top_k, vocab, &mut m)?
+            slot.state.distribution(top_k, vocab, &mut m).await?
         };
         let hypotheses = slot.state.hypotheses();
         let mut positions = vec![first];
@@ -237,12 +237,12 @@ impl Engine {
                 Some(ch) => {
                     if p.observed {
                         let mut m = CachedModel {
-                            model: &self.model,
+                            asker: &self.asker,
                             cache: &mut s.cache,
                             usage,
                             memo,
                         };
-                        observed.push(state.char_prob(ch, vocab, &mut m)?);
+                        observed.push(state.char_prob(ch, vocab, &mut m).await?);
                     }
                     ch
                 }
@@ -259,26 +259,26 @@ impl Engine {
             };
             text.push(ch);
             let mut m = CachedModel {
-                model: &self.model,
+                asker: &self.asker,
                 cache: &mut s.cache,
                 usage,
                 memo,
             };
             if opts.lookahead {
-                state.commit(ch.encode_utf8(&mut buf), vocab, &mut m)?;
+                state.commit(ch.encode_utf8(&mut buf), vocab, &mut m).await?;
             }
             if !opts.lookahead || state.hypotheses() == 0 {
                 let mut so_far = s.answer.clone();
                 so_far.push_str(&text);
-                state = self.fresh_chars(s, &so_far, opts, usage)?;
+                state = self.fresh_chars(s, &so_far, opts, usage).await?;
             }
             let mut m = CachedModel {
-                model: &self.model,
+                asker: &self.asker,
                 cache: &mut s.cache,
                 usage,
                 memo,
             };
-            positions.push(state.distribution(top_k, vocab, &mut m)?);
+            positions.push(state.distribution(top_k, vocab, &mut m).await?);
             if opts.lookahead {
                 ahead.push((text.len(), state.clone()));
             }
@@ -299,7 +299,7 @@ impl Engine {
     /// continuation) that no cache entry holds, keeping the next-token probabilities after each of
     /// them: the hypotheses that follow the canonical path find theirs here instead of running a
     /// pass each. At most [`MEMO_POSITIONS`] positions (the memo holds one vocabulary row each).
-    fn path_probs(&self, s: &mut Session, tokens: &[u32], usage: &mut Usage) -> Result<Memo> {
+    async fn path_probs(&self, s: &mut Session, tokens: &[u32], usage: &mut Usage) -> Result<Memo> {
         let mut memo = Memo::new();
         let (cached, kv) = s.cache.longest_prefix(tokens)?;
         let start = cached.min(tokens.len().saturating_sub(1));
@@ -308,20 +308,17 @@ impl Engine {
             return Ok(memo); // nothing cached to start from, or a single position: no gain
         }
         let kv = kv.truncate(start)?;
-        let t0 = std::time::Instant::now();
-        let input = Tensor::new(&tokens[start..end], self.model.device())?.unsqueeze(0)?;
-        let (logits, kv) = self.model.forward(&input, &kv, true)?;
-        let logits = logits.squeeze(0)?;
-        let probs = candle_nn::ops::softmax_last_dim(&logits)?.to_vec2::<f32>()?;
-        usage.forward_ms += t0.elapsed().as_secs_f64() * 1e3;
+        let a = self.asker.forward(&tokens[start..end], &kv, true).await?;
+        let probs = candle_nn::ops::softmax_last_dim(&a.logits)?.to_vec2::<f32>()?;
+        usage.forward_ms += a.ms;
         usage.forward_passes += 1;
         usage.reused_positions += start;
         usage.computed_positions += end - start;
         for (i, row) in probs.into_iter().enumerate() {
             memo.insert(tokens[..start + i + 1].to_vec(), Arc::from(row));
         }
-        let last = logits.get(end - start - 1)?;
-        s.cache.insert(tokens[..end].to_vec(), kv, Some(last));
+        let last = a.logits.get(end - start - 1)?;
+        s.cache.insert(tokens[..end].to_vec(), a.kv, Some(last));
         Ok(memo)
     }
 }

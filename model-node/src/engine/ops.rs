@@ -2,15 +2,14 @@
 //! context cache, or as string prefixes). The next-character questions are in [`super::nextchar`];
 //! proposals are decodes stepped together by the scheduler ([`super::decode`]).
 
-use std::sync::Arc;
-
 use candle_core::{D, Tensor};
 
-use super::session::{PrefixCache, Session, Usage};
-use super::{ContextBody, ContextSpec, Engine};
-use crate::chars::{CharOptions, CharState, NextTokenModel};
+use super::session::{Session, Usage};
+use super::text::TextCodec;
+use super::walk::{Answer, Ask};
+use super::{ContextBody, ContextSpec, Engine, EngineLimits};
 use crate::error::{Error, Result};
-use crate::model::{Chunk, Transformer};
+use crate::model::{BATCH_INVARIANT_ROWS, Chunk};
 use crate::sampling::SamplingParams;
 
 /// Settings of a proposal.
@@ -109,7 +108,7 @@ impl ScorePlan {
         self.batch.iter().map(|(_, t, _)| t.len() - 1).sum()
     }
 
-    /// The candidates' chunks of a [`Transformer::forward_chunks`] step, in order.
+    /// The candidates' chunks of a [`Transformer::forward_chunks`](crate::model::Transformer::forward_chunks) step, in order.
     pub(super) fn chunks(&self) -> impl Iterator<Item = Chunk<'_>> {
         self.batch
             .iter()
@@ -147,34 +146,6 @@ fn log_prob(row: &[f32], t: u32) -> f32 {
     let sum: f32 = row.iter().map(|&x| (x - max).exp()).sum();
     row.get(t as usize)
         .map_or(f32::NEG_INFINITY, |&x| x - max - sum.ln())
-}
-
-/// [`NextTokenModel`] over a session's prefix cache: each call is one forward pass of the positions
-/// the cache lacks.
-pub(super) struct CachedModel<'a> {
-    pub(super) model: &'a Transformer,
-    pub(super) cache: &'a mut PrefixCache,
-    pub(super) usage: &'a mut Usage,
-    /// Next-token probabilities already computed for these token sequences (one batched pass over a
-    /// continuation's canonical path), looked up before the cache.
-    pub(super) memo: Option<&'a Memo>,
-}
-
-/// Next-token probabilities by token sequence.
-pub(super) type Memo = std::collections::HashMap<Vec<u32>, Arc<[f32]>>;
-
-impl NextTokenModel for CachedModel<'_> {
-    type Error = Error;
-
-    fn next_probs(&mut self, tokens: &[u32]) -> Result<Arc<[f32]>> {
-        if let Some(p) = self.memo.and_then(|m| m.get(tokens)) {
-            self.usage.reused_positions += tokens.len();
-            return Ok(p.clone());
-        }
-        let (logits, _) = self.cache.logits_after(self.model, tokens, self.usage)?;
-        let probs = candle_nn::ops::softmax_last_dim(&logits)?.to_vec1::<f32>()?;
-        Ok(probs.into())
-    }
 }
 
 impl Engine {
@@ -276,7 +247,7 @@ impl Engine {
         if plan.rows() == 0 {
             return Ok(plan.finish(&[]));
         }
-        let (rows, ms) = self.chunk_pass(&mut [], &[], &[(&plan, None)])?;
+        let (rows, _, ms) = self.chunk_pass(&mut [], &[], &[(&plan, None)], &[])?;
         usage.forward_ms += ms;
         usage.forward_passes += 1;
         usage.computed_positions += plan.rows();
@@ -337,18 +308,20 @@ impl Engine {
         })
     }
 
-    /// One forward pass of decode rows (`tokens[i]` after `decodes[i]`'s cache, kept) and the
-    /// candidates' rows of score plans (each with its RTD λ), all in one
-    /// [`Transformer::forward_chunks`] step. The decodes get their logits, deferral logits and
-    /// extended caches; returns each plan's rows of logits in order, and the pass's milliseconds.
+    /// One forward pass of decode rows (`tokens[i]` after `decodes[i]`'s cache, kept), the
+    /// candidates' rows of score plans and the walks' asked positions (each with its RTD λ), all in
+    /// one [`Transformer::forward_chunks`](crate::model::Transformer::forward_chunks) step. The decodes get their logits, deferral logits and
+    /// extended caches; returns each plan's rows of logits in order, each ask's answer, and the
+    /// pass's milliseconds.
     pub(super) fn chunk_pass(
         &mut self,
         decodes: &mut [&mut super::decode::Decode],
         tokens: &[u32],
         plans: &[(&ScorePlan, Option<f64>)],
-    ) -> Result<(Vec<Vec<f32>>, f64)> {
+        asks: &[(&Ask, Option<f64>)],
+    ) -> Result<(Vec<Vec<f32>>, Vec<Answer>, f64)> {
         let t0 = std::time::Instant::now();
-        let mut chunks = Vec::with_capacity(decodes.len() + plans.len());
+        let mut chunks = Vec::with_capacity(decodes.len() + plans.len() + asks.len());
         let mut lambdas = Vec::with_capacity(decodes.len());
         for (d, t) in decodes.iter().zip(tokens) {
             chunks.push(Chunk {
@@ -364,118 +337,85 @@ impl Engine {
                 chunks.push(c);
             }
         }
+        let plan_chunks = chunks.len() - decodes.len();
+        for (ask, lambda) in asks {
+            lambdas.extend(std::iter::repeat_n(*lambda, ask.tokens.len()));
+            chunks.push(Chunk {
+                tokens: &ask.tokens,
+                cache: &ask.kv,
+                keep: true,
+            });
+        }
         self.model
             .set_rtd_lambdas(lambdas.iter().any(Option::is_some).then_some(lambdas));
         let step = self.model.forward_chunks(&chunks);
         self.model.set_rtd_lambdas(None);
         let step = step?;
+        let short = || Error::Internal("a step returned fewer rows than it ran".into());
         let mut rows = step.logits.to_vec2::<f32>()?.into_iter();
         let mut deferral = match &step.deferral {
             Some(z) => z.to_vec2::<f32>()?.into_iter().map(Some).collect(),
             None => vec![None; decodes.len()],
         }
         .into_iter();
-        for (d, kv) in decodes.iter_mut().zip(step.caches) {
-            let (Some(row), Some(z)) = (rows.next(), deferral.next()) else {
-                return Err(Error::Internal("a step returned fewer rows than it ran".into()));
+        let mut caches = step.caches.into_iter();
+        for d in decodes.iter_mut() {
+            let (Some(row), Some(z), Some(kv)) = (rows.next(), deferral.next(), caches.next()) else {
+                return Err(short());
             };
             d.advance(row, kv, z);
         }
-        Ok((rows.collect(), t0.elapsed().as_secs_f64() * 1e3))
+        let plan_rows: usize = plans.iter().map(|(p, _)| p.rows()).sum();
+        let plan_rows: Vec<Vec<f32>> = rows.by_ref().take(plan_rows).collect();
+        let mut caches = caches.skip(plan_chunks);
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        let mut answers = Vec::with_capacity(asks.len());
+        for (ask, _) in asks {
+            let n = ask.tokens.len();
+            let mine: Vec<Vec<f32>> = rows.by_ref().take(n).collect();
+            let (Some(last), Some(kv)) = (mine.last(), caches.next()) else {
+                return Err(short());
+            };
+            let logits = if ask.all {
+                let vocab = last.len();
+                Tensor::from_vec(mine.concat(), (n, vocab), self.model.device())?
+            } else {
+                Tensor::new(last.as_slice(), self.model.device())?
+            };
+            answers.push(Answer { logits, kv, ms });
+        }
+        Ok((plan_rows, answers, ms))
+    }
+
+    /// Runs walks' asks: together in one [`Engine::chunk_pass`] (the scheduler groups them within
+    /// [`BATCH_INVARIANT_ROWS`] rows), or, for a single ask longer than that (a new context's
+    /// prefill), alone through [`Transformer::forward`](crate::model::Transformer::forward).
+    pub(super) fn run_asks(&mut self, asks: &[(&Ask, Option<f64>)]) -> Result<Vec<Answer>> {
+        if let [(ask, lambda)] = asks
+            && ask.tokens.len() > BATCH_INVARIANT_ROWS
+        {
+            let t0 = std::time::Instant::now();
+            self.model.set_rtd_lambdas(lambda.map(|l| vec![Some(l)]));
+            let input = Tensor::new(ask.tokens.as_slice(), self.model.device())?.unsqueeze(0);
+            let out = input.and_then(|i| self.model.forward(&i, &ask.kv, ask.all));
+            self.model.set_rtd_lambdas(None);
+            let (logits, kv) = out?;
+            return Ok(vec![Answer {
+                logits: logits.squeeze(0)?,
+                kv,
+                ms: t0.elapsed().as_secs_f64() * 1e3,
+            }]);
+        }
+        Ok(self.chunk_pass(&mut [], &[], &[], asks)?.1)
+    }
+
+    /// The canonical tokens of the context with `cand` appended to the answer.
+    fn with_candidate(&self, s: &Session, cand: &str) -> Result<Vec<u32>> {
+        with_candidate(&self.codec, &self.limits, s, cand)
     }
 
     /// A candidate whose tokens change the context's own tokenization: log P(tail + candidate) minus
     /// log P(tail of the context), both from the longest common prefix.
-    /// The canonical tokens of the context with `cand` appended to the answer; past the context limit
-    /// the client's to shorten.
-    fn with_candidate(&self, s: &Session, cand: &str) -> Result<Vec<u32>> {
-        let mut answer = s.answer.clone();
-        answer.push_str(cand);
-        let full = self.codec.encode(&s.prompt, &answer)?;
-        if full.len() > self.limits.max_context {
-            return Err(Error::ContextTooLong {
-                tokens: s.tokens.len(),
-                new_tokens: full.len().saturating_sub(s.tokens.len()),
-                limit: self.limits.max_context,
-            });
-        }
-        Ok(full)
-    }
-
-    /// Scores every candidate as a string prefix ([`CharState::prefix_mass`]): one hypothesis set
-    /// for the context, committed through each candidate; a candidate that ends inside a token is
-    /// priced by every token path that spells it. A candidate flagged in `ends` is priced as the
-    /// whole rest of the answer ([`CharState::end_mass`]). `token_count` is the canonical
-    /// tokenization's (plus one for the end).
-    pub(super) fn score_prefix(
-        &mut self,
-        s: &mut Session,
-        candidates: &[String],
-        ends: &[bool],
-        opts: &CharOptions,
-        usage: &mut Usage,
-    ) -> Result<Scores> {
-        let heal = self.codec.heal(&s.tokens, Self::text_empty(s));
-        // Back off further, to whole tokens covering at least PREFIX_BACKOFF_BYTES of text: a
-        // draft often continues a word the context's canonical tokens split where the model never
-        // would ("</thi" + "nk>" is "</" + "think" + ">", not "</" + "th" + "ink" + ">"), and the
-        // hypotheses then explore every tokenization of that stretch, not just the last token's.
-        let (mut plen, mut remainder) = (heal.prefix_len, heal.remainder.clone());
-        while plen > 1 && remainder.len() < PREFIX_BACKOFF_BYTES {
-            match self.codec.vocab.token_bytes(s.tokens[plen - 1]) {
-                Some(b) if !b.is_empty() => {
-                    let mut r = b.to_vec();
-                    r.extend_from_slice(&remainder);
-                    remainder = r;
-                    plen -= 1;
-                }
-                _ => break, // a special token (template marker, BOS): not text
-            }
-        }
-        let mut out = Vec::with_capacity(candidates.len());
-        for cand in candidates {
-            let full = self.with_candidate(s, cand)?;
-            out.push(CandidateScore {
-                sum_logprob: 0.0,
-                token_count: full.len().saturating_sub(heal.prefix_len),
-                char_count: cand.chars().count(),
-            });
-        }
-        let vocab = &self.codec.vocab;
-        let mut m = CachedModel {
-            model: &self.model,
-            cache: &mut s.cache,
-            usage,
-            memo: None,
-        };
-        let opts = CharOptions {
-            lookahead: true,
-            ..opts.clone()
-        };
-        let base = CharState::new(s.tokens[..plen].to_vec(), remainder, opts, vocab, &mut m)?;
-        let base_mass = base.prefix_mass(vocab);
-        for (k, (score, cand)) in out.iter_mut().zip(candidates).enumerate() {
-            let mut st = base.clone();
-            st.commit(cand, vocab, &mut m)?;
-            let ends_here = ends.get(k).copied().unwrap_or(false);
-            let mass = if ends_here {
-                score.token_count += 1;
-                st.end_mass(vocab)
-            } else {
-                st.prefix_mass(vocab)
-            };
-            score.sum_logprob = if mass > 0.0 && base_mass > 0.0 {
-                (mass / base_mass).ln().max(MIN_LOGPROB)
-            } else {
-                MIN_LOGPROB
-            };
-        }
-        Ok(Scores {
-            scores: out,
-            usage: Usage::default(),
-        })
-    }
-
     fn score_alone(
         &self,
         s: &mut Session,
@@ -517,13 +457,6 @@ impl Engine {
     }
 }
 
-/// Bytes of context text that string-prefix scoring re-explores the tokenizations of.
-const PREFIX_BACKOFF_BYTES: usize = 8;
-
-/// The log-probability given to a candidate no token path spells (or pruned away): finite, so that
-/// softmaxes over candidates stay defined.
-pub const MIN_LOGPROB: f64 = -1e4;
-
 /// log Σ exp over `ids` (all entries when `None`).
 pub(super) fn log_sum_exp(row: &[f32], ids: Option<&[u32]>) -> f32 {
     let vals: Box<dyn Iterator<Item = f32>> = match ids {
@@ -537,3 +470,31 @@ pub(super) fn log_sum_exp(row: &[f32], ids: Option<&[u32]>) -> f32 {
     }
     max + vals.iter().map(|v| (v - max).exp()).sum::<f32>().ln()
 }
+
+/// The canonical tokens of the context with `cand` appended to the answer; past the context limit
+/// the client's to shorten.
+pub(super) fn with_candidate(
+    codec: &TextCodec,
+    limits: &EngineLimits,
+    s: &Session,
+    cand: &str,
+) -> Result<Vec<u32>> {
+    let mut answer = s.answer.clone();
+    answer.push_str(cand);
+    let full = codec.encode(&s.prompt, &answer)?;
+    if full.len() > limits.max_context {
+        return Err(Error::ContextTooLong {
+            tokens: s.tokens.len(),
+            new_tokens: full.len().saturating_sub(s.tokens.len()),
+            limit: limits.max_context,
+        });
+    }
+    Ok(full)
+}
+
+/// Bytes of context text that string-prefix scoring re-explores the tokenizations of.
+pub(super) const PREFIX_BACKOFF_BYTES: usize = 8;
+
+/// The log-probability given to a candidate no token path spells (or pruned away): finite, so that
+/// softmaxes over candidates stay defined.
+pub const MIN_LOGPROB: f64 = -1e4;

@@ -13,8 +13,13 @@
 //!   (several scores sharing one up to that size). Every score is answered within the step it was
 //!   admitted at, so none waits on the decodes. Within that many rows every row's result is the same
 //!   whatever else the pass holds, so a merged score is bit-identical to one run alone.
-//! - Other calls (string-prefix scores, next-character questions, closes) run at once, between two
-//!   steps.
+//! - A walk (a next-character question or a string-prefix score: a search over token paths whose
+//!   next forward pass depends on the last one, [`super::walk`]) starts at admission and runs up to
+//!   the first pass it needs; each step then runs the pass every waiting walk asked for, inside the
+//!   decode pass while the step stays within [`BATCH_INVARIANT_ROWS`] rows, else in passes of their
+//!   own shared with other walks and scores, and the walk runs on to its next pass or its reply.
+//!   Within that many rows a walk's passes give the same bits whatever they share a pass with, so
+//!   its answer is the one it gives alone. A close runs at once, between two steps.
 //!
 //! Admission is bounded twice: by the queue (`RESOURCE_EXHAUSTED` when full) and by the KV budget
 //! (a proposal whose context + new tokens can never fit is refused at once; one that fits the budget
@@ -29,6 +34,7 @@ use tokio::sync::mpsc;
 use super::decode::{Decode, Next, Start};
 use super::ops::ScorePlan;
 use super::session::{Session, Usage};
+use super::walk::{self, Ask, Walk, WalkEnd};
 use super::{ContextSpec, Engine, Envelope, Job, Reply};
 use crate::error::{Error, Result};
 use crate::model::BATCH_INVARIANT_ROWS;
@@ -53,6 +59,14 @@ struct Scoring {
     queue_ms: f64,
 }
 
+/// A walk waiting for its next pass, and who waits for it.
+struct Walking {
+    walk: Walk,
+    call: Envelope,
+    started: Instant,
+    queue_ms: f64,
+}
+
 /// A call not started yet, and the KV bytes it needs once known (a proposal that had to wait).
 struct Waiting {
     call: Envelope,
@@ -64,11 +78,12 @@ struct Waiting {
 pub(super) fn serve(mut engine: Engine, mut rx: mpsc::UnboundedReceiver<Envelope>) {
     let mut running: Vec<Running> = Vec::new();
     let mut scoring: Vec<Scoring> = Vec::new();
+    let mut walking: Vec<Walking> = Vec::new();
     let mut waiting: VecDeque<Waiting> = VecDeque::new();
     let mut open = true;
     loop {
         // Take what arrived: block only when there is nothing else to do.
-        let idle = running.is_empty() && waiting.is_empty();
+        let idle = running.is_empty() && waiting.is_empty() && walking.is_empty();
         if idle && !open {
             break;
         }
@@ -88,9 +103,15 @@ pub(super) fn serve(mut engine: Engine, mut rx: mpsc::UnboundedReceiver<Envelope
                 }
             }
         }
-        admit(&mut engine, &mut running, &mut scoring, &mut waiting);
-        if !running.is_empty() || !scoring.is_empty() {
-            step(&mut engine, &mut running, &mut scoring);
+        admit(
+            &mut engine,
+            &mut running,
+            &mut scoring,
+            &mut walking,
+            &mut waiting,
+        );
+        if !running.is_empty() || !scoring.is_empty() || !walking.is_empty() {
+            step(&mut engine, &mut running, &mut scoring, &mut walking);
         }
     }
 }
@@ -113,6 +134,7 @@ fn admit(
     engine: &mut Engine,
     running: &mut Vec<Running>,
     scoring: &mut Vec<Scoring>,
+    walking: &mut Vec<Walking>,
     waiting: &mut VecDeque<Waiting>,
 ) {
     while let Some(w) = waiting.pop_front() {
@@ -180,6 +202,25 @@ fn admit(
                     }
                 }
             }
+            job if walk::is_walk(&job) => {
+                engine.totals.queued.fetch_sub(1, Ordering::Relaxed);
+                match engine.begin_walk(job) {
+                    Ok(walk) => {
+                        // Run it up to its first pass (or its end: everything it needs is cached).
+                        let w = Walking {
+                            walk,
+                            call,
+                            started,
+                            queue_ms,
+                        };
+                        go_on(engine, w, walking);
+                    }
+                    Err(e) => {
+                        engine.after_call();
+                        let _ = call.reply.send(Err(e));
+                    }
+                }
+            }
             job => {
                 engine.totals.queued.fetch_sub(1, Ordering::Relaxed);
                 let reply = &call.reply;
@@ -191,8 +232,14 @@ fn admit(
 }
 
 /// One step: every running proposal picks its token; one batched pass runs those that go on with
-/// the scores that fit beside them; the other scores run in passes of their own.
-fn step(engine: &mut Engine, running: &mut Vec<Running>, scoring: &mut Vec<Scoring>) {
+/// the scores and the walks' asked positions that fit beside them; the other scores and asks run in
+/// passes of their own; then every walk that got its answer runs on to its next pass or its reply.
+fn step(
+    engine: &mut Engine,
+    running: &mut Vec<Running>,
+    scoring: &mut Vec<Scoring>,
+    walking: &mut Vec<Walking>,
+) {
     let mut going = Vec::with_capacity(running.len());
     let mut tokens = Vec::with_capacity(running.len());
     for mut r in std::mem::take(running) {
@@ -215,8 +262,8 @@ fn step(engine: &mut Engine, running: &mut Vec<Running>, scoring: &mut Vec<Scori
             }
         }
     }
-    // Scores whose client left are dropped; the others go beside the decodes while the pass stays
-    // batch-invariant, the rest after.
+    // Scores whose client left are dropped; the others, and the walks' asks, go beside the decodes
+    // while the pass stays batch-invariant, the rest after.
     let (mut merged, mut alone) = (Vec::new(), Vec::new());
     let mut rows = tokens.len();
     for sc in std::mem::take(scoring) {
@@ -226,16 +273,40 @@ fn step(engine: &mut Engine, running: &mut Vec<Running>, scoring: &mut Vec<Scori
             rows += sc.plan.rows();
             merged.push(sc);
         } else {
-            alone.push(sc);
+            alone.push(Extra::Score(sc));
         }
     }
+    let mut walks_merged: Vec<(Walking, Ask)> = Vec::new();
+    for w in std::mem::take(walking) {
+        let Some(ask) = w.walk.take_ask() else {
+            // Cannot happen: a walk waits only in `Asker::forward`, which leaves its ask.
+            engine.after_call();
+            let _ = w
+                .call
+                .reply
+                .send(Err(Error::Internal("a walk waited with no pass to run".into())));
+            continue;
+        };
+        if !going.is_empty() && rows + ask.tokens.len() <= BATCH_INVARIANT_ROWS {
+            rows += ask.tokens.len();
+            walks_merged.push((w, ask));
+        } else {
+            alone.push(Extra::Walk(w, ask));
+        }
+    }
+    let mut answered: Vec<Walking> = Vec::new();
     if !going.is_empty() {
         let mut decodes: Vec<&mut Decode> = going.iter_mut().map(|r| &mut r.decode).collect();
         let plans: Vec<_> = merged.iter().map(|s| (&s.plan, s.lambda)).collect();
-        match engine.feed(&mut decodes, &tokens, &plans) {
-            Ok((rows, ms)) => {
+        let asks: Vec<_> = walks_merged.iter().map(|(w, a)| (a, w.walk.lambda)).collect();
+        match engine.feed(&mut decodes, &tokens, &plans, &asks) {
+            Ok((rows, answers, ms)) => {
                 *running = going;
                 hand_out(engine, merged, rows, ms);
+                for ((w, _), a) in walks_merged.into_iter().zip(answers) {
+                    w.walk.answer(Ok(a));
+                    answered.push(w);
+                }
             }
             Err(e) => {
                 let msg = e.to_string();
@@ -247,37 +318,97 @@ fn step(engine: &mut Engine, running: &mut Vec<Running>, scoring: &mut Vec<Scori
                 for sc in merged {
                     engine.end_score(sc, Err(Error::Internal(msg.clone())));
                 }
+                for (w, _) in walks_merged {
+                    w.walk.answer(Err(Error::Internal(msg.clone())));
+                    answered.push(w);
+                }
             }
         }
     }
-    // The rest share passes of their own, up to the same size (a larger score runs alone).
-    let mut group: Vec<Scoring> = Vec::new();
+    // The rest share passes of their own, up to the same size (a larger one runs alone).
+    let mut group: Vec<Extra> = Vec::new();
     let mut group_rows = 0;
-    for sc in alone {
-        if !group.is_empty() && group_rows + sc.plan.rows() > BATCH_INVARIANT_ROWS {
-            score_pass(engine, std::mem::take(&mut group));
+    for x in alone {
+        if !group.is_empty() && group_rows + x.rows() > BATCH_INVARIANT_ROWS {
+            extra_pass(engine, std::mem::take(&mut group), &mut answered);
             group_rows = 0;
         }
-        group_rows += sc.plan.rows();
-        group.push(sc);
+        group_rows += x.rows();
+        group.push(x);
     }
     if !group.is_empty() {
-        score_pass(engine, group);
+        extra_pass(engine, group, &mut answered);
+    }
+    for w in answered {
+        go_on(engine, w, walking);
     }
 }
 
-/// One pass of scores' rows only.
-fn score_pass(engine: &mut Engine, group: Vec<Scoring>) {
-    let plans: Vec<_> = group.iter().map(|s| (&s.plan, s.lambda)).collect();
-    match engine.feed(&mut [], &[], &plans) {
-        Ok((rows, ms)) => hand_out(engine, group, rows, ms),
+/// A score or a walk's ask that runs outside the decode pass.
+enum Extra {
+    Score(Scoring),
+    Walk(Walking, Ask),
+}
+
+impl Extra {
+    fn rows(&self) -> usize {
+        match self {
+            Extra::Score(sc) => sc.plan.rows(),
+            Extra::Walk(_, ask) => ask.tokens.len(),
+        }
+    }
+}
+
+/// One pass of scores' rows and walks' asks only; the walks are answered and join `answered`.
+fn extra_pass(engine: &mut Engine, group: Vec<Extra>, answered: &mut Vec<Walking>) {
+    let (mut scores, mut walks) = (Vec::new(), Vec::new());
+    for x in group {
+        match x {
+            Extra::Score(sc) => scores.push(sc),
+            Extra::Walk(w, ask) => walks.push((w, ask)),
+        }
+    }
+    let plans: Vec<_> = scores.iter().map(|s| (&s.plan, s.lambda)).collect();
+    let asks: Vec<_> = walks.iter().map(|(w, a)| (a, w.walk.lambda)).collect();
+    let result = if plans.is_empty() {
+        engine.run_asks(&asks).map(|answers| (Vec::new(), answers, 0.0))
+    } else {
+        engine.chunk_pass(&mut [], &[], &plans, &asks)
+    };
+    match result {
+        Ok((rows, answers, ms)) => {
+            hand_out(engine, scores, rows, ms);
+            for ((w, _), a) in walks.into_iter().zip(answers) {
+                w.walk.answer(Ok(a));
+                answered.push(w);
+            }
+        }
         Err(e) => {
             let msg = e.to_string();
-            for sc in group {
+            for sc in scores {
                 engine.end_score(sc, Err(Error::Internal(msg.clone())));
+            }
+            for (w, _) in walks {
+                w.walk.answer(Err(Error::Internal(msg.clone())));
+                answered.push(w);
             }
         }
     }
+}
+
+/// Runs a walk on to its next pass (it goes back to `walking`) or its end (it is answered).
+fn go_on(engine: &mut Engine, mut w: Walking, walking: &mut Vec<Walking>) {
+    match w.walk.poll() {
+        None => walking.push(w),
+        Some(end) => end_walking(engine, w, end),
+    }
+}
+
+/// Answers a finished walk; its session goes back.
+fn end_walking(engine: &mut Engine, w: Walking, end: WalkEnd) {
+    let reply = engine.end_walk(end, w.queue_ms, w.started.elapsed().as_secs_f64() * 1e3);
+    engine.after_call();
+    let _ = w.call.reply.send(reply);
 }
 
 /// Gives each score its rows of a pass (in order) and answers it.

@@ -41,6 +41,19 @@ struct Entry {
     last_used: u64,
 }
 
+/// What [`PrefixCache::lookup_after`] found.
+pub enum After {
+    /// The logits after the sequence and its cache, held.
+    Known(Tensor, KvCache),
+    /// A pass must run the positions from `start` after `kv`.
+    Compute {
+        /// First position to compute.
+        start: usize,
+        /// The cache of the positions before it.
+        kv: KvCache,
+    },
+}
+
 /// Token sequences with their KV caches (a handful per session).
 #[derive(Default)]
 pub struct PrefixCache {
@@ -92,6 +105,23 @@ impl PrefixCache {
         tokens: &[u32],
         usage: &mut Usage,
     ) -> Result<(Tensor, KvCache)> {
+        match self.lookup_after(tokens, usage)? {
+            After::Known(logits, kv) => Ok((logits, kv)),
+            After::Compute { start, kv } => {
+                let t0 = std::time::Instant::now();
+                let input = Tensor::new(&tokens[start..], model.device())?.unsqueeze(0)?;
+                let (logits, kv) = model.forward(&input, &kv, false)?;
+                let logits = logits.squeeze(0)?;
+                let ms = t0.elapsed().as_secs_f64() * 1e3;
+                Ok(self.store_after(tokens, start, logits, kv, ms, usage))
+            }
+        }
+    }
+
+    /// The first half of [`PrefixCache::logits_after`]: the logits and cache when this exact sequence
+    /// is held with its logits, else where its computation starts (at least the last position) and
+    /// the cache it starts from.
+    pub fn lookup_after(&mut self, tokens: &[u32], usage: &mut Usage) -> Result<After> {
         self.clock += 1;
         let clock = self.clock;
         if let Some(e) = self
@@ -102,22 +132,34 @@ impl PrefixCache {
             e.last_used = clock;
             usage.reused_positions += tokens.len();
             if let Some(l) = &e.logits {
-                return Ok((l.clone(), e.kv.clone()));
+                return Ok(After::Known(l.clone(), e.kv.clone()));
             }
         }
         let (cached, kv) = self.longest_prefix(tokens)?;
         let start = cached.min(tokens.len().saturating_sub(1));
-        let kv = kv.truncate(start)?;
-        let t0 = std::time::Instant::now();
-        let input = Tensor::new(&tokens[start..], model.device())?.unsqueeze(0)?;
-        let (logits, kv) = model.forward(&input, &kv, false)?;
-        let logits = logits.squeeze(0)?;
-        usage.forward_ms += t0.elapsed().as_secs_f64() * 1e3;
+        Ok(After::Compute {
+            start,
+            kv: kv.truncate(start)?,
+        })
+    }
+
+    /// The second half: remembers the pass's result (`logits` after `tokens`, `kv` covering them,
+    /// computed from `start` in `ms`), counts it, and returns it.
+    pub fn store_after(
+        &mut self,
+        tokens: &[u32],
+        start: usize,
+        logits: Tensor,
+        kv: KvCache,
+        ms: f64,
+        usage: &mut Usage,
+    ) -> (Tensor, KvCache) {
+        usage.forward_ms += ms;
         usage.reused_positions += start;
         usage.computed_positions += tokens.len() - start;
         usage.forward_passes += 1;
         self.insert(tokens.to_vec(), kv.clone(), Some(logits.clone()));
-        Ok((logits, kv))
+        (logits, kv)
     }
 
     /// Remembers `tokens` with their cache; an entry that is a prefix of `tokens` is replaced.

@@ -1,0 +1,349 @@
+//! Walks: the calls that follow token paths through the model one forward pass at a time, with what
+//! to do next depending on each pass (`NextCharDistribution`, `NextCharDistributions` and
+//! string-prefix `ScoreCandidates`), run as futures that the engine thread polls itself.
+//!
+//! A walk owns its session while it runs. Its only await point is [`Asker::forward`]: the walk leaves
+//! its forward pass (new tokens after a cache) in its slot and waits; the scheduler gathers the
+//! waiting walks' passes into the next step beside the running decodes and the scores
+//! ([`super::sched`]), answers each slot, and polls the walk again, which then runs on to its next
+//! pass or its reply. So the look-ahead forwards of concurrent calls share passes with each other and
+//! with the decodes, and a call's walk never holds the engine thread while it waits. Alone (`Engine::run`)
+//! a walk is driven the same way with each pass run at once.
+//!
+//! Nothing here is `Send`: walks and their slots live on the engine thread only.
+
+use std::cell::RefCell;
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+
+use candle_core::Tensor;
+
+use super::ops::{MIN_LOGPROB, PREFIX_BACKOFF_BYTES};
+use super::session::{After, PrefixCache, Session, Usage};
+use super::text::TextCodec;
+use super::{ContextSpec, Engine, EngineLimits, Job, Reply};
+use crate::chars::{CharOptions, CharState, NextTokenModel};
+use crate::error::{Error, Result};
+use crate::model::KvCache;
+
+/// A forward pass a walk waits for: `tokens` after the positions of `kv` (kept).
+pub(super) struct Ask {
+    /// The new tokens.
+    pub tokens: Vec<u32>,
+    /// The cache they follow.
+    pub kv: KvCache,
+    /// Logits of every new position (`(n, vocab)`), not only the last (`(vocab,)`).
+    pub all: bool,
+}
+
+/// The answer to an [`Ask`].
+pub(super) struct Answer {
+    /// f32 logits: `(vocab,)` after the last token, or `(n, vocab)` with [`Ask::all`].
+    pub logits: Tensor,
+    /// The cache extended by the new tokens.
+    pub kv: KvCache,
+    /// Milliseconds of the pass that ran it.
+    pub ms: f64,
+}
+
+#[derive(Default)]
+struct Slot {
+    ask: Option<Ask>,
+    answer: Option<Result<Answer>>,
+}
+
+/// A walk's side of its forward passes; the engine holds a clone to take the asks and answer them.
+#[derive(Clone, Default)]
+pub(super) struct Asker(Rc<RefCell<Slot>>);
+
+impl Asker {
+    /// Runs `tokens` after `kv` in a pass of the engine's choosing, and waits for it.
+    pub(super) async fn forward(&self, tokens: &[u32], kv: &KvCache, all: bool) -> Result<Answer> {
+        self.0.borrow_mut().ask = Some(Ask {
+            tokens: tokens.to_vec(),
+            kv: kv.clone(),
+            all,
+        });
+        std::future::poll_fn(|_| match self.0.borrow_mut().answer.take() {
+            Some(a) => Poll::Ready(a),
+            None => Poll::Pending,
+        })
+        .await
+    }
+
+    /// The pass the walk waits for, if any (taken: it is answered once).
+    pub(super) fn take_ask(&self) -> Option<Ask> {
+        self.0.borrow_mut().ask.take()
+    }
+
+    /// Answers the walk's pass.
+    pub(super) fn answer(&self, a: Result<Answer>) {
+        self.0.borrow_mut().answer = Some(a);
+    }
+}
+
+/// What a walk reads: the tokenizer, the limits, and its slot.
+pub(super) struct Walker {
+    pub(super) codec: Arc<TextCodec>,
+    pub(super) limits: EngineLimits,
+    pub(super) asker: Asker,
+}
+
+/// Next-token probabilities by token sequence.
+pub(super) type Memo = std::collections::HashMap<Vec<u32>, Arc<[f32]>>;
+
+/// [`NextTokenModel`] over a session's prefix cache: each call is one forward pass of the positions
+/// the cache lacks.
+pub(super) struct CachedModel<'a> {
+    pub(super) asker: &'a Asker,
+    pub(super) cache: &'a mut PrefixCache,
+    pub(super) usage: &'a mut Usage,
+    /// Next-token probabilities already computed for these token sequences (one batched pass over a
+    /// continuation's canonical path), looked up before the cache.
+    pub(super) memo: Option<&'a Memo>,
+}
+
+impl NextTokenModel for CachedModel<'_> {
+    type Error = Error;
+
+    async fn next_probs(&mut self, tokens: &[u32]) -> Result<Arc<[f32]>> {
+        if let Some(p) = self.memo.and_then(|m| m.get(tokens)) {
+            self.usage.reused_positions += tokens.len();
+            return Ok(p.clone());
+        }
+        let (logits, _) = logits_after(self.asker, self.cache, tokens, self.usage).await?;
+        let probs = candle_nn::ops::softmax_last_dim(&logits)?.to_vec1::<f32>()?;
+        Ok(probs.into())
+    }
+}
+
+/// [`PrefixCache::logits_after`] with the pass run by the engine.
+pub(super) async fn logits_after(
+    asker: &Asker,
+    cache: &mut PrefixCache,
+    tokens: &[u32],
+    usage: &mut Usage,
+) -> Result<(Tensor, KvCache)> {
+    match cache.lookup_after(tokens, usage)? {
+        After::Known(logits, kv) => Ok((logits, kv)),
+        After::Compute { start, kv } => {
+            let a = asker.forward(&tokens[start..], &kv, false).await?;
+            Ok(cache.store_after(tokens, start, a.logits, a.kv, a.ms, usage))
+        }
+    }
+}
+
+/// How a walk ends: its session (to put back), its work, its reply.
+pub(super) struct WalkEnd {
+    pub(super) session: Session,
+    pub(super) usage: Usage,
+    pub(super) reply: Result<Reply>,
+}
+
+/// A walk in progress.
+pub(super) struct Walk {
+    fut: Pin<Box<dyn Future<Output = WalkEnd>>>,
+    asker: Asker,
+    /// RTD: the call's λ, for every pass of the walk.
+    pub(super) lambda: Option<f64>,
+}
+
+impl Walk {
+    /// Runs the walk on to its next pass (`None`: it waits, [`Walk::take_ask`] says for what) or its
+    /// end.
+    pub(super) fn poll(&mut self) -> Option<WalkEnd> {
+        match self.fut.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(end) => Some(end),
+            Poll::Pending => None,
+        }
+    }
+
+    /// The pass the walk waits for (taken).
+    pub(super) fn take_ask(&self) -> Option<Ask> {
+        self.asker.take_ask()
+    }
+
+    /// Answers the pass it waits for.
+    pub(super) fn answer(&self, a: Result<Answer>) {
+        self.asker.answer(a);
+    }
+}
+
+/// Whether a job is a walk.
+pub(super) fn is_walk(job: &Job) -> bool {
+    matches!(job, Job::NextChar(..) | Job::NextChars(..) | Job::ScorePrefix(..))
+}
+
+impl Engine {
+    /// Resolves a walk's context into its session and makes the walk (not polled yet).
+    pub(super) fn begin_walk(&mut self, job: Job) -> Result<Walk> {
+        let ctx: ContextSpec = match &job {
+            Job::NextChar(c, ..) | Job::NextChars(c, _) | Job::ScorePrefix(c, ..) => c.clone(),
+            _ => return Err(Error::Internal("not a walk".into())),
+        };
+        let lambda = ctx.rtd_lambda;
+        let mut session = self.resolve(ctx)?;
+        let asker = Asker::default();
+        let w = Walker {
+            codec: self.codec.clone(),
+            limits: self.limits.clone(),
+            asker: asker.clone(),
+        };
+        let fut = async move {
+            let mut usage = Usage {
+                context_tokens: session.tokens.len(),
+                ..Usage::default()
+            };
+            let s = &mut session;
+            let reply = match job {
+                Job::NextChar(_, k, o) => w.next_char(s, k, &o, &mut usage).await.map(Reply::Chars),
+                Job::NextChars(_, p) => w.next_chars(s, &p, &mut usage).await.map(Reply::CharRun),
+                Job::ScorePrefix(_, c, ends, o) => w
+                    .score_prefix(s, &c, &ends, &o, &mut usage)
+                    .await
+                    .map(Reply::Scores),
+                _ => Err(Error::Internal("not a walk".into())),
+            };
+            WalkEnd {
+                session,
+                usage,
+                reply,
+            }
+        };
+        Ok(Walk {
+            fut: Box::pin(fut),
+            asker,
+            lambda,
+        })
+    }
+
+    /// Runs a walk to its end on the calling thread, each of its passes alone.
+    pub(super) fn drive(&mut self, mut walk: Walk) -> WalkEnd {
+        loop {
+            if let Some(end) = walk.poll() {
+                return end;
+            }
+            let answer = match walk.take_ask() {
+                Some(ask) => self.run_asks(&[(&ask, walk.lambda)]).map(|mut a| a.remove(0)),
+                None => Err(Error::Internal("a walk waited with no pass to run".into())),
+            };
+            walk.answer(answer);
+        }
+    }
+
+    /// Puts a finished walk's session back, counts its work, and gives its reply the call's times.
+    pub(super) fn end_walk(&mut self, end: WalkEnd, queue_ms: f64, compute_ms: f64) -> Result<Reply> {
+        let WalkEnd {
+            session,
+            usage,
+            reply,
+        } = end;
+        self.count_work(&usage);
+        self.sessions.put(session);
+        let usage = Usage {
+            queue_ms,
+            compute_ms,
+            ..usage
+        };
+        reply.map(|r| match r {
+            Reply::Chars(mut c) => {
+                c.usage = usage;
+                Reply::Chars(c)
+            }
+            Reply::CharRun(mut c) => {
+                c.usage = usage;
+                Reply::CharRun(c)
+            }
+            Reply::Scores(mut c) => {
+                c.usage = usage;
+                Reply::Scores(c)
+            }
+            other => other,
+        })
+    }
+}
+
+impl Walker {
+    /// The canonical tokens of the context with `cand` appended to the answer; past the context
+    /// limit the client's to shorten.
+    pub(super) fn with_candidate(&self, s: &Session, cand: &str) -> Result<Vec<u32>> {
+        super::ops::with_candidate(&self.codec, &self.limits, s, cand)
+    }
+
+    /// Scores every candidate as a string prefix ([`CharState::prefix_mass`]): one hypothesis set
+    /// for the context, committed through each candidate; a candidate that ends inside a token is
+    /// priced by every token path that spells it. A candidate flagged in `ends` is priced as the
+    /// whole rest of the answer ([`CharState::end_mass`]). `token_count` is the canonical
+    /// tokenization's (plus one for the end).
+    pub(super) async fn score_prefix(
+        &self,
+        s: &mut Session,
+        candidates: &[String],
+        ends: &[bool],
+        opts: &CharOptions,
+        usage: &mut Usage,
+    ) -> Result<super::Scores> {
+        let heal = self.codec.heal(&s.tokens, Engine::text_empty(s));
+        // Back off further, to whole tokens covering at least PREFIX_BACKOFF_BYTES of text: a
+        // draft often continues a word the context's canonical tokens split where the model never
+        // would ("</thi" + "nk>" is "</" + "think" + ">", not "</" + "th" + "ink" + ">"), and the
+        // hypotheses then explore every tokenization of that stretch, not just the last token's.
+        let (mut plen, mut remainder) = (heal.prefix_len, heal.remainder.clone());
+        while plen > 1 && remainder.len() < PREFIX_BACKOFF_BYTES {
+            match self.codec.vocab.token_bytes(s.tokens[plen - 1]) {
+                Some(b) if !b.is_empty() => {
+                    let mut r = b.to_vec();
+                    r.extend_from_slice(&remainder);
+                    remainder = r;
+                    plen -= 1;
+                }
+                _ => break, // a special token (template marker, BOS): not text
+            }
+        }
+        let mut out = Vec::with_capacity(candidates.len());
+        for cand in candidates {
+            let full = self.with_candidate(s, cand)?;
+            out.push(super::CandidateScore {
+                sum_logprob: 0.0,
+                token_count: full.len().saturating_sub(heal.prefix_len),
+                char_count: cand.chars().count(),
+            });
+        }
+        let vocab = &self.codec.vocab;
+        let mut m = CachedModel {
+            asker: &self.asker,
+            cache: &mut s.cache,
+            usage,
+            memo: None,
+        };
+        let opts = CharOptions {
+            lookahead: true,
+            ..opts.clone()
+        };
+        let base = CharState::new(s.tokens[..plen].to_vec(), remainder, opts, vocab, &mut m).await?;
+        let base_mass = base.prefix_mass(vocab);
+        for (k, (score, cand)) in out.iter_mut().zip(candidates).enumerate() {
+            let mut st = base.clone();
+            st.commit(cand, vocab, &mut m).await?;
+            let ends_here = ends.get(k).copied().unwrap_or(false);
+            let mass = if ends_here {
+                score.token_count += 1;
+                st.end_mass(vocab)
+            } else {
+                st.prefix_mass(vocab)
+            };
+            score.sum_logprob = if mass > 0.0 && base_mass > 0.0 {
+                (mass / base_mass).ln().max(MIN_LOGPROB)
+            } else {
+                MIN_LOGPROB
+            };
+        }
+        Ok(super::Scores {
+            scores: out,
+            usage: Usage::default(),
+        })
+    }
+}
