@@ -16,13 +16,14 @@ use crate::config::{LimitArgs, ModelArgs};
 use crate::error::Result;
 
 /// One session's characters: a call per character, each appending the previous one as a delta;
-/// returns the client milliseconds and the forward passes its calls counted.
+/// returns the client milliseconds and the forward passes its calls counted. The prompt is
+/// `"Story: "` (some tokenizers have no BOS, so an empty context is not a context).
 async fn session(ch: Channel, name: String, text: Vec<char>) -> Result<(f64, u64)> {
     let mut c = pb::model_node_client::ModelNodeClient::new(ch);
     let (mut ms, mut passes) = (0.0, 0u64);
     for i in 0..text.len() {
         let context = if i == 0 {
-            raw_context(&name, "", "")
+            raw_context(&name, "Story: ", "")
         } else {
             Some(pb::Context {
                 rtd_lambda: None,

@@ -276,6 +276,7 @@ fn step(
             alone.push(Extra::Score(sc));
         }
     }
+    let mut answered: Vec<Walking> = Vec::new();
     let mut walks_merged: Vec<(Walking, Ask)> = Vec::new();
     for w in std::mem::take(walking) {
         let Some(ask) = w.walk.take_ask() else {
@@ -287,6 +288,11 @@ fn step(
                 .send(Err(Error::Internal("a walk waited with no pass to run".into())));
             continue;
         };
+        if let Err(e) = engine.check_ask(&ask) {
+            w.walk.answer(Err(e));
+            answered.push(w);
+            continue;
+        }
         if !going.is_empty() && rows + ask.tokens.len() <= BATCH_INVARIANT_ROWS {
             rows += ask.tokens.len();
             walks_merged.push((w, ask));
@@ -294,7 +300,6 @@ fn step(
             alone.push(Extra::Walk(w, ask));
         }
     }
-    let mut answered: Vec<Walking> = Vec::new();
     if !going.is_empty() {
         let mut decodes: Vec<&mut Decode> = going.iter_mut().map(|r| &mut r.decode).collect();
         let plans: Vec<_> = merged.iter().map(|s| (&s.plan, s.lambda)).collect();

@@ -220,6 +220,23 @@ impl Engine {
         })
     }
 
+    /// Whether an ask can run in a shared pass: a walk's own error (a path past the model's
+    /// positions) must reach that walk alone, never fail the pass it would share.
+    pub(super) fn check_ask(&self, ask: &Ask) -> Result<()> {
+        if ask.tokens.is_empty() {
+            return Err(Error::Internal("a walk asked for a pass of no tokens".into()));
+        }
+        let limit = self.model.max_positions();
+        if ask.kv.len() + ask.tokens.len() > limit {
+            return Err(Error::ContextTooLong {
+                tokens: ask.kv.len(),
+                new_tokens: ask.tokens.len(),
+                limit,
+            });
+        }
+        Ok(())
+    }
+
     /// Runs a walk to its end on the calling thread, each of its passes alone.
     pub(super) fn drive(&mut self, mut walk: Walk) -> WalkEnd {
         loop {
