@@ -288,6 +288,12 @@ fn step(
                 .send(Err(Error::Internal("a walk waited with no pass to run".into())));
             continue;
         };
+        if w.call.reply.is_closed() {
+            // The client left: the walk ends at once (its session goes back as the error left it).
+            w.walk.answer(Err(Error::Cancelled));
+            answered.push(w);
+            continue;
+        }
         if let Err(e) = engine.check_ask(&ask) {
             w.walk.answer(Err(e));
             answered.push(w);

@@ -10,7 +10,9 @@
 //! with the decodes, and a call's walk never holds the engine thread while it waits. Alone (`Engine::run`)
 //! a walk is driven the same way with each pass run at once.
 //!
-//! Nothing here is `Send`: walks and their slots live on the engine thread only.
+//! A walk whose client left ends at its next pass: the pass is answered `CANCELLED`, the error runs
+//! up through the walk, and its session goes back (a next-character set cut short is rebuilt by the
+//! next call). Nothing here is `Send`: walks and their slots live on the engine thread only.
 
 use std::cell::RefCell;
 use std::future::Future;
