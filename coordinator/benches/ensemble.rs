@@ -1,7 +1,7 @@
 //! Coordinator benchmarks; prints tables (no timing assertions anywhere).
 //!
 //! `cargo bench -p coordinator --bench ensemble` (add `-- --quick` for a short run, `-- --overhead` for
-//! section 1 alone)
+//! section 1 alone, `-- --export` for section 1 with trace export off and then on)
 //!
 //! 1. Overhead per SpecFuse round and per CharED character over three *trivial* nodes: real gRPC
 //!    servers on loopback that answer at once with fixed data of realistic size (32 characters per
@@ -204,30 +204,7 @@ async fn overhead(quick: bool, what: &str) -> anyhow::Result<()> {
         "\n## Coordinator overhead, three trivial nodes on loopback, {what} (median of {reps} requests)\n"
     );
     println!("| strategy | steps per request | µs per step |\n|---|---:|---:|");
-    let speculative = |mut r: pb::GenerateRequest| {
-        r.chared = Some(pb::CharEdOptions {
-            draft_chars: Some(16),
-            ..Default::default()
-        });
-        r
-    };
-    let runs: [(&str, pb::GenerateRequest, &str); 3] = [
-        (
-            "specfuse",
-            raw("x".into(), "specfuse", 880),
-            "round (3 propose + 3 score calls; 10-token drafts with log-probabilities)",
-        ),
-        (
-            "chared",
-            raw("x".into(), "chared", 60),
-            "character (3 next-char calls; 32 characters listed)",
-        ),
-        (
-            "chared, draft_chars 16",
-            speculative(raw("x".into(), "chared", 255)),
-            "character (a round: 1 draft + 2 verify calls; every draft accepted)",
-        ),
-    ];
+    let runs = strategy_runs();
     // The floor: the same calls from a bare tonic client, no coordinator.
     let mut clients = Vec::new();
     for spec in &specs {
@@ -264,18 +241,77 @@ async fn overhead(quick: bool, what: &str) -> anyhow::Result<()> {
         let mut per_char = Vec::new();
         let mut steps = 0;
         for _ in 0..reps {
-            let t = Instant::now();
-            let r = c.run(req.clone(), &mut |_| true).await?;
-            steps = r.steps;
-            let per = if label == "specfuse" {
-                r.steps
-            } else {
-                r.text.chars().count() as u32
-            };
-            per_char.push(t.elapsed().as_secs_f64() * 1e6 / f64::from(per.max(1)));
+            let (us, n) = per_step(&c, label, &req).await?;
+            steps = n;
+            per_char.push(us);
         }
         println!("| {label} | {steps} | {:.0} per {unit} |", median(per_char));
     }
+    Ok(())
+}
+
+/// The three measured requests: label, request, what a step is.
+fn strategy_runs() -> [(&'static str, pb::GenerateRequest, &'static str); 3] {
+    let speculative = |mut r: pb::GenerateRequest| {
+        r.chared = Some(pb::CharEdOptions {
+            draft_chars: Some(16),
+            ..Default::default()
+        });
+        r
+    };
+    [
+        (
+            "specfuse",
+            raw("x".into(), "specfuse", 880),
+            "round (3 propose + 3 score calls; 10-token drafts with log-probabilities)",
+        ),
+        (
+            "chared",
+            raw("x".into(), "chared", 60),
+            "character (3 next-char calls; 32 characters listed)",
+        ),
+        (
+            "chared, draft_chars 16",
+            speculative(raw("x".into(), "chared", 255)),
+            "character (a round: 1 draft + 2 verify calls; every draft accepted)",
+        ),
+    ]
+}
+
+/// A request's microseconds per step (a SpecFuse round or a character).
+async fn per_step(c: &Coordinator, label: &str, req: &pb::GenerateRequest) -> anyhow::Result<(f64, u32)> {
+    let t = Instant::now();
+    let r = c.run(req.clone(), &mut |_| true).await?;
+    let per = if label == "specfuse" {
+        r.steps
+    } else {
+        r.text.chars().count() as u32
+    };
+    Ok((t.elapsed().as_secs_f64() * 1e6 / f64::from(per.max(1)), r.steps))
+}
+
+/// Section 1 with trace export paused and on in alternate requests of one process (same nodes,
+/// same coordinator), so the difference is export's and not two runs' noise.
+async fn overhead_ab(quick: bool, telemetry: &ensemble_proto::telemetry::Telemetry) -> anyhow::Result<()> {
+    let (specs, _nodes) = trivial_nodes(&[0, 0, 0]).await?;
+    let c = Coordinator::new(specs, Duration::from_secs(10)).await?;
+    let reps = if quick { 5 } else { 30 };
+    println!(
+        "\n## Coordinator overhead with OTLP trace export off and on, alternate requests (to a receiver in this process; median of {reps} each)\n"
+    );
+    println!("| strategy | µs per step, export off | export on | on / off |\n|---|---:|---:|---:|");
+    for (label, req, unit) in strategy_runs() {
+        let (mut off, mut on) = (Vec::new(), Vec::new());
+        for i in 0..2 * reps {
+            let exporting = i % 2 == 1;
+            telemetry.pause(!exporting);
+            let (us, _) = per_step(&c, label, &req).await?;
+            if exporting { on.push(us) } else { off.push(us) }
+        }
+        let (off, on) = (median(off), median(on));
+        println!("| {label} (per {unit}) | {off:.0} | {on:.0} | {:.3} |", on / off);
+    }
+    telemetry.pause(false);
     Ok(())
 }
 
@@ -381,11 +417,16 @@ fn main() -> anyhow::Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
     // `--overhead`: section 1 only, e.g. under a profiler.
     let only_overhead = std::env::args().any(|a| a == "--overhead");
+    // `--export`: section 1 with trace export off, then on (sections 2-4 skipped).
+    let export_only = std::env::args().any(|a| a == "--export");
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async {
         overhead(quick, "trace export off").await?;
         if only_overhead {
             return Ok(());
+        }
+        if export_only {
+            return with_export(quick).await;
         }
         bytes_per_char().await?;
         fan_out().await?;
@@ -400,8 +441,10 @@ async fn with_export(quick: bool) -> anyhow::Result<()> {
         ensemble_proto::telemetry::init_with("bench", ensemble_proto::telemetry::Export::To(&endpoint))
             .map_err(anyhow::Error::msg)?;
     overhead(quick, "trace export on (OTLP to a receiver in this process)").await?;
+    overhead_ab(quick, &telemetry).await?;
     tokio::task::spawn_blocking(move || telemetry.shutdown()).await?;
-    let requests = 3 * if quick { 5 } else { 30 };
+    // Exported: section 1's requests, then the alternate requests with export on.
+    let requests = 2 * 3 * if quick { 5 } else { 30 };
     let spans = received.spans().len();
     println!(
         "\nspans received: {spans} for {requests} requests ({:.1} per request: generate, rounds or characters, node calls)",

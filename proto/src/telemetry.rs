@@ -23,6 +23,7 @@ use opentelemetry_sdk::trace::SdkTracerProvider;
 use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer as _;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 
@@ -37,7 +38,7 @@ pub fn otlp_requested() -> bool {
         && !is("OTEL_SDK_DISABLED", "true")
 }
 
-/// Whether spans are being exported (set by [`init`]).
+/// Whether spans are being exported (set by [`init`], paused by [`Telemetry::pause`]).
 pub fn exporting() -> bool {
     EXPORTING.load(Ordering::Relaxed)
 }
@@ -49,6 +50,15 @@ pub struct Telemetry {
 }
 
 impl Telemetry {
+    /// Pauses (`true`) or resumes span export: while paused no span reaches the exporter and no
+    /// trace context is sent on. For measuring what export costs in one process (the benchmarks
+    /// alternate requests with and without it); spans already open keep their state.
+    pub fn pause(&self, paused: bool) {
+        if self.provider.is_some() {
+            EXPORTING.store(!paused, Ordering::Relaxed);
+        }
+    }
+
     /// Sends what is buffered and stops the exporter.
     pub fn shutdown(&mut self) {
         if let Some(p) = self.provider.take()
@@ -133,7 +143,8 @@ pub fn init_with(service: &str, export: Export<'_>) -> Result<Telemetry, String>
             tracing_opentelemetry::layer()
                 .with_tracked_inactivity(false)
                 .with_threads(false)
-                .with_tracer(tracer),
+                .with_tracer(tracer)
+                .with_filter(tracing_subscriber::filter::dynamic_filter_fn(|_, _| exporting())),
         )
         .try_init()
         .map_err(|e| e.to_string())?;
