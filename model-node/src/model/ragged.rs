@@ -113,11 +113,37 @@ fn exp_le0(d: f32) -> f32 {
     if d <= MIN_EXP { 0.0 } else { v }
 }
 
-/// `y += p · v`, element by element.
+/// Columns of a value sum kept in registers at a time.
+const VCOLS: usize = 16;
+
+/// `y[d] = Σ_t p[t] · row(t)[d]`, each element summed over `t` in order from 0 with a plain
+/// multiply and add (the bits of `y = 0` then `y += p[t] · row(t)` row after row), [`VCOLS`]
+/// columns at a time with their partial sums in registers: with the sum in memory every row cost a
+/// load, an add and a store per column, each row's adds waiting on the last row's stores (~30% of
+/// the kernel's samples with 16-dimensional heads).
 #[inline(always)]
-fn axpy(y: &mut [f32], p: f32, v: &[f32]) {
-    for (yd, vd) in y.iter_mut().zip(v) {
-        *yd += p * vd;
+fn weighted_rows<'a>(y: &mut [f32], p: &[f32], row: impl Fn(usize) -> &'a [f32]) {
+    let cols = y.len();
+    let mut c0 = 0;
+    while c0 + VCOLS <= cols {
+        let mut acc = [0f32; VCOLS];
+        for (t, &pt) in p.iter().enumerate() {
+            let v = &row(t)[c0..c0 + VCOLS];
+            for d in 0..VCOLS {
+                acc[d] += pt * v[d];
+            }
+        }
+        y[c0..c0 + VCOLS].copy_from_slice(&acc);
+        c0 += VCOLS;
+    }
+    if c0 < cols {
+        let ys = &mut y[c0..];
+        ys.fill(0.0);
+        for (t, &pt) in p.iter().enumerate() {
+            for (yd, vd) in ys.iter_mut().zip(&row(t)[c0..cols]) {
+                *yd += pt * vd;
+            }
+        }
     }
 }
 
@@ -246,14 +272,15 @@ impl Heads<'_> {
             *s = exp_le0(*s - max);
         }
         let sum = scores.iter().fold(0f32, |acc, s| acc + s);
-        y.fill(0.0);
-        let (p_old, p_new) = scores.split_at(old_keys.len() / hd);
-        for (vt, p) in old_values.chunks_exact(hd).zip(p_old) {
-            axpy(y, *p, vt);
-        }
-        for (rr, p) in new_rows.zip(p_new) {
-            axpy(y, *p, &self.vn[at(rr)]);
-        }
+        let n_old = old_keys.len() / hd;
+        let new_first = *new_rows.start();
+        weighted_rows(y, scores, |t| {
+            if t < n_old {
+                &old_values[t * hd..(t + 1) * hd]
+            } else {
+                &self.vn[at(new_first + t - n_old)]
+            }
+        });
         for yd in y.iter_mut() {
             *yd /= sum;
         }
