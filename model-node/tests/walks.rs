@@ -179,3 +179,62 @@ async fn walks_share_passes_with_each_other_and_with_decodes_and_answer_as_alone
     }
     Ok(())
 }
+
+/// String-prefix scores of candidates that share prefixes (and one that ends the answer): all in
+/// one call, where the candidates' walks run side by side and their passes are shared, each scores
+/// bit for bit what it scores alone in a call of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn string_prefix_candidates_side_by_side_score_as_alone() -> anyhow::Result<()> {
+    let root = common::temp_dir("walks-prefix");
+    let cands = [
+        " down the",
+        " do",
+        " dow",
+        "wn",
+        " a boat",
+        " é d",
+        " down the river",
+    ];
+    let ends = [false, false, false, false, false, false, true];
+    for (i, (arch, kind)) in [
+        ("llama", "byte_level"),
+        ("qwen2", "sentencepiece"),
+        ("phi3", "char"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let dir = model_dir(&root.join(arch), arch, kind, 90 + i as u64)?;
+        let mut node = TestNode::start(model_args(&dir), limits()).await?;
+        let mut c = node.client().await?;
+        let score = |session: &str, idx: Vec<usize>| pb::ScoreRequest {
+            context: raw("Story: the river", " went", session),
+            candidates: idx.iter().map(|&k| cands[k].to_owned()).collect(),
+            string_prefix: true,
+            ends_answer: idx.iter().map(|&k| ends[k]).collect(),
+        };
+        let together = c
+            .score_candidates(score("together", (0..cands.len()).collect()))
+            .await?
+            .into_inner();
+        assert_eq!(together.scores.len(), cands.len());
+        for (k, got) in together.scores.iter().enumerate() {
+            let alone = c
+                .score_candidates(score(&format!("alone-{k}"), vec![k]))
+                .await?
+                .into_inner();
+            let want = &alone.scores[0];
+            assert_eq!(
+                (got.sum_logprob.to_bits(), got.token_count),
+                (want.sum_logprob.to_bits(), want.token_count),
+                "{arch}: candidate {:?} scores {} beside the others, {} alone",
+                cands[k],
+                got.sum_logprob,
+                want.sum_logprob
+            );
+            assert!(got.sum_logprob < 0.0, "{arch}: {:?}", cands[k]);
+        }
+        node.stop().await?;
+    }
+    Ok(())
+}

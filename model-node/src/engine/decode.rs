@@ -68,6 +68,11 @@ pub(super) enum Next {
 }
 
 impl Decode {
+    /// The id of the session it runs on ("" for a one-off context).
+    pub(super) fn session_id(&self) -> &str {
+        &self.session.id
+    }
+
     /// The cache its next token follows.
     pub(super) fn kv(&self) -> &KvCache {
         &self.kv

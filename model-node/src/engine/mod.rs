@@ -283,7 +283,7 @@ impl Engine {
             // Next-character questions and string-prefix scores: each pass of the walk runs at once,
             // alone, under the call's λ.
             let result = self.begin_walk(job).and_then(|w| {
-                let end = self.drive(w);
+                let end = self.drive(w)?;
                 self.end_walk(end, queue_ms, start.elapsed().as_secs_f64() * 1e3)
             });
             self.after_call();

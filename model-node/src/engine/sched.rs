@@ -45,6 +45,8 @@ struct Running {
     call: Envelope,
     started: Instant,
     queue_ms: f64,
+    /// Its session was closed while it ran: dropped when it ends.
+    closing: bool,
 }
 
 /// A prepared score whose candidates' rows run in the next step, and who waits for it.
@@ -65,6 +67,8 @@ struct Walking {
     call: Envelope,
     started: Instant,
     queue_ms: f64,
+    /// Its session was closed while it ran: dropped when it ends.
+    closing: bool,
 }
 
 /// A call not started yet, and the KV bytes it needs once known (a proposal that had to wait).
@@ -89,13 +93,13 @@ pub(super) fn serve(mut engine: Engine, mut rx: mpsc::UnboundedReceiver<Envelope
         }
         if idle {
             match rx.blocking_recv() {
-                Some(call) => arrive(&mut engine, &mut waiting, call),
+                Some(call) => arrive(&mut engine, &mut waiting, &mut running, &mut walking, call),
                 None => break,
             }
         }
         loop {
             match rx.try_recv() {
-                Ok(call) => arrive(&mut engine, &mut waiting, call),
+                Ok(call) => arrive(&mut engine, &mut waiting, &mut running, &mut walking, call),
                 Err(mpsc::error::TryRecvError::Empty) => break,
                 Err(mpsc::error::TryRecvError::Disconnected) => {
                     open = false;
@@ -116,10 +120,32 @@ pub(super) fn serve(mut engine: Engine, mut rx: mpsc::UnboundedReceiver<Envelope
     }
 }
 
-/// Takes an arrived call: a close runs at once (it never waits behind work), the rest queue.
-fn arrive(engine: &mut Engine, waiting: &mut VecDeque<Waiting>, call: Envelope) {
-    if let Job::Close(_) = &call.job {
-        let result = engine.run(call.job, 0.0, &|| false);
+/// Takes an arrived call: a close runs at once (it never waits behind work), the rest queue. A
+/// session that a running proposal or walk holds is closed when that call ends (else it would put
+/// the session back).
+fn arrive(
+    engine: &mut Engine,
+    waiting: &mut VecDeque<Waiting>,
+    running: &mut [Running],
+    walking: &mut [Walking],
+    call: Envelope,
+) {
+    if let Job::Close(id) = &call.job {
+        let mut held = false;
+        if !id.is_empty() {
+            for r in running.iter_mut().filter(|r| r.decode.session_id() == id) {
+                r.closing = true;
+                held = true;
+            }
+            for w in walking.iter_mut().filter(|w| w.walk.session == *id) {
+                w.closing = true;
+                held = true;
+            }
+        }
+        let result = engine.run(call.job, 0.0, &|| false).map(|r| match r {
+            Reply::Closed(existed) => Reply::Closed(existed || held),
+            other => other,
+        });
         let _ = call.reply.send(result);
     } else {
         waiting.push_back(Waiting { call, needs: None });
@@ -161,6 +187,7 @@ fn admit(
                         call,
                         started,
                         queue_ms,
+                        closing: false,
                     });
                 }
                 Ok(Start::Wait(needs)) => {
@@ -212,6 +239,7 @@ fn admit(
                             call,
                             started,
                             queue_ms,
+                            closing: false,
                         };
                         go_on(engine, w, walking);
                     }
@@ -244,13 +272,17 @@ fn step(
     let mut tokens = Vec::with_capacity(running.len());
     for mut r in std::mem::take(running) {
         if r.call.reply.is_closed() {
+            let id = r.decode.session_id().to_owned();
             engine.abandon(r.decode);
+            drop_if_closed(engine, r.closing, &id);
             engine.after_call();
             continue; // the client left: the sequence leaves at once
         }
         match engine.pick(&mut r.decode) {
             Next::Done(finish) => {
+                let id = r.decode.session_id().to_owned();
                 let (mut p, mut usage) = engine.finish_decode(r.decode, finish);
+                drop_if_closed(engine, r.closing, &id);
                 (usage.queue_ms, usage.compute_ms) = (r.queue_ms, r.started.elapsed().as_secs_f64() * 1e3);
                 p.usage = usage;
                 engine.after_call();
@@ -276,62 +308,70 @@ fn step(
             alone.push(Extra::Score(sc));
         }
     }
-    let mut answered: Vec<Walking> = Vec::new();
-    let mut walks_merged: Vec<(Walking, Ask)> = Vec::new();
+    // Every waiting walk's asks: (walk, ask id, ask).
+    let mut walks = Vec::with_capacity(walking.len());
+    let mut per_walk = Vec::with_capacity(walking.len());
     for w in std::mem::take(walking) {
-        let Some(ask) = w.walk.take_ask() else {
-            // Cannot happen: a walk waits only in `Asker::forward`, which leaves its ask.
+        let asks = w.walk.take_asks();
+        if asks.is_empty() {
+            // Cannot happen (a walk waits only for the passes it asked for, every one answered in
+            // the step it was asked in); were it to, polling it again would wait forever.
             engine.after_call();
             let _ = w
                 .call
                 .reply
                 .send(Err(Error::Internal("a walk waited with no pass to run".into())));
             continue;
-        };
-        if w.call.reply.is_closed() {
-            // The client left: the walk ends at once (its session goes back as the error left it).
-            w.walk.answer(Err(Error::Cancelled));
-            answered.push(w);
-            continue;
         }
-        if let Err(e) = engine.check_ask(&ask) {
-            w.walk.answer(Err(e));
-            answered.push(w);
-            continue;
-        }
-        if !going.is_empty() && rows + ask.tokens.len() <= BATCH_INVARIANT_ROWS {
-            rows += ask.tokens.len();
-            walks_merged.push((w, ask));
-        } else {
-            alone.push(Extra::Walk(w, ask));
+        walks.push(w);
+        per_walk.push(asks);
+    }
+    let mut walks_merged: Vec<(usize, u64, Ask)> = Vec::new();
+    for (i, (w, asks)) in walks.iter().zip(per_walk).enumerate() {
+        let closed = w.call.reply.is_closed();
+        for (id, ask) in asks {
+            if closed {
+                // The client left: the walk ends at once (its session goes back as the error left it).
+                w.walk.answer(id, Err(Error::Cancelled));
+            } else if let Err(e) = engine.check_ask(&ask) {
+                w.walk.answer(id, Err(e));
+            } else if !going.is_empty() && rows + ask.tokens.len() <= BATCH_INVARIANT_ROWS {
+                rows += ask.tokens.len();
+                walks_merged.push((i, id, ask));
+            } else {
+                alone.push(Extra::Walk(i, id, ask));
+            }
         }
     }
     if !going.is_empty() {
         let mut decodes: Vec<&mut Decode> = going.iter_mut().map(|r| &mut r.decode).collect();
         let plans: Vec<_> = merged.iter().map(|s| (&s.plan, s.lambda)).collect();
-        let asks: Vec<_> = walks_merged.iter().map(|(w, a)| (a, w.walk.lambda)).collect();
+        let asks: Vec<_> = walks_merged
+            .iter()
+            .map(|(i, _, a)| (a, walks[*i].walk.lambda))
+            .collect();
         match engine.feed(&mut decodes, &tokens, &plans, &asks) {
             Ok((rows, answers, ms)) => {
                 *running = going;
                 hand_out(engine, merged, rows, ms);
-                for ((w, _), a) in walks_merged.into_iter().zip(answers) {
-                    w.walk.answer(Ok(a));
-                    answered.push(w);
+                for ((i, id, _), a) in walks_merged.iter().zip(answers) {
+                    walks[*i].walk.answer(*id, Ok(a));
                 }
             }
             Err(e) => {
                 let msg = e.to_string();
                 for r in going {
+                    let id = r.decode.session_id().to_owned();
                     engine.abandon(r.decode);
+                    drop_if_closed(engine, r.closing, &id);
                     engine.after_call();
                     let _ = r.call.reply.send(Err(Error::Internal(msg.clone())));
                 }
                 for sc in merged {
                     engine.end_score(sc, Err(Error::Internal(msg.clone())));
                 }
-                for (w, _) in walks_merged {
-                    w.walk.answer(Err(Error::Internal(msg.clone())));
-                    answered.push(w);
+                for (i, id, _) in &walks_merged {
+                    walks[*i].walk.answer(*id, Err(Error::Internal(msg.clone())));
                 }
             }
         }
@@ -341,46 +381,48 @@ fn step(
     let mut group_rows = 0;
     for x in alone {
         if !group.is_empty() && group_rows + x.rows() > BATCH_INVARIANT_ROWS {
-            extra_pass(engine, std::mem::take(&mut group), &mut answered);
+            extra_pass(engine, std::mem::take(&mut group), &walks);
             group_rows = 0;
         }
         group_rows += x.rows();
         group.push(x);
     }
     if !group.is_empty() {
-        extra_pass(engine, group, &mut answered);
+        extra_pass(engine, group, &walks);
     }
-    for w in answered {
+    // Every walk had its passes answered: each runs on to its next passes or its reply.
+    for w in walks {
         go_on(engine, w, walking);
     }
 }
 
-/// A score or a walk's ask that runs outside the decode pass.
+/// A score or a walk's ask (the walk's index in the step, the ask's id) that runs outside the
+/// decode pass.
 enum Extra {
     Score(Scoring),
-    Walk(Walking, Ask),
+    Walk(usize, u64, Ask),
 }
 
 impl Extra {
     fn rows(&self) -> usize {
         match self {
             Extra::Score(sc) => sc.plan.rows(),
-            Extra::Walk(_, ask) => ask.tokens.len(),
+            Extra::Walk(_, _, ask) => ask.tokens.len(),
         }
     }
 }
 
-/// One pass of scores' rows and walks' asks only; the walks are answered and join `answered`.
-fn extra_pass(engine: &mut Engine, group: Vec<Extra>, answered: &mut Vec<Walking>) {
-    let (mut scores, mut walks) = (Vec::new(), Vec::new());
+/// One pass of scores' rows and walks' asks only; the asks are answered in their walks.
+fn extra_pass(engine: &mut Engine, group: Vec<Extra>, walks: &[Walking]) {
+    let (mut scores, mut asked) = (Vec::new(), Vec::new());
     for x in group {
         match x {
             Extra::Score(sc) => scores.push(sc),
-            Extra::Walk(w, ask) => walks.push((w, ask)),
+            Extra::Walk(i, id, ask) => asked.push((i, id, ask)),
         }
     }
     let plans: Vec<_> = scores.iter().map(|s| (&s.plan, s.lambda)).collect();
-    let asks: Vec<_> = walks.iter().map(|(w, a)| (a, w.walk.lambda)).collect();
+    let asks: Vec<_> = asked.iter().map(|(i, _, a)| (a, walks[*i].walk.lambda)).collect();
     let result = if plans.is_empty() {
         engine.run_asks(&asks).map(|answers| (Vec::new(), answers, 0.0))
     } else {
@@ -389,9 +431,8 @@ fn extra_pass(engine: &mut Engine, group: Vec<Extra>, answered: &mut Vec<Walking
     match result {
         Ok((rows, answers, ms)) => {
             hand_out(engine, scores, rows, ms);
-            for ((w, _), a) in walks.into_iter().zip(answers) {
-                w.walk.answer(Ok(a));
-                answered.push(w);
+            for ((i, id, _), a) in asked.iter().zip(answers) {
+                walks[*i].walk.answer(*id, Ok(a));
             }
         }
         Err(e) => {
@@ -399,9 +440,8 @@ fn extra_pass(engine: &mut Engine, group: Vec<Extra>, answered: &mut Vec<Walking
             for sc in scores {
                 engine.end_score(sc, Err(Error::Internal(msg.clone())));
             }
-            for (w, _) in walks {
-                w.walk.answer(Err(Error::Internal(msg.clone())));
-                answered.push(w);
+            for (i, id, _) in &asked {
+                walks[*i].walk.answer(*id, Err(Error::Internal(msg.clone())));
             }
         }
     }
@@ -415,9 +455,10 @@ fn go_on(engine: &mut Engine, mut w: Walking, walking: &mut Vec<Walking>) {
     }
 }
 
-/// Answers a finished walk; its session goes back.
+/// Answers a finished walk; its session goes back (or, closed meanwhile, is dropped).
 fn end_walking(engine: &mut Engine, w: Walking, end: WalkEnd) {
     let reply = engine.end_walk(end, w.queue_ms, w.started.elapsed().as_secs_f64() * 1e3);
+    drop_if_closed(engine, w.closing, &w.walk.session);
     engine.after_call();
     let _ = w.call.reply.send(reply);
 }
@@ -488,5 +529,12 @@ impl Engine {
         self.sessions.put(session);
         self.after_call();
         let _ = call.reply.send(reply);
+    }
+}
+
+/// Drops session `id`, put back by a call that ended, when a close came while the call held it.
+fn drop_if_closed(engine: &mut Engine, closing: bool, id: &str) {
+    if closing {
+        engine.sessions.close(id);
     }
 }

@@ -29,7 +29,7 @@ use super::text::TextCodec;
 use super::{ContextSpec, Engine, EngineLimits, Job, Reply};
 use crate::chars::{CharOptions, CharState, NextTokenModel};
 use crate::error::{Error, Result};
-use crate::model::KvCache;
+use crate::model::{BATCH_INVARIANT_ROWS, KvCache};
 
 /// A forward pass a walk waits for: `tokens` after the positions of `kv` (kept).
 pub(super) struct Ask {
@@ -53,37 +53,90 @@ pub(super) struct Answer {
 
 #[derive(Default)]
 struct Slot {
-    ask: Option<Ask>,
-    answer: Option<Result<Answer>>,
+    next: u64,
+    asks: Vec<(u64, Ask)>,
+    answers: std::collections::HashMap<u64, Result<Answer>>,
+    /// Asks taken as duplicates of an earlier one (same tokens after the same cache): answered
+    /// with it.
+    copies: std::collections::HashMap<u64, Vec<u64>>,
 }
 
 /// A walk's side of its forward passes; the engine holds a clone to take the asks and answer them.
+/// A walk may wait for several passes at once (string-prefix scoring walks its candidates side by
+/// side): each ask has its id.
 #[derive(Clone, Default)]
 pub(super) struct Asker(Rc<RefCell<Slot>>);
 
 impl Asker {
     /// Runs `tokens` after `kv` in a pass of the engine's choosing, and waits for it.
     pub(super) async fn forward(&self, tokens: &[u32], kv: &KvCache, all: bool) -> Result<Answer> {
-        self.0.borrow_mut().ask = Some(Ask {
-            tokens: tokens.to_vec(),
-            kv: kv.clone(),
-            all,
-        });
-        std::future::poll_fn(|_| match self.0.borrow_mut().answer.take() {
+        let id = {
+            let mut slot = self.0.borrow_mut();
+            let id = slot.next;
+            slot.next += 1;
+            slot.asks.push((
+                id,
+                Ask {
+                    tokens: tokens.to_vec(),
+                    kv: kv.clone(),
+                    all,
+                },
+            ));
+            id
+        };
+        std::future::poll_fn(|_| match self.0.borrow_mut().answers.remove(&id) {
             Some(a) => Poll::Ready(a),
             None => Poll::Pending,
         })
         .await
     }
 
-    /// The pass the walk waits for, if any (taken: it is answered once).
-    pub(super) fn take_ask(&self) -> Option<Ask> {
-        self.0.borrow_mut().ask.take()
+    /// The passes the walk waits for, in the order asked (taken: each is answered once). Side by
+    /// side walks of one call often need the same pass (candidates sharing a prefix): it is
+    /// returned once and its answer goes to every copy.
+    pub(super) fn take_asks(&self) -> Vec<(u64, Ask)> {
+        let mut slot = self.0.borrow_mut();
+        let mut unique: Vec<(u64, Ask)> = Vec::new();
+        for (id, ask) in std::mem::take(&mut slot.asks) {
+            let same = unique.iter().find(|(_, u)| {
+                u.all == ask.all
+                    && u.tokens == ask.tokens
+                    && u.kv.len() == ask.kv.len()
+                    && u.kv.storage_id() == ask.kv.storage_id()
+            });
+            match same {
+                Some((first, _)) => slot.copies.entry(*first).or_default().push(id),
+                None => unique.push((id, ask)),
+            }
+        }
+        unique
     }
 
-    /// Answers the walk's pass.
-    pub(super) fn answer(&self, a: Result<Answer>) {
-        self.0.borrow_mut().answer = Some(a);
+    /// Answers the walk's pass `id` (and its copies).
+    pub(super) fn answer(&self, id: u64, a: Result<Answer>) {
+        let mut slot = self.0.borrow_mut();
+        for copy in slot.copies.remove(&id).unwrap_or_default() {
+            let c = match &a {
+                Ok(a) => Ok(Answer {
+                    logits: a.logits.clone(),
+                    kv: a.kv.clone(),
+                    ms: a.ms,
+                }),
+                Err(Error::Cancelled) => Err(Error::Cancelled),
+                Err(Error::ContextTooLong {
+                    tokens,
+                    new_tokens,
+                    limit,
+                }) => Err(Error::ContextTooLong {
+                    tokens: *tokens,
+                    new_tokens: *new_tokens,
+                    limit: *limit,
+                }),
+                Err(e) => Err(Error::Internal(e.to_string())),
+            };
+            slot.answers.insert(copy, c);
+        }
+        slot.answers.insert(id, a);
     }
 }
 
@@ -138,6 +191,65 @@ pub(super) async fn logits_after(
     }
 }
 
+/// [`CachedModel`] for several walks of one call side by side over one session's prefix cache:
+/// the cache and the counters are borrowed only between passes, never across one.
+struct SharedModel<'a, 'c> {
+    asker: &'a Asker,
+    cache: &'a RefCell<&'c mut PrefixCache>,
+    usage: &'a RefCell<&'c mut Usage>,
+}
+
+impl NextTokenModel for SharedModel<'_, '_> {
+    type Error = Error;
+
+    async fn next_probs(&mut self, tokens: &[u32]) -> Result<Arc<[f32]>> {
+        let after = self
+            .cache
+            .borrow_mut()
+            .lookup_after(tokens, &mut self.usage.borrow_mut())?;
+        let logits = match after {
+            After::Known(logits, _) => logits,
+            After::Compute { start, kv } => {
+                let a = self.asker.forward(&tokens[start..], &kv, false).await?;
+                let (logits, _) = self.cache.borrow_mut().store_after(
+                    tokens,
+                    start,
+                    a.logits,
+                    a.kv,
+                    a.ms,
+                    &mut self.usage.borrow_mut(),
+                );
+                logits
+            }
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&logits)?.to_vec1::<f32>()?;
+        Ok(probs.into())
+    }
+}
+
+/// Every future's output, in order, polling each unfinished one at every poll (the engine polls
+/// with a no-op waker, so nothing may wait for a wake-up).
+async fn join_every<F: Future>(futs: Vec<F>) -> Vec<F::Output> {
+    let mut futs: Vec<Pin<Box<F>>> = futs.into_iter().map(Box::pin).collect();
+    let mut outs: Vec<Option<F::Output>> = futs.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        for (f, out) in futs.iter_mut().zip(outs.iter_mut()) {
+            if out.is_none()
+                && let Poll::Ready(v) = f.as_mut().poll(cx)
+            {
+                *out = Some(v);
+            }
+        }
+        if outs.iter().all(Option::is_some) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
+    outs.into_iter().flatten().collect()
+}
+
 /// How a walk ends: its session (to put back), its work, its reply.
 pub(super) struct WalkEnd {
     pub(super) session: Session,
@@ -151,11 +263,13 @@ pub(super) struct Walk {
     asker: Asker,
     /// RTD: the call's λ, for every pass of the walk.
     pub(super) lambda: Option<f64>,
+    /// The id of the session it holds ("" for a one-off context).
+    pub(super) session: String,
 }
 
 impl Walk {
-    /// Runs the walk on to its next pass (`None`: it waits, [`Walk::take_ask`] says for what) or its
-    /// end.
+    /// Runs the walk on to its next passes (`None`: it waits, [`Walk::take_asks`] says for what) or
+    /// its end.
     pub(super) fn poll(&mut self) -> Option<WalkEnd> {
         match self.fut.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
             Poll::Ready(end) => Some(end),
@@ -163,14 +277,14 @@ impl Walk {
         }
     }
 
-    /// The pass the walk waits for (taken).
-    pub(super) fn take_ask(&self) -> Option<Ask> {
-        self.asker.take_ask()
+    /// The passes the walk waits for (taken), with their ids.
+    pub(super) fn take_asks(&self) -> Vec<(u64, Ask)> {
+        self.asker.take_asks()
     }
 
-    /// Answers the pass it waits for.
-    pub(super) fn answer(&self, a: Result<Answer>) {
-        self.asker.answer(a);
+    /// Answers the walk's pass `id`.
+    pub(super) fn answer(&self, id: u64, a: Result<Answer>) {
+        self.asker.answer(id, a);
     }
 }
 
@@ -187,6 +301,7 @@ impl Engine {
             _ => return Err(Error::Internal("not a walk".into())),
         };
         let lambda = ctx.rtd_lambda;
+        let id = ctx.session.clone();
         let mut session = self.resolve(ctx)?;
         let asker = Asker::default();
         let w = Walker {
@@ -219,6 +334,7 @@ impl Engine {
             fut: Box::pin(fut),
             asker,
             lambda,
+            session: id,
         })
     }
 
@@ -239,17 +355,47 @@ impl Engine {
         Ok(())
     }
 
-    /// Runs a walk to its end on the calling thread, each of its passes alone.
-    pub(super) fn drive(&mut self, mut walk: Walk) -> WalkEnd {
+    /// Runs a walk to its end on the calling thread, the passes it waits for at once together (in
+    /// passes of up to [`BATCH_INVARIANT_ROWS`] rows; a longer one alone).
+    pub(super) fn drive(&mut self, mut walk: Walk) -> Result<WalkEnd> {
         loop {
             if let Some(end) = walk.poll() {
-                return end;
+                return Ok(end);
             }
-            let answer = match walk.take_ask() {
-                Some(ask) => self.run_asks(&[(&ask, walk.lambda)]).map(|mut a| a.remove(0)),
-                None => Err(Error::Internal("a walk waited with no pass to run".into())),
-            };
-            walk.answer(answer);
+            let asks = walk.take_asks();
+            if asks.is_empty() {
+                // Cannot happen: a walk waits only in `Asker::forward`, which leaves its ask.
+                return Err(Error::Internal("a walk waited with no pass to run".into()));
+            }
+            let mut group: Vec<(u64, Ask)> = Vec::new();
+            let mut rows = 0;
+            for (id, ask) in asks {
+                if !group.is_empty() && rows + ask.tokens.len() > BATCH_INVARIANT_ROWS {
+                    self.answer_group(&walk, std::mem::take(&mut group));
+                    rows = 0;
+                }
+                rows += ask.tokens.len();
+                group.push((id, ask));
+            }
+            self.answer_group(&walk, group);
+        }
+    }
+
+    /// Runs one group of a walk's asks in one pass and answers them.
+    fn answer_group(&mut self, walk: &Walk, group: Vec<(u64, Ask)>) {
+        let asks: Vec<_> = group.iter().map(|(_, a)| (a, walk.lambda)).collect();
+        match self.run_asks(&asks) {
+            Ok(answers) => {
+                for ((id, _), a) in group.iter().zip(answers) {
+                    walk.answer(*id, Ok(a));
+                }
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                for (id, _) in &group {
+                    walk.answer(*id, Err(Error::Internal(msg.clone())));
+                }
+            }
         }
     }
 
@@ -332,21 +478,39 @@ impl Walker {
             });
         }
         let vocab = &self.codec.vocab;
-        let mut m = CachedModel {
-            asker: &self.asker,
-            cache: &mut s.cache,
-            usage,
-            memo: None,
-        };
         let opts = CharOptions {
             lookahead: true,
             ..opts.clone()
         };
-        let base = CharState::new(s.tokens[..plen].to_vec(), remainder, opts, vocab, &mut m).await?;
+        let base = {
+            let mut m = CachedModel {
+                asker: &self.asker,
+                cache: &mut s.cache,
+                usage: &mut *usage,
+                memo: None,
+            };
+            CharState::new(s.tokens[..plen].to_vec(), remainder, opts, vocab, &mut m).await?
+        };
         let base_mass = base.prefix_mass(vocab);
-        for (k, (score, cand)) in out.iter_mut().zip(candidates).enumerate() {
-            let mut st = base.clone();
-            st.commit(cand, vocab, &mut m).await?;
+        // The candidates' walks side by side: their passes join the same steps (one pass for the
+        // candidates' rows at each depth, not one after another).
+        let cache = RefCell::new(&mut s.cache);
+        let counted = RefCell::new(&mut *usage);
+        let walks: Vec<_> = candidates
+            .iter()
+            .map(|cand| {
+                let mut st = base.clone();
+                let mut m = SharedModel {
+                    asker: &self.asker,
+                    cache: &cache,
+                    usage: &counted,
+                };
+                async move { st.commit(cand, vocab, &mut m).await.map(|()| st) }
+            })
+            .collect();
+        let states = join_every(walks).await;
+        for (k, (score, st)) in out.iter_mut().zip(states).enumerate() {
+            let st = st?;
             let ends_here = ends.get(k).copied().unwrap_or(false);
             let mass = if ends_here {
                 score.token_count += 1;
