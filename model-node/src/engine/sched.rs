@@ -377,23 +377,32 @@ fn step(
         }
     }
     // The rest share passes of their own, up to the same size (a larger one runs alone).
-    let mut group: Vec<Extra> = Vec::new();
-    let mut group_rows = 0;
-    for x in alone {
-        if !group.is_empty() && group_rows + x.rows() > BATCH_INVARIANT_ROWS {
-            extra_pass(engine, std::mem::take(&mut group), &walks);
-            group_rows = 0;
-        }
-        group_rows += x.rows();
-        group.push(x);
-    }
-    if !group.is_empty() {
+    for group in pass_groups(alone, Extra::rows) {
         extra_pass(engine, group, &walks);
     }
     // Every walk had its passes answered: each runs on to its next passes or its reply.
     for w in walks {
         go_on(engine, w, walking);
     }
+}
+
+/// `items` in order, cut into groups of at most [`BATCH_INVARIANT_ROWS`] rows each (an item larger
+/// than that is a group of its own): the passes run outside the decode pass.
+pub(super) fn pass_groups<T>(items: Vec<T>, rows: impl Fn(&T) -> usize) -> Vec<Vec<T>> {
+    let mut groups: Vec<Vec<T>> = Vec::new();
+    let mut group_rows = 0;
+    for x in items {
+        let n = rows(&x);
+        match groups.last_mut() {
+            Some(g) if group_rows + n <= BATCH_INVARIANT_ROWS => g.push(x),
+            _ => {
+                groups.push(vec![x]);
+                group_rows = 0;
+            }
+        }
+        group_rows += n;
+    }
+    groups
 }
 
 /// A score or a walk's ask (the walk's index in the step, the ask's id) that runs outside the

@@ -29,7 +29,7 @@ use super::text::TextCodec;
 use super::{ContextSpec, Engine, EngineLimits, Job, Reply};
 use crate::chars::{CharOptions, CharState, NextTokenModel};
 use crate::error::{Error, Result};
-use crate::model::{BATCH_INVARIANT_ROWS, KvCache};
+use crate::model::KvCache;
 
 /// A forward pass a walk waits for: `tokens` after the positions of `kv` (kept).
 pub(super) struct Ask {
@@ -56,9 +56,6 @@ struct Slot {
     next: u64,
     asks: Vec<(u64, Ask)>,
     answers: std::collections::HashMap<u64, Result<Answer>>,
-    /// Asks taken as duplicates of an earlier one (same tokens after the same cache): answered
-    /// with it.
-    copies: std::collections::HashMap<u64, Vec<u64>>,
 }
 
 /// A walk's side of its forward passes; the engine holds a clone to take the asks and answer them.
@@ -91,52 +88,14 @@ impl Asker {
         .await
     }
 
-    /// The passes the walk waits for, in the order asked (taken: each is answered once). Side by
-    /// side walks of one call often need the same pass (candidates sharing a prefix): it is
-    /// returned once and its answer goes to every copy.
+    /// The passes the walk waits for, in the order asked (taken: each is answered once).
     pub(super) fn take_asks(&self) -> Vec<(u64, Ask)> {
-        let mut slot = self.0.borrow_mut();
-        let mut unique: Vec<(u64, Ask)> = Vec::new();
-        for (id, ask) in std::mem::take(&mut slot.asks) {
-            let same = unique.iter().find(|(_, u)| {
-                u.all == ask.all
-                    && u.tokens == ask.tokens
-                    && u.kv.len() == ask.kv.len()
-                    && u.kv.storage_id() == ask.kv.storage_id()
-            });
-            match same {
-                Some((first, _)) => slot.copies.entry(*first).or_default().push(id),
-                None => unique.push((id, ask)),
-            }
-        }
-        unique
+        std::mem::take(&mut self.0.borrow_mut().asks)
     }
 
-    /// Answers the walk's pass `id` (and its copies).
+    /// Answers the walk's pass `id`.
     pub(super) fn answer(&self, id: u64, a: Result<Answer>) {
-        let mut slot = self.0.borrow_mut();
-        for copy in slot.copies.remove(&id).unwrap_or_default() {
-            let c = match &a {
-                Ok(a) => Ok(Answer {
-                    logits: a.logits.clone(),
-                    kv: a.kv.clone(),
-                    ms: a.ms,
-                }),
-                Err(Error::Cancelled) => Err(Error::Cancelled),
-                Err(Error::ContextTooLong {
-                    tokens,
-                    new_tokens,
-                    limit,
-                }) => Err(Error::ContextTooLong {
-                    tokens: *tokens,
-                    new_tokens: *new_tokens,
-                    limit: *limit,
-                }),
-                Err(e) => Err(Error::Internal(e.to_string())),
-            };
-            slot.answers.insert(copy, c);
-        }
-        slot.answers.insert(id, a);
+        self.0.borrow_mut().answers.insert(id, a);
     }
 }
 
@@ -169,30 +128,20 @@ impl NextTokenModel for CachedModel<'_> {
             self.usage.reused_positions += tokens.len();
             return Ok(p.clone());
         }
-        let (logits, _) = logits_after(self.asker, self.cache, tokens, self.usage).await?;
-        let probs = candle_nn::ops::softmax_last_dim(&logits)?.to_vec1::<f32>()?;
-        Ok(probs.into())
+        let (cache, usage) = (RefCell::new(&mut *self.cache), RefCell::new(&mut *self.usage));
+        let mut shared = SharedModel {
+            asker: self.asker,
+            cache: &cache,
+            usage: &usage,
+        };
+        shared.next_probs(tokens).await
     }
 }
 
-/// [`PrefixCache::logits_after`] with the pass run by the engine.
-pub(super) async fn logits_after(
-    asker: &Asker,
-    cache: &mut PrefixCache,
-    tokens: &[u32],
-    usage: &mut Usage,
-) -> Result<(Tensor, KvCache)> {
-    match cache.lookup_after(tokens, usage)? {
-        After::Known(logits, kv) => Ok((logits, kv)),
-        After::Compute { start, kv } => {
-            let a = asker.forward(&tokens[start..], &kv, false).await?;
-            Ok(cache.store_after(tokens, start, a.logits, a.kv, a.ms, usage))
-        }
-    }
-}
-
-/// [`CachedModel`] for several walks of one call side by side over one session's prefix cache:
-/// the cache and the counters are borrowed only between passes, never across one.
+/// [`NextTokenModel`] over a session's prefix cache shared by several walks of one call side by side
+/// (and behind [`CachedModel`]): each call is one pass of the positions the cache lacks, run by the
+/// engine ([`PrefixCache::lookup_after`], then [`PrefixCache::store_after`]); the cache and the
+/// counters are borrowed only between passes, never across one.
 struct SharedModel<'a, 'c> {
     asker: &'a Asker,
     cache: &'a RefCell<&'c mut PrefixCache>,
@@ -367,17 +316,9 @@ impl Engine {
                 // Cannot happen: a walk waits only in `Asker::forward`, which leaves its ask.
                 return Err(Error::Internal("a walk waited with no pass to run".into()));
             }
-            let mut group: Vec<(u64, Ask)> = Vec::new();
-            let mut rows = 0;
-            for (id, ask) in asks {
-                if !group.is_empty() && rows + ask.tokens.len() > BATCH_INVARIANT_ROWS {
-                    self.answer_group(&walk, std::mem::take(&mut group));
-                    rows = 0;
-                }
-                rows += ask.tokens.len();
-                group.push((id, ask));
+            for group in super::sched::pass_groups(asks, |(_, a)| a.tokens.len()) {
+                self.answer_group(&walk, group);
             }
-            self.answer_group(&walk, group);
         }
     }
 
