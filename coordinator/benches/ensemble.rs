@@ -295,24 +295,53 @@ async fn per_step(c: &Coordinator, label: &str, req: &pb::GenerateRequest) -> an
 async fn overhead_ab(quick: bool, telemetry: &ensemble_proto::telemetry::Telemetry) -> anyhow::Result<()> {
     let (specs, _nodes) = trivial_nodes(&[0, 0, 0]).await?;
     let c = Coordinator::new(specs, Duration::from_secs(10)).await?;
-    let reps = if quick { 5 } else { 30 };
+    let reps = if quick { 6 } else { 40 };
     println!(
         "\n## Coordinator overhead with OTLP trace export off and on, alternate requests (to a receiver in this process; median of {reps} each)\n"
     );
-    println!("| strategy | µs per step, export off | export on | on / off |\n|---|---:|---:|---:|");
+    println!(
+        "| strategy | µs per step, export off | export on | on / off | off / off (noise) | process CPU ms per request, off / on |\n|---|---:|---:|---:|---:|---:|"
+    );
     for (label, req, unit) in strategy_runs() {
-        let (mut off, mut on) = (Vec::new(), Vec::new());
+        // Requests in blocks of four, off / on / on / off, so that neither arm always runs second;
+        // the two offs of a block, compared with each other, show what the noise alone gives.
+        let (mut off, mut on, mut first_off, mut last_off) = (vec![], vec![], vec![], vec![]);
+        let mut cpu = [0f64; 2];
         for i in 0..2 * reps {
-            let exporting = i % 2 == 1;
+            let exporting = matches!(i % 4, 1 | 2);
             telemetry.pause(!exporting);
+            let c0 = process_cpu_s();
             let (us, _) = per_step(&c, label, &req).await?;
+            cpu[usize::from(exporting)] += process_cpu_s() - c0;
+            match i % 4 {
+                0 => first_off.push(us),
+                3 => last_off.push(us),
+                _ => {}
+            }
             if exporting { on.push(us) } else { off.push(us) }
         }
-        let (off, on) = (median(off), median(on));
-        println!("| {label} (per {unit}) | {off:.0} | {on:.0} | {:.3} |", on / off);
+        let (off, on, noise) = (median(off), median(on), median(last_off) / median(first_off));
+        let cpu_ms = |c: f64| c * 1e3 / reps as f64;
+        println!(
+            "| {label} (per {unit}) | {off:.0} | {on:.0} | {:.3} | {noise:.3} | {:.1} / {:.1} |",
+            on / off,
+            cpu_ms(cpu[0]),
+            cpu_ms(cpu[1])
+        );
     }
     telemetry.pause(false);
     Ok(())
+}
+
+/// This process's CPU seconds so far (user + system, clock ticks of `/proc/self/stat`).
+fn process_cpu_s() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<f64> = after
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0.0))
+        .collect();
+    (f.get(11).copied().unwrap_or(0.0) + f.get(12).copied().unwrap_or(0.0)) / 100.0
 }
 
 async fn bytes_per_char() -> anyhow::Result<()> {
@@ -443,12 +472,14 @@ async fn with_export(quick: bool) -> anyhow::Result<()> {
     overhead(quick, "trace export on (OTLP to a receiver in this process)").await?;
     overhead_ab(quick, &telemetry).await?;
     tokio::task::spawn_blocking(move || telemetry.shutdown()).await?;
-    // Exported: section 1's requests, then the alternate requests with export on.
-    let requests = 2 * 3 * if quick { 5 } else { 30 };
+    // Exported: section 1's requests (30 per strategy), then the alternate requests with export on
+    // (half of 2 × 40 per strategy).
+    let requests = 3 * if quick { 5 + 6 } else { 30 + 40 };
     let spans = received.spans().len();
     println!(
-        "\nspans received: {spans} for {requests} requests ({:.1} per request: generate, rounds or characters, node calls)",
-        spans as f64 / f64::from(requests)
+        "\nspans received: {spans} for {requests} requests ({:.1} per request: generate, rounds or characters, node calls), {:.0} protobuf bytes per span",
+        spans as f64 / f64::from(requests),
+        received.bytes() as f64 / spans.max(1) as f64
     );
     Ok(())
 }

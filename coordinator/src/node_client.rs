@@ -1,9 +1,11 @@
 //! A client for one model node within one request: it keeps the node's session in step with the
 //! request's answer by sending only what was appended since the last call (`ContextDelta`), resends
 //! the full context when the node lost the session (`NOT_FOUND`, `FAILED_PRECONDITION`), and bounds
-//! every call by a deadline; a client dropped with its session open frees it. Each call is one `node_rpc` span (a child of the request's round or
-//! character step) whose W3C trace context travels to the node in the gRPC metadata, and one sample
-//! of the coordinator's node-RPC metrics.
+//! every call by a deadline; a client dropped with its session open frees it. Each call is one sample
+//! of the coordinator's node-RPC metrics and, at `debug` level (`RUST_LOG=info,coordinator::node_client=debug`),
+//! one `node_rpc` span, a child of the request's round or character step. The W3C trace context of that
+//! span, or of the step when it is off, travels to the node in the gRPC metadata, so the node's own
+//! `rpc` span hangs off the step either way.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -83,7 +85,10 @@ macro_rules! call_with_context {
                 retry_ms: left.as_millis() as u64,
             });
         }
-        let span = tracing::info_span!(
+        // Debug level: at info a trace has one span per step and the nodes' own spans under it; the
+        // coordinator's per-call spans (client-side latency, retries) are opt-in detail, as they
+        // were most of the export cost on calls of ~100 µs (README, coordinator benchmarks).
+        let span = tracing::debug_span!(
             "node_rpc",
             node = %$self.name,
             rpc = $rpc,
@@ -501,7 +506,7 @@ impl NodeClient {
         let (mut client, deadline) = (self.client.clone(), self.deadline);
         let mut request = tonic::Request::new(pb::CloseSessionRequest { session_id: session });
         request.set_timeout(deadline);
-        let span = tracing::info_span!("node_rpc", node = %self.name, rpc = "CloseSession");
+        let span = tracing::debug_span!("node_rpc", node = %self.name, rpc = "CloseSession");
         ensemble_proto::telemetry::inject(&span, request.metadata_mut());
         Some(
             rt.spawn(

@@ -136,13 +136,16 @@ pub fn init_with(service: &str, export: Export<'_>) -> Result<Telemetry, String>
         .with(filter)
         .with(fmt)
         .with(
-            // Per span: the name, the fields, the source location and the timing. Left out: the busy/idle
-            // accounting (two clock reads on every poll of an instrumented future) and the thread
-            // attributes (a name lookup and two strings per span), most of the layer's own cost on a
-            // call as cheap as a loopback next-character question.
+            // Per span: the name, the fields and the timing. Left out: the busy/idle accounting (two
+            // clock reads on every poll of an instrumented future), the thread, source-location and
+            // target attributes (337 -> 167 protobuf bytes per span), and the activation of an
+            // OpenTelemetry context on every poll (`inject` reads a span's context directly).
             tracing_opentelemetry::layer()
                 .with_tracked_inactivity(false)
                 .with_threads(false)
+                .with_location(false)
+                .with_target(false)
+                .with_context_activation(false)
                 .with_tracer(tracer)
                 .with_filter(tracing_subscriber::filter::dynamic_filter_fn(|_, _| exporting())),
         )
@@ -185,12 +188,18 @@ impl Extractor for MetadataExtractor<'_> {
     }
 }
 
-/// Writes `span`'s trace context into outgoing gRPC metadata (`traceparent`, `tracestate`).
+/// Writes `span`'s trace context into outgoing gRPC metadata (`traceparent`, `tracestate`); when
+/// `span` is disabled (a level the filter leaves out), the current span's.
 pub fn inject(span: &tracing::Span, metadata: &mut MetadataMap) {
     if !exporting() {
         return;
     }
-    TraceContextPropagator::new().inject_context(&span.context(), &mut MetadataInjector(metadata));
+    let cx = if span.is_disabled() {
+        tracing::Span::current().context()
+    } else {
+        span.context()
+    };
+    TraceContextPropagator::new().inject_context(&cx, &mut MetadataInjector(metadata));
 }
 
 /// Makes the trace context of incoming gRPC metadata, if any, the parent of `span`.

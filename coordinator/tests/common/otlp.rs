@@ -2,6 +2,7 @@
 //! `service.name` of its resource (the trace test and the export benchmark).
 #![allow(dead_code)]
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
@@ -13,14 +14,19 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 use opentelemetry_proto::tonic::common::v1::{KeyValue, any_value};
 use opentelemetry_proto::tonic::trace::v1::Span;
 
-/// What the receiver got: (service.name, span).
+/// What the receiver got: (service.name, span), and the encoded bytes of the export requests.
 #[derive(Clone, Default)]
-pub struct Received(Arc<Mutex<Vec<(String, Span)>>>);
+pub struct Received(Arc<Mutex<Vec<(String, Span)>>>, Arc<AtomicU64>);
 
 impl Received {
     /// Every span so far.
     pub fn spans(&self) -> Vec<(String, Span)> {
         self.0.lock().map(|g| g.clone()).unwrap_or_default()
+    }
+
+    /// The protobuf bytes of every export request so far (what went over the wire, before HTTP/2).
+    pub fn bytes(&self) -> u64 {
+        self.1.load(Ordering::Relaxed)
     }
 }
 
@@ -30,8 +36,11 @@ impl TraceService for Received {
         &self,
         req: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let req = req.into_inner();
+        self.1
+            .fetch_add(prost::Message::encoded_len(&req) as u64, Ordering::Relaxed);
         let mut got = self.0.lock().map_err(|_| tonic::Status::internal("poisoned"))?;
-        for rs in req.into_inner().resource_spans {
+        for rs in req.resource_spans {
             let service = rs
                 .resource
                 .as_ref()
