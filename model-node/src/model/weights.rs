@@ -63,9 +63,25 @@ impl WeightSource for VarBuilder<'_> {
     }
 }
 
-/// Whether the CPU has VNNI (AVX-512 VNNI or AVX-VNNI), with which candle's quantized products run
-/// its repacked int8 tiles: faster than dequantizing for a prefill (Q8_0 at 150M parameters and 481
-/// rows: 1.41 s against 1.84 s in f32 on the AVX-512 machine).
+/// Whether candle's quantized product of many rows by `q` runs its repacked int8 tiles, faster than
+/// dequantizing for a prefill (Q8_0 at 150M parameters and 481 rows: 1.41 s against 1.84 s in f32 on
+/// the AVX-512 machine): the CPU has VNNI, the type is one candle tiles (Q8_0, Q4_K, Q6_K), the
+/// inner dimension a whole number of 256-value blocks and the outer one of 16-row tiles (candle 0.11's
+/// `repack_x86::select`). Elsewhere candle runs one block dot product per (row, column) pair: the
+/// 25M model's down projection (1,408 inputs, 5.5 blocks) took 34% of a Q8_0 prefill that way, and
+/// the prefill ran at 0.49× llama.cpp.
+fn int8_tiles(q: &candle_core::quantized::QTensor) -> bool {
+    let (n, k) = match q.shape().dims() {
+        [n, k] => (*n, *k),
+        _ => return false,
+    };
+    int8_dot_products()
+        && matches!(q.dtype(), GgmlDType::Q8_0 | GgmlDType::Q4K | GgmlDType::Q6K)
+        && k % 256 == 0
+        && n % 16 == 0
+}
+
+/// Whether the CPU has VNNI (AVX-512 VNNI or AVX-VNNI), which candle's int8 tiles need.
 fn int8_dot_products() -> bool {
     static VNNI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *VNNI.get_or_init(|| {
@@ -186,11 +202,12 @@ impl Linear {
                 if let QMatMul::QTensor(q) = w
                     && rows > super::matvec::MAX_ROWS
                     && x.device().is_cpu()
-                    && !int8_dot_products()
+                    && !int8_tiles(q)
                 {
-                    // Prefill without VNNI: the weight dequantized for this call and candle's f32
-                    // gemm. There candle's quantized product costs ~2.5× the f32 gemm per row at
-                    // Q8_0 (481 rows of a 25M model: 1,150–1,250 ms against 400–410 in f32;
+                    // Prefill where candle has no int8 tiles for this weight (no VNNI, or a shape
+                    // or type it does not tile): the weight dequantized for this call and candle's
+                    // f32 gemm. There candle's quantized product costs ~2.5× the f32 gemm per row
+                    // at Q8_0 (481 rows of a 25M model: 1,150–1,250 ms against 400–410 in f32;
                     // Q4_K_M 540, Q6_K 560) and dequantizing costs about ten of those rows (Q8_0
                     // 445 ms, Q4_K_M 420, Q6_K 375–490). Decode steps (up to `MAX_ROWS` rows)
                     // stay quantized.
