@@ -113,7 +113,9 @@ fn exp_le0(d: f32) -> f32 {
     if d <= MIN_EXP { 0.0 } else { v }
 }
 
-/// Columns of a value sum kept in registers at a time.
+/// Columns of a value sum kept in registers at a time: 16 on any CPU, 64 with AVX2 where the head has
+/// them (eight 8-lane accumulators of the 16 registers; the same sums, four times the independent
+/// chains of adds, one pass over the values instead of four).
 const VCOLS: usize = 16;
 
 /// `y[d] = Σ_t p[t] · v(t)[d]` over the rows `v(t)` of `old` (contiguous rows of `y.len()`) and then
@@ -124,7 +126,12 @@ const VCOLS: usize = 16;
 /// heads). Returns `Σ_t p[t]` in order from 0, summed beside the first columns' products (a chain of
 /// dependent adds of its own, which then overlaps theirs).
 #[inline(always)]
-fn weighted_rows<'a>(y: &mut [f32], p: &[f32], old: &[f32], new: impl Fn(usize) -> &'a [f32]) -> f32 {
+fn weighted_rows<'a, const VCOLS: usize>(
+    y: &mut [f32],
+    p: &[f32],
+    old: &[f32],
+    new: impl Fn(usize) -> &'a [f32],
+) -> f32 {
     let cols = y.len();
     let (p_old, p_new) = p.split_at(old.len() / cols.max(1));
     let mut sum = None;
@@ -207,25 +214,32 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// Lanes of [`dot`]'s partial sums, and keys scored at once by [`x86::dots8`].
 const DOT_LANES: usize = 8;
 
-/// [`dot`]'s scores of one query against contiguous keys, eight keys at a time where the CPU has AVX2
-/// and the head's length is a whole number of lanes (the same bits), pushed scaled by `scale`.
+/// [`dot`]'s scores of one query against `count` keys `stride` apart in `keys` (key `t` at
+/// `t * stride`), eight keys at a time where the CPU has AVX2 and the head's length is a whole number
+/// of lanes (the same bits), pushed scaled by `scale`.
 #[inline(always)]
-fn push_scores<const AVX2: bool>(q: &[f32], keys: &[f32], scale: f32, scores: &mut Vec<f32>) {
+fn push_scores<const AVX2: bool>(
+    q: &[f32],
+    (keys, stride, count): (&[f32], usize, usize),
+    scale: f32,
+    scores: &mut Vec<f32>,
+) {
     let hd = q.len();
-    let mut rest = keys;
+    let mut t = 0;
     #[cfg(target_arch = "x86_64")]
     if AVX2 && hd % DOT_LANES == 0 {
-        let mut groups = keys.chunks_exact(DOT_LANES * hd);
-        for g in groups.by_ref() {
-            // SAFETY: `AVX2` is only set by `head_avx2`, whose caller checked the CPU.
+        while t + DOT_LANES <= count {
+            let group = &keys[t * stride..(t + DOT_LANES - 1) * stride + hd];
+            // SAFETY: `AVX2` is only set by `head_avx2`, whose caller checked the CPU; `group`
+            // holds 8 keys `stride` apart.
             #[allow(unsafe_code)]
-            let d = unsafe { x86::dots8(q, g) };
+            let d = unsafe { x86::dots8(q, group, stride) };
             scores.extend(d.map(|d| d * scale));
+            t += DOT_LANES;
         }
-        rest = groups.remainder();
     }
-    for kt in rest.chunks_exact(hd) {
-        scores.push(dot(q, kt) * scale);
+    for t in t..count {
+        scores.push(dot(q, &keys[t * stride..t * stride + hd]) * scale);
     }
 }
 
@@ -234,7 +248,8 @@ fn push_scores<const AVX2: bool>(q: &[f32], keys: &[f32], scale: f32, scores: &m
 mod x86 {
     use std::arch::x86_64::*;
 
-    /// [`super::dot`] of `q` with each of the 8 keys of `keys` (rows of `q.len()`, a multiple of 8),
+    /// [`super::dot`] of `q` with each of the 8 keys of `keys`, `stride` apart (rows of `q.len()`, a
+    /// multiple of 8),
     /// bit for bit: each key's 8 lanes are summed over the chunks in order (from zero, a plain multiply
     /// then add), then the lanes in order from `Iterator::sum`'s start, then `dot`'s empty tail. The
     /// 8 × 8 partial sums are transposed so that the last sum runs across keys, one vector add per
@@ -243,15 +258,15 @@ mod x86 {
     /// # Safety
     /// The CPU must have AVX2.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dots8(q: &[f32], keys: &[f32]) -> [f32; 8] {
+    pub(super) unsafe fn dots8(q: &[f32], keys: &[f32], stride: usize) -> [f32; 8] {
         let hd = q.len();
-        debug_assert!(hd % 8 == 0 && keys.len() == 8 * hd);
+        assert!(hd % 8 == 0 && stride >= hd && keys.len() >= 7 * stride + hd);
         let mut acc = [_mm256_setzero_ps(); 8];
         for c in (0..hd).step_by(8) {
-            // SAFETY: `c + 8 <= hd` and `k * hd + c + 8 <= 8 * hd = keys.len()`.
+            // SAFETY: `c + 8 <= hd` and `k * stride + c + 8 <= 7 * stride + hd <= keys.len()`.
             let qv = unsafe { _mm256_loadu_ps(q.as_ptr().add(c)) };
             for (k, a) in acc.iter_mut().enumerate() {
-                let kv = unsafe { _mm256_loadu_ps(keys.as_ptr().add(k * hd + c)) };
+                let kv = unsafe { _mm256_loadu_ps(keys.as_ptr().add(k * stride + c)) };
                 *a = _mm256_add_ps(*a, _mm256_mul_ps(qv, kv));
             }
         }
@@ -389,10 +404,11 @@ impl Heads<'_> {
         let old_values = &vc[base + old * hd..base + len * hd];
         scores.clear();
         scores.reserve(old_keys.len() / hd + new_rows.clone().count());
-        push_scores::<AVX2>(qh, old_keys, spec.scale, scores);
-        for rr in new_rows.clone() {
-            scores.push(dot(qh, &self.kn[at(rr)]) * spec.scale);
-        }
+        push_scores::<AVX2>(qh, (old_keys, hd, old_keys.len() / hd), spec.scale, scores);
+        // The new rows' keys, `kv_heads · hd` apart in the step's keys.
+        let n_new = new_rows.clone().count();
+        let new_keys = &self.kn[at(*new_rows.start()).start..];
+        push_scores::<AVX2>(qh, (new_keys, kvh * hd, n_new), spec.scale, scores);
         if let Some(cap) = spec.softcap {
             for s in scores.iter_mut() {
                 *s = (*s / cap).tanh() * cap;
@@ -403,7 +419,12 @@ impl Heads<'_> {
             *s = exp_le0(*s - max);
         }
         let new_first = *new_rows.start();
-        let sum = weighted_rows(y, scores, old_values, |t| &self.vn[at(new_first + t)]);
+        let new_values = |t| &self.vn[at(new_first + t)];
+        let sum = if AVX2 && hd % 64 == 0 {
+            weighted_rows::<64>(y, scores, old_values, new_values)
+        } else {
+            weighted_rows::<VCOLS>(y, scores, old_values, new_values)
+        };
         for yd in y.iter_mut() {
             *yd /= sum;
         }
@@ -511,7 +532,8 @@ pub(super) fn chunk_attention(
 mod tests {
     use super::*;
 
-    /// Eight keys at once give `dot`'s bits, signed zeros and all, for heads of 8 to 64 dimensions.
+    /// Eight keys at once give `dot`'s bits, signed zeros and all, for heads of 8 to 64 dimensions,
+    /// contiguous or strided.
     #[test]
     #[cfg(target_arch = "x86_64")]
     fn eight_keys_at_once_score_bit_for_bit_like_one_at_a_time() {
@@ -532,15 +554,18 @@ mod tests {
             }
         };
         for hd in [8, 16, 32, 64] {
-            for _ in 0..500 {
-                let q: Vec<f32> = (0..hd).map(|_| next()).collect();
-                let keys: Vec<f32> = (0..8 * hd).map(|_| next()).collect();
-                // SAFETY: the CPU has AVX2 (checked above).
-                #[allow(unsafe_code)]
-                let got = unsafe { x86::dots8(&q, &keys) };
-                for (k, g) in got.iter().enumerate() {
-                    let want = dot(&q, &keys[k * hd..(k + 1) * hd]);
-                    assert_eq!(g.to_bits(), want.to_bits(), "hd {hd}, key {k}: {g} vs {want}");
+            // Contiguous keys (the cache) and keys of one head among four (a step's new rows).
+            for stride in [hd, 4 * hd] {
+                for _ in 0..300 {
+                    let q: Vec<f32> = (0..hd).map(|_| next()).collect();
+                    let keys: Vec<f32> = (0..7 * stride + hd).map(|_| next()).collect();
+                    // SAFETY: the CPU has AVX2 (checked above).
+                    #[allow(unsafe_code)]
+                    let got = unsafe { x86::dots8(&q, &keys, stride) };
+                    for (k, g) in got.iter().enumerate() {
+                        let want = dot(&q, &keys[k * stride..k * stride + hd]);
+                        assert_eq!(g.to_bits(), want.to_bits(), "hd {hd}, key {k}: {g} vs {want}");
+                    }
                 }
             }
         }
