@@ -305,7 +305,7 @@ async fn overhead_ab(quick: bool, telemetry: &ensemble_proto::telemetry::Telemet
     for (label, req, unit) in strategy_runs() {
         // Requests in blocks of four, off / on / on / off, so that neither arm always runs second;
         // the two offs of a block, compared with each other, show what the noise alone gives.
-        let (mut off, mut on, mut first_off, mut last_off) = (vec![], vec![], vec![], vec![]);
+        let (mut on, mut first_off, mut last_off) = (vec![], vec![], vec![]);
         let mut cpu = [0f64; 2];
         for i in 0..2 * reps {
             let exporting = matches!(i % 4, 1 | 2);
@@ -316,11 +316,11 @@ async fn overhead_ab(quick: bool, telemetry: &ensemble_proto::telemetry::Telemet
             match i % 4 {
                 0 => first_off.push(us),
                 3 => last_off.push(us),
-                _ => {}
+                _ => on.push(us),
             }
-            if exporting { on.push(us) } else { off.push(us) }
         }
-        let (off, on, noise) = (median(off), median(on), median(last_off) / median(first_off));
+        let noise = median(last_off.clone()) / median(first_off.clone());
+        let (off, on) = (median([first_off, last_off].concat()), median(on));
         let cpu_ms = |c: f64| c * 1e3 / reps as f64;
         println!(
             "| {label} (per {unit}) | {off:.0} | {on:.0} | {:.3} | {noise:.3} | {:.1} / {:.1} |",

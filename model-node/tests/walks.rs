@@ -123,17 +123,18 @@ async fn proposals(addr: std::net::SocketAddr) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The architectures and tokenizers every test here runs on: byte-level BPE, SentencePiece with
+/// byte fallback, characters.
+const ARCHS: [(&str, &str); 3] = [
+    ("llama", "byte_level"),
+    ("qwen2", "sentencepiece"),
+    ("phi3", "char"),
+];
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn walks_share_passes_with_each_other_and_with_decodes_and_answer_as_alone() -> anyhow::Result<()> {
     let root = common::temp_dir("walks");
-    for (i, (arch, kind)) in [
-        ("llama", "byte_level"),
-        ("qwen2", "sentencepiece"),
-        ("phi3", "char"),
-    ]
-    .into_iter()
-    .enumerate()
-    {
+    for (i, &(arch, kind)) in ARCHS.iter().enumerate() {
         let dir = model_dir(&root.join(arch), arch, kind, 80 + i as u64)?;
         let (mut node, maddr) = TestNode::start_with_metrics(model_args(&dir), limits()).await?;
         let addr = node.addr;
@@ -196,14 +197,7 @@ async fn string_prefix_candidates_side_by_side_score_as_alone() -> anyhow::Resul
         " down the river",
     ];
     let ends = [false, false, false, false, false, false, true];
-    for (i, (arch, kind)) in [
-        ("llama", "byte_level"),
-        ("qwen2", "sentencepiece"),
-        ("phi3", "char"),
-    ]
-    .into_iter()
-    .enumerate()
-    {
+    for (i, &(arch, kind)) in ARCHS.iter().enumerate() {
         let dir = model_dir(&root.join(arch), arch, kind, 90 + i as u64)?;
         let mut node = TestNode::start(model_args(&dir), limits()).await?;
         let mut c = node.client().await?;

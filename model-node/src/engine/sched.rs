@@ -45,8 +45,8 @@ struct Running {
     call: Envelope,
     started: Instant,
     queue_ms: f64,
-    /// Its session was closed while it ran: dropped when it ends.
-    closing: bool,
+    /// The session closed while it ran, dropped when it ends.
+    closing: Option<String>,
 }
 
 /// A prepared score whose candidates' rows run in the next step, and who waits for it.
@@ -67,8 +67,8 @@ struct Walking {
     call: Envelope,
     started: Instant,
     queue_ms: f64,
-    /// Its session was closed while it ran: dropped when it ends.
-    closing: bool,
+    /// The session closed while it ran, dropped when it ends.
+    closing: Option<String>,
 }
 
 /// A call not started yet, and the KV bytes it needs once known (a proposal that had to wait).
@@ -134,11 +134,11 @@ fn arrive(
         let mut held = false;
         if !id.is_empty() {
             for r in running.iter_mut().filter(|r| r.decode.session_id() == id) {
-                r.closing = true;
+                r.closing = Some(id.clone());
                 held = true;
             }
             for w in walking.iter_mut().filter(|w| w.walk.session == *id) {
-                w.closing = true;
+                w.closing = Some(id.clone());
                 held = true;
             }
         }
@@ -187,7 +187,7 @@ fn admit(
                         call,
                         started,
                         queue_ms,
-                        closing: false,
+                        closing: None,
                     });
                 }
                 Ok(Start::Wait(needs)) => {
@@ -239,7 +239,7 @@ fn admit(
                             call,
                             started,
                             queue_ms,
-                            closing: false,
+                            closing: None,
                         };
                         go_on(engine, w, walking);
                     }
@@ -272,17 +272,15 @@ fn step(
     let mut tokens = Vec::with_capacity(running.len());
     for mut r in std::mem::take(running) {
         if r.call.reply.is_closed() {
-            let id = r.decode.session_id().to_owned();
             engine.abandon(r.decode);
-            drop_if_closed(engine, r.closing, &id);
+            drop_if_closed(engine, r.closing);
             engine.after_call();
             continue; // the client left: the sequence leaves at once
         }
         match engine.pick(&mut r.decode) {
             Next::Done(finish) => {
-                let id = r.decode.session_id().to_owned();
                 let (mut p, mut usage) = engine.finish_decode(r.decode, finish);
-                drop_if_closed(engine, r.closing, &id);
+                drop_if_closed(engine, r.closing);
                 (usage.queue_ms, usage.compute_ms) = (r.queue_ms, r.started.elapsed().as_secs_f64() * 1e3);
                 p.usage = usage;
                 engine.after_call();
@@ -361,9 +359,8 @@ fn step(
             Err(e) => {
                 let msg = e.to_string();
                 for r in going {
-                    let id = r.decode.session_id().to_owned();
                     engine.abandon(r.decode);
-                    drop_if_closed(engine, r.closing, &id);
+                    drop_if_closed(engine, r.closing);
                     engine.after_call();
                     let _ = r.call.reply.send(Err(Error::Internal(msg.clone())));
                 }
@@ -467,7 +464,7 @@ fn go_on(engine: &mut Engine, mut w: Walking, walking: &mut Vec<Walking>) {
 /// Answers a finished walk; its session goes back (or, closed meanwhile, is dropped).
 fn end_walking(engine: &mut Engine, w: Walking, end: WalkEnd) {
     let reply = engine.end_walk(end, w.queue_ms, w.started.elapsed().as_secs_f64() * 1e3);
-    drop_if_closed(engine, w.closing, &w.walk.session);
+    drop_if_closed(engine, w.closing);
     engine.after_call();
     let _ = w.call.reply.send(reply);
 }
@@ -541,9 +538,9 @@ impl Engine {
     }
 }
 
-/// Drops session `id`, put back by a call that ended, when a close came while the call held it.
-fn drop_if_closed(engine: &mut Engine, closing: bool, id: &str) {
-    if closing {
-        engine.sessions.close(id);
+/// Drops the session a close came for while a call held it, once the call has put it back.
+fn drop_if_closed(engine: &mut Engine, closing: Option<String>) {
+    if let Some(id) = closing {
+        engine.sessions.close(&id);
     }
 }

@@ -120,13 +120,13 @@ const VCOLS: usize = 16;
 
 /// `y[d] = Σ_t p[t] · v(t)[d]` over the rows `v(t)` of `old` (contiguous rows of `y.len()`) and then
 /// `new(t)`, each element summed over `t` in order from 0 with a plain multiply and add (the bits of
-/// `y = 0` then `y += p[t] · v(t)` row after row), [`VCOLS`] columns at a time with their partial sums
+/// `y = 0` then `y += p[t] · v(t)` row after row), `COLS` columns at a time with their partial sums
 /// in registers: with the sum in memory every row cost a load, an add and a store per column, each
 /// row's adds waiting on the last row's stores (~30% of the kernel's samples with 16-dimensional
 /// heads). Returns `Σ_t p[t]` in order from 0, summed beside the first columns' products (a chain of
 /// dependent adds of its own, which then overlaps theirs).
 #[inline(always)]
-fn weighted_rows<'a, const VCOLS: usize>(
+fn weighted_rows<'a, const COLS: usize>(
     y: &mut [f32],
     p: &[f32],
     old: &[f32],
@@ -136,26 +136,26 @@ fn weighted_rows<'a, const VCOLS: usize>(
     let (p_old, p_new) = p.split_at(old.len() / cols.max(1));
     let mut sum = None;
     let mut c0 = 0;
-    while c0 + VCOLS <= cols {
-        let mut acc = [0f32; VCOLS];
+    while c0 + COLS <= cols {
+        let mut acc = [0f32; COLS];
         let mut s = 0f32;
         for (&pt, v) in p_old.iter().zip(old.chunks_exact(cols)) {
-            let v = &v[c0..c0 + VCOLS];
+            let v = &v[c0..c0 + COLS];
             s += pt;
-            for d in 0..VCOLS {
+            for d in 0..COLS {
                 acc[d] += pt * v[d];
             }
         }
         for (t, &pt) in p_new.iter().enumerate() {
-            let v = &new(t)[c0..c0 + VCOLS];
+            let v = &new(t)[c0..c0 + COLS];
             s += pt;
-            for d in 0..VCOLS {
+            for d in 0..COLS {
                 acc[d] += pt * v[d];
             }
         }
         sum.get_or_insert(s);
-        y[c0..c0 + VCOLS].copy_from_slice(&acc);
-        c0 += VCOLS;
+        y[c0..c0 + COLS].copy_from_slice(&acc);
+        c0 += COLS;
     }
     if c0 < cols {
         let ys = &mut y[c0..];
@@ -225,6 +225,7 @@ fn push_scores<const AVX2: bool>(
     scores: &mut Vec<f32>,
 ) {
     let hd = q.len();
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
     let mut t = 0;
     #[cfg(target_arch = "x86_64")]
     if AVX2 && hd % DOT_LANES == 0 {
@@ -349,7 +350,9 @@ struct Heads<'a> {
 }
 
 /// [`Heads::head`] compiled for AVX2: the same operations (plain multiplies and adds, no fused
-/// ones) on 8 lanes instead of the baseline's 4, so the bits are those of the baseline build.
+/// ones) on 8 lanes instead of the baseline's 4, the scores eight keys at a time ([`x86::dots8`]) and
+/// 64-dimensional heads' value sums 64 columns at a time, all in the baseline build's order, so the
+/// bits are those of the baseline build.
 ///
 /// # Safety
 /// The CPU must have AVX2 and FMA ([`super::matvec::avx2_fma`]).
