@@ -158,7 +158,11 @@ impl Engine {
         let prefilled = session
             .cache
             .logits_after(&self.model, &seq, &mut usage)
-            .and_then(|(l, kv)| Ok((l.to_vec1::<f32>()?, kv)));
+            // Room for the whole draft now (the healing token and every new one): no copy as it grows.
+            .and_then(|(l, kv)| {
+                let room = seq.len() + params.max_new_tokens + 1;
+                Ok((l.to_vec1::<f32>()?, self.model.reserve(&kv, room)?))
+            });
         self.model.set_rtd_lambdas(None);
         let (logits, kv) = match prefilled {
             Ok(x) => x,

@@ -110,6 +110,37 @@ impl KvCache {
         } else {
             need
         };
+        self.copied_into(b, cap, need, shape, device)
+    }
+
+    /// This cache with room for `positions` in all, so that appending up to there writes in place:
+    /// its own storage when that has the room and this view may write at its end, else a copy of
+    /// its `len` positions into storage of the next power of two (at most the model's positions). A
+    /// decode that knows its length takes its room once instead of growing two or three times on
+    /// the way, every running sequence at the same step when they started together.
+    pub(super) fn with_room(&self, positions: usize, shape: &KvShape, device: &Device) -> CResult<KvCache> {
+        let positions = positions.min(shape.max_positions);
+        let writable = self.written.load(Ordering::Acquire) == self.len;
+        if self.layers.is_empty() || self.batch() != 1 || (writable && self.capacity() >= positions) {
+            return Ok(self.clone());
+        }
+        let cap = positions
+            .next_power_of_two()
+            .max(MIN_KV_CAPACITY)
+            .min(shape.max_positions.max(positions));
+        self.copied_into(1, cap, self.len, shape, device)
+    }
+
+    /// New storage of batch `b` and `cap` positions holding a copy of this cache's `len` positions,
+    /// `written` positions claimed.
+    fn copied_into(
+        &self,
+        b: usize,
+        cap: usize,
+        written: usize,
+        shape: &KvShape,
+        device: &Device,
+    ) -> CResult<KvCache> {
         let dims = (b, shape.kv_heads, cap, shape.head_dim);
         let mut layers = Vec::with_capacity(shape.layers);
         for i in 0..shape.layers {
@@ -129,7 +160,81 @@ impl KvCache {
         Ok(KvCache {
             layers,
             len: self.len,
-            written: Arc::new(AtomicUsize::new(need)),
+            written: Arc::new(AtomicUsize::new(written)),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape() -> KvShape {
+        KvShape {
+            layers: 2,
+            kv_heads: 2,
+            head_dim: 4,
+            max_positions: 256,
+            dtype: DType::F32,
+        }
+    }
+
+    /// `kv` appended to one position at a time up to `end` positions, as a decode does: the cache
+    /// at the end and how many storages it went through.
+    fn decode_to(mut kv: KvCache, end: usize) -> CResult<(KvCache, usize)> {
+        let mut ids = vec![kv.storage_id()];
+        while kv.len < end {
+            kv = kv.for_append(1, 1, &shape(), &Device::Cpu)?;
+            kv.len += 1;
+            if ids.last() != Some(&kv.storage_id()) {
+                ids.push(kv.storage_id());
+            }
+        }
+        Ok((kv, ids.len()))
+    }
+
+    /// A 17-position prompt: storage with those positions written (position p holds p everywhere).
+    fn prompt() -> CResult<KvCache> {
+        let mut kv = KvCache::default().for_append(1, 17, &shape(), &Device::Cpu)?;
+        let rows = Tensor::arange(0f32, 17.0, &Device::Cpu)?
+            .reshape((1, 1, 17, 1))?
+            .broadcast_as((1, 2, 17, 4))?
+            .contiguous()?;
+        for (k, v) in &kv.layers {
+            k.slice_set(&rows, 2, 0)?;
+            v.slice_set(&rows, 2, 0)?;
+        }
+        kv.len = 17;
+        Ok(kv)
+    }
+
+    #[test]
+    fn a_decode_that_took_its_room_never_copies_its_cache() -> CResult<()> {
+        // Growing as it goes: the prompt's 32 positions, then 64, then 128, the held ones copied
+        // each time.
+        let (_, storages) = decode_to(prompt()?, 117)?;
+        assert_eq!(storages, 3);
+        // With its room taken at the start (one copy: the prompt's storage has 32): one storage.
+        let roomy = prompt()?.with_room(118, &shape(), &Device::Cpu)?;
+        assert_eq!(roomy.capacity(), 128);
+        let (done, storages) = decode_to(roomy, 117)?;
+        assert_eq!((storages, done.capacity(), done.len), (1, 128, 117));
+        let first = done.layers[1]
+            .1
+            .narrow(2, 0, 17)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let expected: Vec<f32> = (0..2).flat_map(|_| (0..17).flat_map(|p| [p as f32; 4])).collect();
+        assert_eq!(first, expected, "the prompt's positions survive the copy");
+        // Room it already has: the same storage, no copy.
+        let again = done.truncate(117)?.with_room(120, &shape(), &Device::Cpu)?;
+        assert_eq!(again.storage_id(), done.storage_id());
+        // A view another view wrote past cannot write in place: it gets storage of its own.
+        let fork = done.truncate(50)?.with_room(60, &shape(), &Device::Cpu)?;
+        assert_ne!(fork.storage_id(), done.storage_id());
+        assert_eq!((fork.len, fork.capacity()), (50, 64));
+        // Never past the model's positions.
+        assert_eq!(prompt()?.with_room(1000, &shape(), &Device::Cpu)?.capacity(), 256);
+        Ok(())
     }
 }

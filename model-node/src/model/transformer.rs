@@ -389,6 +389,12 @@ impl Transformer {
         self.cos.dim(0).unwrap_or(0)
     }
 
+    /// `cache` with room for `positions` in all, appended to in place up to there (its own storage,
+    /// or one copy into storage of the next power of two): a decode takes its room when it starts.
+    pub fn reserve(&self, cache: &KvCache, positions: usize) -> CResult<KvCache> {
+        cache.with_room(positions, &self.kv_shape(), &self.device)
+    }
+
     fn kv_shape(&self) -> KvShape {
         KvShape {
             layers: self.layers.len(),
