@@ -136,7 +136,10 @@ impl Engine {
             .max_new_tokens
             .min(self.limits.max_context.saturating_sub(tokens))
             .max(1);
-        let reserved = (tokens + params.max_new_tokens + 1) * self.kv_bytes_per_position();
+        // The context, the healing token and every new one: the KV bytes admission counts, and the
+        // room the decode's cache takes at once (no copy as it grows).
+        let positions = tokens + params.max_new_tokens + 1;
+        let reserved = positions * self.kv_bytes_per_position();
         let budget = self.limits.kv_budget_bytes;
         if reserved > budget {
             self.sessions.put(session);
@@ -158,11 +161,7 @@ impl Engine {
         let prefilled = session
             .cache
             .logits_after(&self.model, &seq, &mut usage)
-            // Room for the whole draft now (the healing token and every new one): no copy as it grows.
-            .and_then(|(l, kv)| {
-                let room = seq.len() + params.max_new_tokens + 1;
-                Ok((l.to_vec1::<f32>()?, self.model.reserve(&kv, room)?))
-            });
+            .and_then(|(l, kv)| Ok((l.to_vec1::<f32>()?, self.model.reserve(&kv, positions)?)));
         self.model.set_rtd_lambdas(None);
         let (logits, kv) = match prefilled {
             Ok(x) => x,

@@ -37,6 +37,16 @@ pub(super) struct KvShape {
 /// Smallest capacity a growing cache gets.
 const MIN_KV_CAPACITY: usize = 32;
 
+impl KvShape {
+    /// The capacity of new storage for `need` positions that leaves room to grow: the next power of
+    /// two (at least [`MIN_KV_CAPACITY`]), at most the model's positions unless `need` is more.
+    fn room_for(&self, need: usize) -> usize {
+        need.next_power_of_two()
+            .max(MIN_KV_CAPACITY)
+            .min(self.max_positions.max(need))
+    }
+}
+
 impl KvCache {
     /// Positions held.
     pub fn len(&self) -> usize {
@@ -103,13 +113,7 @@ impl KvCache {
         }
         // A batch that differs from the stored one (candidates over a shared context) is not extended
         // further: exact capacity. Otherwise room to grow.
-        let cap = if same_batch {
-            need.next_power_of_two()
-                .max(MIN_KV_CAPACITY)
-                .min(shape.max_positions.max(need))
-        } else {
-            need
-        };
+        let cap = if same_batch { shape.room_for(need) } else { need };
         self.copied_into(b, cap, need, shape, device)
     }
 
@@ -119,16 +123,12 @@ impl KvCache {
     /// decode that knows its length takes its room once instead of growing two or three times on
     /// the way, every running sequence at the same step when they started together.
     pub(super) fn with_room(&self, positions: usize, shape: &KvShape, device: &Device) -> CResult<KvCache> {
-        let positions = positions.min(shape.max_positions);
+        let positions = positions.min(shape.max_positions).max(self.len);
         let writable = self.written.load(Ordering::Acquire) == self.len;
         if self.layers.is_empty() || self.batch() != 1 || (writable && self.capacity() >= positions) {
             return Ok(self.clone());
         }
-        let cap = positions
-            .next_power_of_two()
-            .max(MIN_KV_CAPACITY)
-            .min(shape.max_positions.max(positions));
-        self.copied_into(1, cap, self.len, shape, device)
+        self.copied_into(1, shape.room_for(positions), self.len, shape, device)
     }
 
     /// New storage of batch `b` and `cap` positions holding a copy of this cache's `len` positions,

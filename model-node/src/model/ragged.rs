@@ -272,28 +272,14 @@ mod x86 {
             }
         }
         let [r0, r1, r2, r3, r4, r5, r6, r7] = acc;
-        let (t0, t1) = (_mm256_unpacklo_ps(r0, r1), _mm256_unpackhi_ps(r0, r1));
-        let (t2, t3) = (_mm256_unpacklo_ps(r2, r3), _mm256_unpackhi_ps(r2, r3));
-        let (t4, t5) = (_mm256_unpacklo_ps(r4, r5), _mm256_unpackhi_ps(r4, r5));
-        let (t6, t7) = (_mm256_unpacklo_ps(r6, r7), _mm256_unpackhi_ps(r6, r7));
-        // Lanes (l | l + 4) of keys 0-3, and of keys 4-7.
-        let (u0, u1) = (
-            _mm256_shuffle_ps::<0x44>(t0, t2),
-            _mm256_shuffle_ps::<0xEE>(t0, t2),
-        );
-        let (u2, u3) = (
-            _mm256_shuffle_ps::<0x44>(t1, t3),
-            _mm256_shuffle_ps::<0xEE>(t1, t3),
-        );
-        let (u4, u5) = (
-            _mm256_shuffle_ps::<0x44>(t4, t6),
-            _mm256_shuffle_ps::<0xEE>(t4, t6),
-        );
-        let (u6, u7) = (
-            _mm256_shuffle_ps::<0x44>(t5, t7),
-            _mm256_shuffle_ps::<0xEE>(t5, t7),
-        );
-        // Lane l of every key, l = 0..8.
+        // Keys interleaved in pairs, then pairs of pairs: lanes (l | l + 4) of keys 0-3 and 4-7.
+        let pairs = |a, b| (_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b));
+        let quads = |a, b| (_mm256_shuffle_ps::<0x44>(a, b), _mm256_shuffle_ps::<0xEE>(a, b));
+        let ((t0, t1), (t2, t3), (t4, t5), (t6, t7)) =
+            (pairs(r0, r1), pairs(r2, r3), pairs(r4, r5), pairs(r6, r7));
+        let ((u0, u1), (u2, u3), (u4, u5), (u6, u7)) =
+            (quads(t0, t2), quads(t1, t3), quads(t4, t6), quads(t5, t7));
+        // Lane l of every key, l = 0..8: the low 128-bit halves hold lanes 0-3, the high ones 4-7.
         let lanes = [
             _mm256_permute2f128_ps::<0x20>(u0, u4),
             _mm256_permute2f128_ps::<0x20>(u1, u5),
