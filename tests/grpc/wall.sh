@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # An external client (Python grpcio from PyPI) against a real `model-node serve`: wall time per call
 # against the node's compute time (prints a table; no timing assertion).
-#   bash tests/grpc/wall.sh [MODEL_DIR] [CALLS]     (default: models/arith, 50 calls)
+#   bash tests/grpc/wall.sh [MODEL_DIR] [CALLS] [STREAMS]
+# (default: models/arith, 50 calls; STREAMS, e.g. 1,4,16, adds the concurrent-proposals table)
 # Needs the release build and python3 (PyPI on the first run).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 model=${1:-models/arith}
 calls=${2:-50}
+streams=${3:-}
 venv="${GRPC_CHECK_VENV:-target/grpc-venv}"
 req=tests/grpc/requirements.txt
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
@@ -27,4 +29,4 @@ for _ in $(seq 1 100); do
   if ! kill -0 $node 2>/dev/null; then cat "$work/node.log"; exit 1; fi
   sleep 0.2
 done
-STUBS="$work" "$venv/bin/python" tests/grpc/wall.py "127.0.0.1:$port" "$(basename "$model")" "$calls"
+STUBS="$work" "$venv/bin/python" tests/grpc/wall.py "127.0.0.1:$port" "$(basename "$model")" "$calls" "$streams"
